@@ -1,0 +1,675 @@
+//! Exactly-once consumption from Kafka into PostgreSQL, shared by every processor.
+//!
+//! Delivery semantics: each message of the subscribed topic has its effects applied to
+//! PostgreSQL **exactly once**, in partition order, whatever crashes, redeliveries or
+//! rebalances happen. What makes that hold:
+//!
+//! 1. One PostgreSQL transaction per batch of messages from one partition writes the
+//!    business effects, the outbox rows for what the processor emits (dead letters
+//!    included), the ids of the applied events, and the partition's new stored offset.
+//!    Either all of it commits or none of it does.
+//! 2. Positions come from PostgreSQL, not from Kafka: on assignment the worker *claims*
+//!    each partition (bumping its epoch) and starts fetching at the stored offset.
+//! 3. The stored offset only advances by compare-and-set on (epoch, offset) read at claim
+//!    time, so a worker that lost the partition — a zombie after a rebalance or a long pause
+//!    — cannot commit; its transaction rolls back and it says so (log + metric).
+//! 4. Event ids are recorded per consumer group, so the same event delivered again at any
+//!    offset (a producer retry, a relay re-publish, a dead-letter replay) is a no-op.
+//! 5. Transient failures retry the whole batch with bounded exponential backoff; a message
+//!    is never skipped. Poison messages are dead-lettered atomically with the offset advance.
+//!
+//! The Kafka client runs on its own thread: rebalance callbacks must talk to PostgreSQL
+//! synchronously (claim, then assign at the stored offsets), which a runtime worker thread
+//! must not do. Batches from different partitions run concurrently on the pool.
+
+mod offsets;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::message::{Headers, Message};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use sqlx::{PgConnection, PgPool};
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::db::{classify, ErrorClass};
+use crate::dlq;
+use crate::events::{decode_envelope, Poison, RawEvent};
+use crate::outbox::{self, OutboxRow};
+use crate::settings::Settings;
+use crate::telemetry::METRICS;
+
+/// A message as read from Kafka, owned.
+#[derive(Debug, Clone)]
+pub struct InboundMessage {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// An event that decoded and has not been applied by this consumer group before.
+#[derive(Debug)]
+pub struct Fresh<E> {
+    pub event_id: Uuid,
+    pub raw: RawEvent,
+    pub event: E,
+}
+
+/// What became of one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Applied,
+    /// A business "no" (insufficient balance, ...): an outcome event, not an error.
+    BusinessFailure,
+    /// Seen before (same event id, or the effect it asks for already exists).
+    Duplicate,
+    /// Not for this processor (e.g. `OrderPaid` on the account processor).
+    Ignored,
+    DeadLettered(Poison),
+}
+
+impl Outcome {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::BusinessFailure => "business_failure",
+            Self::Duplicate => "duplicate",
+            Self::Ignored => "ignored",
+            Self::DeadLettered(_) => "dead_lettered",
+        }
+    }
+}
+
+/// The business half of a processor. The framework does decoding, dedupe, dead letters,
+/// offsets, fencing and retries; a handler only turns fresh events into rows.
+pub trait Handler: Send + Sync + 'static {
+    type Event: Send;
+
+    /// The `processor` label of metrics and logs.
+    fn name(&self) -> &'static str;
+
+    /// Types the envelope's payload, or says why it is poison.
+    fn decode(&self, raw: &RawEvent) -> Result<Self::Event, Poison>;
+
+    /// Applies `events` in order inside the batch transaction: business rows and outbox rows.
+    /// Returns one outcome per event, in order. For an event it reports as
+    /// `DeadLettered` it must have written nothing.
+    fn apply(
+        &self,
+        conn: &mut PgConnection,
+        partition: i32,
+        events: &[Fresh<Self::Event>],
+    ) -> impl Future<Output = Result<Vec<Outcome>, sqlx::Error>>;
+}
+
+/// Where this worker stands in one assigned partition.
+#[derive(Debug, Clone, Copy)]
+struct PartitionState {
+    epoch: i64,
+    /// The stored offset: the next message to apply.
+    next_offset: i64,
+    /// Set once a commit was refused: this worker no longer owns the partition.
+    fenced: bool,
+    /// Whether the fetch position was checked against the stored offset since the claim.
+    /// Until it is, no message of the partition is applied (see `Positioning`).
+    verified: bool,
+    /// How far the last rewind went back, while looking for the stored offset.
+    rewind: i64,
+}
+
+#[derive(Debug)]
+enum BatchError {
+    Fenced,
+    Cancelled,
+}
+
+/// What a worker needs to know about its place in the world.
+#[derive(Clone)]
+pub struct WorkerConfig {
+    pub group: String,
+    pub topic: String,
+    pub dead_letter_topic: String,
+    pub settings: Settings,
+}
+
+/// Runs a consumer-group worker until `cancel` fires or the consumer fails for good.
+pub async fn run<H: Handler>(
+    config: WorkerConfig,
+    pool: PgPool,
+    handler: H,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let handle = Handle::current();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let name = handler.name();
+    std::thread::Builder::new().name(format!("{name}-consumer")).spawn(move || {
+        let result = consume(handle, config, pool, handler, cancel);
+        let _ = done_tx.send(result);
+    })?;
+    done_rx.await.map_err(|_| anyhow::anyhow!("the {name} consumer thread panicked"))?
+}
+
+struct Context {
+    handle: Handle,
+    pool: PgPool,
+    group: String,
+    topic: String,
+    owner: String,
+    cancel: CancellationToken,
+    retry: Backoff,
+    partitions: Mutex<HashMap<i32, PartitionState>>,
+}
+
+impl ClientContext for Context {}
+
+impl ConsumerContext for Context {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        self.lock_partitions().clear();
+        if err != RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS {
+            if err != RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS {
+                tracing::error!(?err, "rebalance error; dropping the assignment");
+            } else {
+                tracing::info!(partitions = ?partition_ids(tpl, &self.topic), "partitions revoked");
+            }
+            if let Err(e) = consumer.unassign() {
+                tracing::error!(error = %e, "unassign failed");
+            }
+            return;
+        }
+        let ids = partition_ids(tpl, &self.topic);
+        let claimed = match self.claim(&ids) {
+            Some(claimed) => claimed,
+            None => {
+                let _ = consumer.unassign();
+                return;
+            }
+        };
+        let mut states = self.lock_partitions();
+        for claim in &claimed {
+            let offset = Offset::Offset(claim.next_offset);
+            if let Err(e) = tpl.set_partition_offset(&self.topic, claim.partition, offset) {
+                tracing::error!(error = %e, partition = claim.partition, "cannot position partition");
+            }
+            states.insert(
+                claim.partition,
+                PartitionState {
+                    epoch: claim.epoch,
+                    next_offset: claim.next_offset,
+                    fenced: false,
+                    verified: false,
+                    rewind: 0,
+                },
+            );
+        }
+        drop(states);
+        tracing::info!(
+            partitions = ?claimed.iter().map(|c| (c.partition, c.next_offset, c.epoch)).collect::<Vec<_>>(),
+            "partitions assigned and claimed (partition, stored offset, epoch)"
+        );
+        if let Err(e) = consumer.assign(tpl) {
+            tracing::error!(error = %e, "assign failed");
+        }
+    }
+}
+
+impl Context {
+    fn lock_partitions(&self) -> std::sync::MutexGuard<'_, HashMap<i32, PartitionState>> {
+        // A panic while holding this lock would already have ended the worker.
+        self.partitions.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Claims `ids` in PostgreSQL, retrying until it works or the worker is cancelled.
+    fn claim(&self, ids: &[i32]) -> Option<Vec<offsets::Claim>> {
+        let mut attempt = 0;
+        loop {
+            let result = self.handle.block_on(offsets::claim(
+                &self.pool,
+                &self.group,
+                &self.topic,
+                ids,
+                &self.owner,
+            ));
+            match result {
+                Ok(claimed) => return Some(claimed),
+                Err(e) => {
+                    tracing::warn!(error = %e, attempt, "claiming partitions failed; retrying");
+                    if self.cancel.is_cancelled() {
+                        return None;
+                    }
+                    std::thread::sleep(self.retry.delay(attempt));
+                    attempt += 1;
+                }
+            }
+        }
+    }
+}
+
+fn partition_ids(tpl: &TopicPartitionList, topic: &str) -> Vec<i32> {
+    tpl.elements_for_topic(topic).iter().map(|e| e.partition()).collect()
+}
+
+fn consume<H: Handler>(
+    handle: Handle,
+    config: WorkerConfig,
+    pool: PgPool,
+    handler: H,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let settings = &config.settings;
+    let owner = format!(
+        "{}-{}-{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into()),
+        std::process::id(),
+        &Uuid::new_v4().simple().to_string()[..8]
+    );
+    let retry = Backoff {
+        initial: Duration::from_millis(settings.processor.retry_initial_ms),
+        max: Duration::from_millis(settings.processor.retry_max_ms),
+    };
+    let context = Context {
+        handle: handle.clone(),
+        pool: pool.clone(),
+        group: config.group.clone(),
+        topic: config.topic.clone(),
+        owner: owner.clone(),
+        cancel: cancel.clone(),
+        retry,
+        partitions: Mutex::new(HashMap::new()),
+    };
+    let consumer: BaseConsumer<Context> = crate::kafka::consumer_config(&settings.kafka, &config.group)
+        .create_with_context(context)?;
+    consumer.subscribe(&[config.topic.as_str()])?;
+    tracing::info!(processor = handler.name(), group = %config.group, topic = %config.topic, %owner, "worker started");
+
+    let batch = BatchRunner { pool: &pool, handler: &handler, config: &config, retry, cancel: &cancel };
+    while !cancel.is_cancelled() {
+        let messages = poll_batch(&consumer, settings);
+        if messages.is_empty() {
+            continue;
+        }
+        let work = {
+            let mut states = consumer.context().lock_partitions();
+            let mut by_partition: BTreeMap<i32, Vec<InboundMessage>> = BTreeMap::new();
+            for msg in messages {
+                by_partition.entry(msg.partition).or_default().push(msg);
+            }
+            by_partition
+                .into_iter()
+                .filter_map(|(partition, mut msgs)| {
+                    let state = states.get_mut(&partition).filter(|s| !s.fenced)?;
+                    // Older offsets were applied already (a re-fetch after repositioning).
+                    msgs.retain(|m| m.offset >= state.next_offset);
+                    let first = msgs.first()?.offset;
+                    if !state.verified && !position(&consumer, &config.topic, partition, state, first) {
+                        return None;
+                    }
+                    Some((partition, *state, msgs))
+                })
+                .collect::<Vec<_>>()
+        };
+        if work.is_empty() {
+            continue;
+        }
+        let results = handle.block_on(join_all(
+            work.iter().map(|(partition, state, msgs)| batch.run(*partition, *state, msgs)),
+        ));
+        let mut states = consumer.context().lock_partitions();
+        for ((partition, state, _), result) in work.iter().zip(results) {
+            let Some(current) = states.get_mut(partition).filter(|s| s.epoch == state.epoch) else {
+                continue; // revoked or re-claimed while the batch ran
+            };
+            match result {
+                Ok(next_offset) => {
+                    current.next_offset = next_offset;
+                    // Mirror to Kafka for lag tools; PostgreSQL stays the truth.
+                    let _ = consumer.store_offset(&config.topic, *partition, next_offset);
+                }
+                Err(BatchError::Fenced) => current.fenced = true,
+                Err(BatchError::Cancelled) => {}
+            }
+        }
+    }
+    tracing::info!(processor = handler.name(), "worker stopping");
+    Ok(())
+}
+
+/// Checks the first message fetched after a claim against the stored offset. Returns whether
+/// the partition's messages may be applied now.
+///
+/// A fetch must resume exactly at the stored offset. When the first message is further on,
+/// the missing offsets are either not in the log (deleted by retention, compacted, or
+/// transaction markers) — then the gap is real and is logged — or the broker returned a later
+/// record batch than the one holding the stored offset (seen with tansu when resuming in the
+/// middle of a batch). The worker tells the two apart by rewinding, further each time, down
+/// to the low watermark, and dropping what lies below the stored offset. It never skips an
+/// event that is still in the topic.
+fn position(
+    consumer: &BaseConsumer<Context>,
+    topic: &str,
+    partition: i32,
+    state: &mut PartitionState,
+    first: i64,
+) -> bool {
+    if first == state.next_offset {
+        state.verified = true;
+        return true;
+    }
+    let low = match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
+        Ok((low, _high)) => low,
+        Err(e) => {
+            tracing::warn!(partition, error = %e, "cannot read watermarks; will check the position again");
+            return false;
+        }
+    };
+    let gap = |why: &str| {
+        tracing::error!(
+            partition,
+            stored = state.next_offset,
+            first,
+            missing = first - state.next_offset,
+            "{why}"
+        );
+    };
+    if state.next_offset < low {
+        gap("stored offset is below the topic's low watermark: these messages were deleted before being applied");
+        state.verified = true;
+        return true;
+    }
+    let from = state.next_offset - state.rewind;
+    if from <= low && state.rewind > 0 {
+        gap("offsets between the stored offset and the first message are not in the topic (transaction markers or compaction); continuing");
+        state.verified = true;
+        return true;
+    }
+    state.rewind = (state.rewind * 4).max(1).min(state.next_offset - low);
+    let target = state.next_offset - state.rewind;
+    tracing::info!(partition, stored = state.next_offset, first, target, "fetch resumed past the stored offset; rewinding");
+    if let Err(e) = consumer.seek(topic, partition, Offset::Offset(target), Duration::from_secs(10)) {
+        tracing::warn!(partition, error = %e, "seek failed; will check the position again");
+    }
+    false
+}
+
+/// Collects up to `batch_max` messages: waits up to 100 ms for the first, then lingers
+/// briefly for more. Rebalance callbacks run inside these polls.
+fn poll_batch(consumer: &BaseConsumer<Context>, settings: &Settings) -> Vec<InboundMessage> {
+    let mut out = Vec::new();
+    let mut deadline: Option<Instant> = None;
+    while out.len() < settings.processor.batch_max {
+        let timeout = match deadline {
+            None => Duration::from_millis(100),
+            Some(d) => d.saturating_duration_since(Instant::now()),
+        };
+        match consumer.poll(timeout) {
+            None => break,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "consumer error");
+                break;
+            }
+            Some(Ok(m)) => {
+                out.push(InboundMessage {
+                    topic: m.topic().to_owned(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().map(<[u8]>::to_vec),
+                    headers: m
+                        .headers()
+                        .map(|hs| {
+                            hs.iter()
+                                .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                });
+                deadline.get_or_insert_with(|| Instant::now() + settings.processor.batch_linger());
+            }
+        }
+    }
+    out
+}
+
+struct BatchRunner<'a, H> {
+    pool: &'a PgPool,
+    handler: &'a H,
+    config: &'a WorkerConfig,
+    retry: Backoff,
+    cancel: &'a CancellationToken,
+}
+
+impl<H: Handler> BatchRunner<'_, H> {
+    /// Applies one partition's batch, retrying transient failures until it commits, the
+    /// worker is fenced, or the worker is cancelled. Returns the new stored offset.
+    async fn run(
+        &self,
+        partition: i32,
+        state: PartitionState,
+        msgs: &[InboundMessage],
+    ) -> Result<i64, BatchError> {
+        let name = self.handler.name();
+        let mut attempt = 0;
+        loop {
+            let started = Instant::now();
+            match self.attempt(partition, state, msgs).await {
+                Ok(Some(outcomes)) => {
+                    let elapsed = started.elapsed().as_secs_f64();
+                    METRICS.batch_duration.with_label_values(&[name]).observe(elapsed);
+                    METRICS.batch_size.with_label_values(&[name]).observe(msgs.len() as f64);
+                    for outcome in &outcomes {
+                        METRICS
+                            .events_consumed
+                            .with_label_values(&[name, &self.config.topic, outcome.label()])
+                            .inc();
+                    }
+                    let last = msgs.last().map_or(state.next_offset, |m| m.offset + 1);
+                    tracing::debug!(
+                        processor = name,
+                        partition,
+                        stored = state.next_offset,
+                        first = msgs.first().map(|m| m.offset),
+                        next = last,
+                        "batch committed"
+                    );
+                    return Ok(last);
+                }
+                Ok(None) => {
+                    METRICS.fenced_commits.with_label_values(&[name]).inc();
+                    tracing::warn!(
+                        processor = name,
+                        partition,
+                        epoch = state.epoch,
+                        offset = state.next_offset,
+                        "commit fenced: this worker no longer owns the partition; batch rolled back"
+                    );
+                    return Err(BatchError::Fenced);
+                }
+                Err(e) => {
+                    let class = classify(&e);
+                    METRICS.retries.with_label_values(&[name, class.as_str()]).inc();
+                    let delay = self.retry.delay(attempt);
+                    if class == ErrorClass::Transient {
+                        tracing::warn!(processor = name, partition, attempt, error = %e, ?delay, "transient failure; retrying batch");
+                    } else {
+                        tracing::error!(processor = name, partition, attempt, error = ?e, ?delay, "unexpected failure; retrying batch (nothing is skipped)");
+                    }
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => return Err(BatchError::Cancelled),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// One try. `Ok(None)`: fenced, rolled back.
+    async fn attempt(
+        &self,
+        partition: i32,
+        state: PartitionState,
+        msgs: &[InboundMessage],
+    ) -> Result<Option<Vec<Outcome>>, sqlx::Error> {
+        let settings = &self.config.settings;
+        let group = &self.config.group;
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; msgs.len()];
+        let mut decoded: Vec<(usize, Fresh<H::Event>)> = Vec::with_capacity(msgs.len());
+        for (i, msg) in msgs.iter().enumerate() {
+            let result = decode_envelope(msg.payload.as_deref(), settings.processor.max_event_bytes)
+                .and_then(|raw| Ok(Fresh { event_id: raw.event_id, event: self.handler.decode(&raw)?, raw }));
+            match result {
+                Ok(fresh) => decoded.push((i, fresh)),
+                Err(poison) => outcomes[i] = Some(Outcome::DeadLettered(poison)),
+            }
+        }
+
+        let mut tx = self.pool.begin().await?;
+        let ids: Vec<Uuid> = decoded.iter().map(|(_, f)| f.event_id).collect();
+        let seen: HashSet<Uuid> = sqlx::query_scalar(
+            "SELECT event_id FROM processed_events WHERE consumer_group = $1 AND event_id = ANY($2)",
+        )
+        .bind(group)
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+        let mut in_batch = HashSet::new();
+        let (positions, fresh): (Vec<usize>, Vec<Fresh<H::Event>>) = decoded
+            .into_iter()
+            .filter(|(i, f)| {
+                let new = !seen.contains(&f.event_id) && in_batch.insert(f.event_id);
+                if !new {
+                    outcomes[*i] = Some(Outcome::Duplicate);
+                }
+                new
+            })
+            .unzip();
+
+        let applied = self.handler.apply(&mut tx, partition, &fresh).await?;
+        let mut processed = ProcessedRows::default();
+        for ((i, f), outcome) in positions.into_iter().zip(&fresh).zip(applied) {
+            if !matches!(outcome, Outcome::DeadLettered(_)) {
+                processed.push(f.event_id, msgs[i].offset);
+            }
+            outcomes[i] = Some(outcome);
+        }
+        processed.insert(&mut tx, group, &self.config.topic, partition).await?;
+
+        let outcomes: Vec<Outcome> = outcomes.into_iter().map(|o| o.unwrap_or(Outcome::Ignored)).collect();
+        let dead_letters: Vec<OutboxRow> = msgs
+            .iter()
+            .zip(&outcomes)
+            .filter_map(|(msg, outcome)| match outcome {
+                Outcome::DeadLettered(poison) => {
+                    tracing::warn!(partition, offset = msg.offset, class = poison.class.as_str(), error = %poison.message, "dead-lettering poison message");
+                    Some(dlq::dead_letter(&self.config.dead_letter_topic, group, msg, poison))
+                }
+                _ => None,
+            })
+            .collect();
+        outbox::insert(&mut tx, &dead_letters).await?;
+
+        if settings.processor.stall_before_commit_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(settings.processor.stall_before_commit_ms)).await;
+        }
+        let last = msgs.last().map_or(state.next_offset, |m| m.offset + 1);
+        let advanced = offsets::advance(&mut tx, group, &self.config.topic, partition, state, last).await?;
+        if !advanced {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        tx.commit().await?;
+        Ok(Some(outcomes))
+    }
+}
+
+#[derive(Default)]
+struct ProcessedRows {
+    event_ids: Vec<Uuid>,
+    offsets: Vec<i64>,
+}
+
+impl ProcessedRows {
+    fn push(&mut self, event_id: Uuid, offset: i64) {
+        self.event_ids.push(event_id);
+        self.offsets.push(offset);
+    }
+
+    async fn insert(
+        &self,
+        conn: &mut PgConnection,
+        group: &str,
+        topic: &str,
+        partition: i32,
+    ) -> Result<(), sqlx::Error> {
+        if self.event_ids.is_empty() {
+            return Ok(());
+        }
+        // A unique violation here means another worker applied the same event concurrently;
+        // the batch rolls back, retries, and then sees it as a duplicate.
+        sqlx::query(
+            r#"
+            INSERT INTO processed_events (consumer_group, event_id, topic, partition, "offset")
+            SELECT $1, e, $3, $4, o FROM unnest($2::uuid[], $5::bigint[]) AS t(e, o)
+            "#,
+        )
+        .bind(group)
+        .bind(&self.event_ids)
+        .bind(topic)
+        .bind(partition)
+        .bind(&self.offsets)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Bounded exponential backoff with jitter.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+impl Backoff {
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let exp = self.initial.saturating_mul(2u32.saturating_pow(attempt.min(16)));
+        let capped = exp.min(self.max);
+        // Up to 25 % jitter so that workers retrying together do not stampede.
+        let jitter_range = (capped.as_millis() as u64 / 4).max(1);
+        let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+        capped - Duration::from_millis(random % jitter_range).min(capped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_stays_bounded() {
+        let b = Backoff { initial: Duration::from_millis(50), max: Duration::from_secs(5) };
+        assert!(b.delay(0) <= Duration::from_millis(50));
+        assert!(b.delay(3) > Duration::from_millis(50 * 8 * 3 / 4 - 1));
+        for attempt in [10, 100, u32::MAX] {
+            let d = b.delay(attempt);
+            assert!(d <= Duration::from_secs(5) && d >= Duration::from_millis(3750), "{d:?}");
+        }
+    }
+}

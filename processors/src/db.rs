@@ -1,0 +1,77 @@
+//! PostgreSQL: the pool, migrations, and the one place that decides whether a database
+//! error is worth retrying.
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+
+use crate::settings::DatabaseSettings;
+
+pub type Pool = PgPool;
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+pub fn connect(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
+    let options: PgConnectOptions = settings.url.parse()?;
+    let options = options
+        .application_name("paystream")
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
+    Ok(PgPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .acquire_timeout(Duration::from_millis(settings.connect_timeout_ms))
+        .connect_lazy_with(options))
+}
+
+/// Applies every pending migration. Safe to run concurrently and repeatedly: sqlx takes an
+/// advisory lock and skips what is applied.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}
+
+/// What to do about a failed database call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Expected under load or failure; retry with backoff (lost connection, 40001, 40P01, ...).
+    Transient,
+    /// Unexpected (a constraint we did not foresee, a bug). Still retried — skipping a money
+    /// event is worse than stalling a partition — but logged loudly.
+    Unexpected,
+}
+
+impl ErrorClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Transient => "transient",
+            Self::Unexpected => "unexpected",
+        }
+    }
+}
+
+pub fn classify(err: &sqlx::Error) -> ErrorClass {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => ErrorClass::Transient,
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            // serialization_failure, deadlock_detected, unique_violation (a concurrent writer
+            // got there first; the retry will see its row), lock_not_available.
+            Some("40001" | "40P01" | "23505" | "55P03") => ErrorClass::Transient,
+            // connection exceptions, insufficient resources, operator intervention
+            // (admin shutdown, pg_terminate_backend), system errors.
+            Some(code)
+                if code.starts_with("08")
+                    || code.starts_with("53")
+                    || code.starts_with("57")
+                    || code.starts_with("58") =>
+            {
+                ErrorClass::Transient
+            }
+            _ => ErrorClass::Unexpected,
+        },
+        _ => ErrorClass::Unexpected,
+    }
+}

@@ -1,0 +1,455 @@
+//! The event contract of SPEC §2: the JSON envelope, one payload type per event type and
+//! version, and decoding that says *why* bytes are not an event (the poison classes of §3).
+//!
+//! Every payload here has a JSON Schema under `schemas/<EventType>.v<version>.json`; the test
+//! suite validates what the code emits against those files.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::domain::{Amount, Currency};
+
+/// What a payload type declares about itself, so the envelope cannot disagree with it.
+pub trait EventPayload: Serialize {
+    const TYPE: &'static str;
+    const VERSION: u32;
+}
+
+/// An event as it travels: `{eventId, eventType, schemaVersion, occurredAt, payload}`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Envelope<P> {
+    pub event_id: Uuid,
+    pub event_type: &'static str,
+    pub schema_version: u32,
+    #[serde(serialize_with = "rfc3339")]
+    pub occurred_at: DateTime<Utc>,
+    pub payload: P,
+}
+
+fn rfc3339<S: serde::Serializer>(at: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&at.to_rfc3339_opts(SecondsFormat::Millis, true))
+}
+
+impl<P: EventPayload> Envelope<P> {
+    pub fn new(event_id: Uuid, occurred_at: DateTime<Utc>, payload: P) -> Self {
+        Self { event_id, event_type: P::TYPE, schema_version: P::VERSION, occurred_at, payload }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        // Serializing plain structs of strings and integers cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// Derives the id of an event emitted because of `cause`, so that re-emitting for the same
+/// cause (which dedupe should already prevent) still carries the same id downstream.
+pub fn derived_event_id(cause: Uuid, event_type: &str) -> Uuid {
+    Uuid::new_v5(&cause, event_type.as_bytes())
+}
+
+// ---------------------------------------------------------------------------------------
+// Payloads
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderCreated {
+    pub order_id: i64,
+    pub order_no: String,
+    pub user_id: i64,
+    pub amount_fen: Amount,
+    pub currency: Currency,
+    pub items: Vec<OrderItem>,
+    pub idempotency_key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderItem {
+    pub sku: String,
+    pub qty: i64,
+    pub price_fen: Amount,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderPaid {
+    pub order_id: i64,
+    pub user_id: i64,
+    pub amount_fen: Amount,
+    pub currency: Currency,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderCancelled {
+    pub order_id: i64,
+    pub user_id: i64,
+    pub reason: String,
+    pub refund_required: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AccountDebited {
+    pub account_id: i64,
+    pub user_id: i64,
+    pub order_id: i64,
+    /// Always negative: money leaves the user's account.
+    pub delta_fen: i64,
+    pub balance_after_fen: i64,
+    pub currency: Currency,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum DebitFailure {
+    InsufficientBalance,
+    AccountNotFound,
+    CurrencyMismatch,
+    AccountFrozen,
+}
+
+impl DebitFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InsufficientBalance => "INSUFFICIENT_BALANCE",
+            Self::AccountNotFound => "ACCOUNT_NOT_FOUND",
+            Self::CurrencyMismatch => "CURRENCY_MISMATCH",
+            Self::AccountFrozen => "ACCOUNT_FROZEN",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AccountDebitFailed {
+    pub user_id: i64,
+    pub order_id: i64,
+    pub reason: DebitFailure,
+    pub amount_fen: Amount,
+    pub currency: Currency,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AccountRefunded {
+    pub account_id: i64,
+    pub user_id: i64,
+    pub order_id: i64,
+    /// Always positive: money returns to the user's account.
+    pub delta_fen: i64,
+    pub balance_after_fen: i64,
+    pub currency: Currency,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AccountCredited {
+    pub account_id: i64,
+    pub user_id: i64,
+    pub delta_fen: i64,
+    pub balance_after_fen: i64,
+    pub currency: Currency,
+    pub reference: String,
+}
+
+macro_rules! event_payload {
+    ($($ty:ident),*) => {$(
+        impl EventPayload for $ty {
+            const TYPE: &'static str = stringify!($ty);
+            const VERSION: u32 = 1;
+        }
+    )*};
+}
+event_payload!(
+    OrderCreated,
+    OrderPaid,
+    OrderCancelled,
+    AccountDebited,
+    AccountDebitFailed,
+    AccountRefunded,
+    AccountCredited
+);
+
+// ---------------------------------------------------------------------------------------
+// Decoding
+
+/// Why a message can never be processed, whatever we retry. Each lands on the dead-letter
+/// topic with this class in its `x-dlq-error-class` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PoisonClass {
+    Empty,
+    TooLarge,
+    InvalidUtf8,
+    NotJson,
+    SchemaViolation,
+    UnknownEventType,
+    UnsupportedSchemaVersion,
+    InvalidAmount,
+    BalanceOverflow,
+}
+
+impl PoisonClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Empty => "EMPTY",
+            Self::TooLarge => "TOO_LARGE",
+            Self::InvalidUtf8 => "INVALID_UTF8",
+            Self::NotJson => "NOT_JSON",
+            Self::SchemaViolation => "SCHEMA_VIOLATION",
+            Self::UnknownEventType => "UNKNOWN_EVENT_TYPE",
+            Self::UnsupportedSchemaVersion => "UNSUPPORTED_SCHEMA_VERSION",
+            Self::InvalidAmount => "INVALID_AMOUNT",
+            Self::BalanceOverflow => "BALANCE_OVERFLOW",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {message}", class.as_str())]
+pub struct Poison {
+    pub class: PoisonClass,
+    pub message: String,
+}
+
+impl Poison {
+    pub fn new(class: PoisonClass, message: impl Into<String>) -> Self {
+        Self { class, message: message.into() }
+    }
+}
+
+/// The envelope with its payload still undecoded.
+#[derive(Debug, Clone)]
+pub struct RawEvent {
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub schema_version: u32,
+    pub occurred_at: DateTime<Utc>,
+    pub payload: Value,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireEnvelope {
+    event_id: Uuid,
+    event_type: String,
+    schema_version: u32,
+    occurred_at: DateTime<Utc>,
+    payload: serde_json::Map<String, Value>,
+}
+
+/// Reads the envelope of a message value, or says which class of poison it is.
+pub fn decode_envelope(value: Option<&[u8]>, max_bytes: usize) -> Result<RawEvent, Poison> {
+    let bytes = match value {
+        None | Some([]) => return Err(Poison::new(PoisonClass::Empty, "message has no value")),
+        Some(bytes) => bytes,
+    };
+    if bytes.len() > max_bytes {
+        return Err(Poison::new(
+            PoisonClass::TooLarge,
+            format!("value is {} bytes, the limit is {max_bytes}", bytes.len()),
+        ));
+    }
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| Poison::new(PoisonClass::InvalidUtf8, format!("value is not UTF-8: {e}")))?;
+    let wire: WireEnvelope = serde_json::from_str(text).map_err(|e| {
+        let class = match e.classify() {
+            serde_json::error::Category::Data => PoisonClass::SchemaViolation,
+            _ => PoisonClass::NotJson,
+        };
+        Poison::new(class, format!("envelope: {e}"))
+    })?;
+    Ok(RawEvent {
+        event_id: wire.event_id,
+        event_type: wire.event_type,
+        schema_version: wire.schema_version,
+        occurred_at: wire.occurred_at,
+        payload: Value::Object(wire.payload),
+    })
+}
+
+/// The events the account processor reads from `order.events`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OrderEvent {
+    Created(OrderCreated),
+    Paid(OrderPaid),
+    Cancelled(OrderCancelled),
+}
+
+impl OrderEvent {
+    pub fn decode(raw: &RawEvent) -> Result<Self, Poison> {
+        let p = Payload(&raw.payload);
+        match (raw.event_type.as_str(), raw.schema_version) {
+            ("OrderCreated", 1) => Ok(Self::Created(OrderCreated {
+                order_id: p.id("orderId")?,
+                order_no: p.string("orderNo", 64)?,
+                user_id: p.id("userId")?,
+                amount_fen: p.amount("amountFen")?,
+                currency: p.currency("currency")?,
+                items: p.items("items")?,
+                idempotency_key: p.string("idempotencyKey", 255)?,
+            })),
+            ("OrderPaid", 1) => Ok(Self::Paid(OrderPaid {
+                order_id: p.id("orderId")?,
+                user_id: p.id("userId")?,
+                amount_fen: p.amount("amountFen")?,
+                currency: p.currency("currency")?,
+            })),
+            ("OrderCancelled", 1) => Ok(Self::Cancelled(OrderCancelled {
+                order_id: p.id("orderId")?,
+                user_id: p.id("userId")?,
+                reason: p.string("reason", 255)?,
+                refund_required: p.boolean("refundRequired")?,
+            })),
+            ("OrderCreated" | "OrderPaid" | "OrderCancelled", v) => Err(Poison::new(
+                PoisonClass::UnsupportedSchemaVersion,
+                format!("{} schemaVersion {v} is not supported", raw.event_type),
+            )),
+            (other, _) => Err(Poison::new(
+                PoisonClass::UnknownEventType,
+                format!("unknown eventType {other:?} on the order topic"),
+            )),
+        }
+    }
+}
+
+/// Field access that turns every mismatch into a `SchemaViolation` (or `InvalidAmount`)
+/// naming the field, mirroring what the JSON Schemas in `schemas/` require.
+struct Payload<'a>(&'a Value);
+
+impl Payload<'_> {
+    fn field(&self, name: &str) -> Result<&Value, Poison> {
+        self.0
+            .get(name)
+            .ok_or_else(|| Poison::new(PoisonClass::SchemaViolation, format!("missing {name}")))
+    }
+
+    fn violation(name: &str, expected: &str) -> Poison {
+        Poison::new(PoisonClass::SchemaViolation, format!("{name} must be {expected}"))
+    }
+
+    fn id(&self, name: &str) -> Result<i64, Poison> {
+        self.field(name)?
+            .as_i64()
+            .filter(|id| *id > 0)
+            .ok_or_else(|| Self::violation(name, "a positive integer"))
+    }
+
+    fn amount(&self, name: &str) -> Result<Amount, Poison> {
+        Amount::from_json(self.field(name)?).ok_or_else(|| {
+            Poison::new(
+                PoisonClass::InvalidAmount,
+                format!("{name} must be an integer number of minor units in 1..={}", i64::MAX),
+            )
+        })
+    }
+
+    fn currency(&self, name: &str) -> Result<Currency, Poison> {
+        self.field(name)?
+            .as_str()
+            .and_then(Currency::parse)
+            .ok_or_else(|| Self::violation(name, "an ISO 4217 code such as \"CNY\""))
+    }
+
+    fn string(&self, name: &str, max_len: usize) -> Result<String, Poison> {
+        self.field(name)?
+            .as_str()
+            .filter(|s| !s.is_empty() && s.chars().count() <= max_len)
+            .map(str::to_owned)
+            .ok_or_else(|| Self::violation(name, &format!("a string of 1 to {max_len} characters")))
+    }
+
+    fn boolean(&self, name: &str) -> Result<bool, Poison> {
+        self.field(name)?.as_bool().ok_or_else(|| Self::violation(name, "a boolean"))
+    }
+
+    fn items(&self, name: &str) -> Result<Vec<OrderItem>, Poison> {
+        let items = self
+            .field(name)?
+            .as_array()
+            .filter(|items| !items.is_empty() && items.len() <= 1000)
+            .ok_or_else(|| Self::violation(name, "an array of 1 to 1000 items"))?;
+        items
+            .iter()
+            .map(|item| {
+                if !item.is_object() {
+                    return Err(Self::violation(name, "an array of objects"));
+                }
+                let item = Payload(item);
+                Ok(OrderItem {
+                    sku: item.string("sku", 64)?,
+                    qty: item.id("qty")?,
+                    price_fen: item.amount("priceFen")?,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn envelope(event_type: &str, version: u32, payload: Value) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "eventId": Uuid::new_v4(), "eventType": event_type, "schemaVersion": version,
+            "occurredAt": "2026-01-01T00:00:00Z", "payload": payload
+        }))
+        .unwrap_or_default()
+    }
+
+    fn created(amount: Value) -> Value {
+        json!({"orderId": 7, "orderNo": "ORD-7", "userId": 42, "amountFen": amount,
+               "currency": "CNY", "items": [{"sku": "A", "qty": 1, "priceFen": 100}],
+               "idempotencyKey": "k"})
+    }
+
+    fn class_of(bytes: &[u8]) -> PoisonClass {
+        let raw = match decode_envelope(Some(bytes), 1 << 20) {
+            Ok(raw) => raw,
+            Err(p) => return p.class,
+        };
+        match OrderEvent::decode(&raw) {
+            Ok(event) => panic!("expected poison, decoded {event:?}"),
+            Err(p) => p.class,
+        }
+    }
+
+    #[test]
+    fn a_valid_order_created_decodes() {
+        let raw = decode_envelope(Some(&envelope("OrderCreated", 1, created(json!(100)))), 1 << 20)
+            .expect("envelope");
+        let OrderEvent::Created(c) = OrderEvent::decode(&raw).expect("decodes") else {
+            panic!("wrong variant")
+        };
+        assert_eq!((c.order_id, c.user_id, c.amount_fen.fen()), (7, 42, 100));
+    }
+
+    #[test]
+    fn each_kind_of_poison_is_named() {
+        assert_eq!(class_of(b"not json"), PoisonClass::NotJson);
+        assert_eq!(class_of(b"{\"eventId\": \"\xff\"}"), PoisonClass::InvalidUtf8);
+        assert_eq!(class_of(b"{\"eventId\": 1}"), PoisonClass::SchemaViolation);
+        assert_eq!(class_of(&envelope("Bogus", 1, json!({}))), PoisonClass::UnknownEventType);
+        assert_eq!(
+            class_of(&envelope("OrderCreated", 9, created(json!(1)))),
+            PoisonClass::UnsupportedSchemaVersion
+        );
+        for amount in [json!(0), json!(-1), json!(1.5), json!("1"), json!(9223372036854775808u64)] {
+            assert_eq!(
+                class_of(&envelope("OrderCreated", 1, created(amount.clone()))),
+                PoisonClass::InvalidAmount,
+                "{amount}"
+            );
+        }
+        let mut missing = created(json!(1));
+        missing.as_object_mut().map(|m| m.remove("userId"));
+        assert_eq!(class_of(&envelope("OrderCreated", 1, missing)), PoisonClass::SchemaViolation);
+        assert_eq!(decode_envelope(Some(&[b' '; 100]), 10).map(|_| ()).unwrap_err().class, PoisonClass::TooLarge);
+        assert_eq!(decode_envelope(None, 10).map(|_| ()).unwrap_err().class, PoisonClass::Empty);
+    }
+}

@@ -1,0 +1,78 @@
+//! Broker clients: how producers and consumers are configured, and topic creation.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::settings::{KafkaSettings, TopicSettings};
+
+pub fn base_config(kafka: &KafkaSettings) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &kafka.brokers)
+        .set("client.id", "paystream")
+        .set("log_level", "4");
+    config
+}
+
+/// An idempotent, `acks=all` producer: retries never duplicate or reorder within a partition.
+pub fn producer_config(kafka: &KafkaSettings, delivery_timeout: Duration) -> ClientConfig {
+    let mut config = base_config(kafka);
+    config
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .set("message.max.bytes", kafka.message_max_bytes.to_string())
+        .set("message.timeout.ms", delivery_timeout.as_millis().to_string());
+    config
+}
+
+/// A group consumer whose positions come from PostgreSQL: Kafka-side commits only mirror
+/// them for lag tools, and the application assigns partitions itself on rebalance.
+pub fn consumer_config(kafka: &KafkaSettings, group: &str) -> ClientConfig {
+    let mut config = base_config(kafka);
+    config
+        .set("group.id", group)
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "roundrobin")
+        .set("session.timeout.ms", kafka.session_timeout_ms.to_string())
+        .set("max.poll.interval.ms", kafka.max_poll_interval_ms.to_string())
+        .set("fetch.max.bytes", (kafka.message_max_bytes * 2).to_string())
+        .set("max.partition.fetch.bytes", kafka.message_max_bytes.to_string());
+    config
+}
+
+/// Creates the three topics. Topics that already exist are left as they are.
+pub async fn create_topics(kafka: &KafkaSettings, topics: &TopicSettings) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = base_config(kafka).create()?;
+    let max_bytes = kafka.message_max_bytes.to_string();
+    let new_topics: Vec<NewTopic<'_>> = [&topics.order_events, &topics.account_events, &topics.dead_letter]
+        .into_iter()
+        .map(|name| {
+            NewTopic::new(name, kafka.partitions, TopicReplication::Fixed(kafka.replication_factor))
+                .set("max.message.bytes", &max_bytes)
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics(&new_topics, &options).await? {
+        match result {
+            Ok(name) => tracing::info!(topic = %name, partitions = kafka.partitions, "topic created"),
+            Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                tracing::info!(topic = %name, "topic already exists")
+            }
+            Err((name, code)) => {
+                return Err(KafkaError::AdminOp(code)).map_err(|e| {
+                    anyhow::anyhow!("Failed to create topic {name}: {e}")
+                })
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,415 @@
+//! The double-entry ledger. Money only moves as a transfer between two accounts, recorded as
+//! one `transfers` row and two `ledger_entries` rows (each with the balance after it), and
+//! the accounts' balances change in the same transaction. Postings are computed in memory
+//! over rows the caller has locked, then written in a few set-based statements.
+
+use std::collections::HashMap;
+
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::domain::{Amount, Currency};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccountKind {
+    User,
+    Settlement,
+    Funding,
+}
+
+impl AccountKind {
+    fn parse(kind: &str) -> Self {
+        match kind {
+            "SETTLEMENT" => Self::Settlement,
+            "FUNDING" => Self::Funding,
+            _ => Self::User,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransferKind {
+    Debit,
+    Refund,
+    Deposit,
+}
+
+impl TransferKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Debit => "DEBIT",
+            Self::Refund => "REFUND",
+            Self::Deposit => "DEPOSIT",
+        }
+    }
+}
+
+/// An account row, locked `FOR UPDATE` by whoever loaded it.
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub id: i64,
+    pub kind: AccountKind,
+    pub user_id: Option<i64>,
+    pub currency: String,
+    pub frozen: bool,
+    pub balance_fen: i64,
+}
+
+type AccountRow = (i64, String, Option<i64>, String, String, i64);
+
+impl From<AccountRow> for Account {
+    fn from((id, kind, user_id, currency, status, balance_fen): AccountRow) -> Self {
+        Self {
+            id,
+            kind: AccountKind::parse(&kind),
+            user_id,
+            currency,
+            frozen: status == "FROZEN",
+            balance_fen,
+        }
+    }
+}
+
+const ACCOUNT_COLUMNS: &str = "id, kind, user_id, currency, status, balance_fen";
+
+/// Locks and loads the USER accounts of `user_ids` (all currencies) and those with `ids`, in
+/// id order so that concurrent transactions cannot deadlock on them.
+pub async fn lock_user_accounts(
+    conn: &mut PgConnection,
+    user_ids: &[i64],
+    ids: &[i64],
+) -> Result<Vec<Account>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE kind = 'USER' AND (user_id = ANY($1) OR id = ANY($2)) \
+         ORDER BY id FOR UPDATE"
+    );
+    let rows: Vec<AccountRow> = sqlx::query_as(&sql).bind(user_ids).bind(ids).fetch_all(conn).await?;
+    Ok(rows.into_iter().map(Account::from).collect())
+}
+
+/// Makes sure the system accounts of `kind` exist for `currencies` at `shard`, then locks and
+/// loads them together with the system accounts `ids`, in id order. Call after locking user
+/// accounts: users first, system accounts second, everywhere.
+pub async fn lock_system_accounts(
+    conn: &mut PgConnection,
+    kind: AccountKind,
+    currencies: &[String],
+    shard: i32,
+    ids: &[i64],
+) -> Result<Vec<Account>, sqlx::Error> {
+    let kind = match kind {
+        AccountKind::Funding => "FUNDING",
+        _ => "SETTLEMENT",
+    };
+    if !currencies.is_empty() {
+        sqlx::query(
+            "INSERT INTO accounts (kind, currency, shard) SELECT $1, c, $3 FROM unnest($2::text[]) AS c \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(kind)
+        .bind(currencies)
+        .bind(shard)
+        .execute(&mut *conn)
+        .await?;
+    }
+    let sql = format!(
+        "SELECT {ACCOUNT_COLUMNS} FROM accounts \
+         WHERE (kind = $1 AND shard = $3 AND currency = ANY($2)) OR (kind <> 'USER' AND id = ANY($4)) \
+         ORDER BY id FOR UPDATE"
+    );
+    let rows: Vec<AccountRow> =
+        sqlx::query_as(&sql).bind(kind).bind(currencies).bind(shard).bind(ids).fetch_all(conn).await?;
+    Ok(rows.into_iter().map(Account::from).collect())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PostError {
+    /// A user account would go below zero.
+    InsufficientBalance,
+    /// A balance would leave the i64 range.
+    Overflow,
+    /// An account of the transfer was not loaded (and locked) by the caller.
+    UnknownAccount,
+}
+
+/// A transfer to record.
+#[derive(Debug, Clone)]
+pub struct NewTransfer {
+    pub kind: TransferKind,
+    pub order_id: Option<i64>,
+    pub from: i64,
+    pub to: i64,
+    pub amount: Amount,
+    pub currency: Currency,
+    pub cause_event_id: Option<Uuid>,
+    pub reference: Option<String>,
+}
+
+/// Balances after a posted transfer.
+#[derive(Debug, Clone, Copy)]
+pub struct Posted {
+    pub from_balance_after: i64,
+    pub to_balance_after: i64,
+}
+
+/// Transfers posted in memory against locked accounts, written by `write`.
+#[derive(Debug, Default)]
+pub struct Postings {
+    accounts: HashMap<i64, Account>,
+    transfers: Vec<NewTransfer>,
+    /// (from balance after, to balance after) per transfer.
+    balances_after: Vec<(i64, i64)>,
+    touched: Vec<i64>,
+}
+
+impl Postings {
+    pub fn new(accounts: impl IntoIterator<Item = Account>) -> Self {
+        Self { accounts: accounts.into_iter().map(|a| (a.id, a)).collect(), ..Self::default() }
+    }
+
+    pub fn account(&self, id: i64) -> Option<&Account> {
+        self.accounts.get(&id)
+    }
+
+    pub fn accounts(&self) -> impl Iterator<Item = &Account> {
+        self.accounts.values()
+    }
+
+    /// Moves money if both accounts are loaded and the rules allow it; on error nothing
+    /// changes.
+    pub fn post(&mut self, transfer: NewTransfer) -> Result<Posted, PostError> {
+        let amount = transfer.amount.fen();
+        let (Some(from), Some(to)) = (self.accounts.get(&transfer.from), self.accounts.get(&transfer.to))
+        else {
+            return Err(PostError::UnknownAccount);
+        };
+        let from_after = from.balance_fen.checked_sub(amount).ok_or(PostError::Overflow)?;
+        let to_after = to.balance_fen.checked_add(amount).ok_or(PostError::Overflow)?;
+        if from.kind == AccountKind::User && from_after < 0 {
+            return Err(PostError::InsufficientBalance);
+        }
+        for (id, after) in [(transfer.from, from_after), (transfer.to, to_after)] {
+            if let Some(account) = self.accounts.get_mut(&id) {
+                account.balance_fen = after;
+            }
+            if !self.touched.contains(&id) {
+                self.touched.push(id);
+            }
+        }
+        self.transfers.push(transfer);
+        self.balances_after.push((from_after, to_after));
+        Ok(Posted { from_balance_after: from_after, to_balance_after: to_after })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.transfers.is_empty()
+    }
+
+    /// Writes transfers, entries and new balances: four statements, whatever the count.
+    pub async fn write(self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        if self.transfers.is_empty() {
+            return Ok(());
+        }
+        let n = self.transfers.len();
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "SELECT nextval(pg_get_serial_sequence('transfers', 'id')) FROM generate_series(1, $1)",
+        )
+        .bind(n as i64)
+        .fetch_all(&mut *conn)
+        .await?;
+
+        let mut kinds = Vec::with_capacity(n);
+        let mut order_ids = Vec::with_capacity(n);
+        let mut froms = Vec::with_capacity(n);
+        let mut tos = Vec::with_capacity(n);
+        let mut amounts = Vec::with_capacity(n);
+        let mut currencies = Vec::with_capacity(n);
+        let mut causes = Vec::with_capacity(n);
+        let mut references = Vec::with_capacity(n);
+        let mut e_transfer = Vec::with_capacity(2 * n);
+        let mut e_account = Vec::with_capacity(2 * n);
+        let mut e_delta = Vec::with_capacity(2 * n);
+        let mut e_after = Vec::with_capacity(2 * n);
+        for ((t, id), (from_after, to_after)) in self.transfers.iter().zip(&ids).zip(&self.balances_after) {
+            kinds.push(t.kind.as_str());
+            order_ids.push(t.order_id);
+            froms.push(t.from);
+            tos.push(t.to);
+            amounts.push(t.amount.fen());
+            currencies.push(t.currency.as_str().to_owned());
+            causes.push(t.cause_event_id);
+            references.push(t.reference.clone());
+            e_transfer.extend([*id, *id]);
+            e_account.extend([t.from, t.to]);
+            e_delta.extend([-t.amount.fen(), t.amount.fen()]);
+            e_after.extend([*from_after, *to_after]);
+        }
+        sqlx::query(
+            r#"
+            INSERT INTO transfers
+                (id, kind, order_id, from_account_id, to_account_id, amount_fen, currency,
+                 cause_event_id, reference)
+            SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[],
+                                 $6::bigint[], $7::text[], $8::uuid[], $9::text[])
+            "#,
+        )
+        .bind(&ids)
+        .bind(&kinds)
+        .bind(&order_ids)
+        .bind(&froms)
+        .bind(&tos)
+        .bind(&amounts)
+        .bind(&currencies)
+        .bind(&causes)
+        .bind(&references)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query(
+            r#"
+            INSERT INTO ledger_entries (transfer_id, account_id, delta_fen, balance_after_fen)
+            SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[])
+            "#,
+        )
+        .bind(&e_transfer)
+        .bind(&e_account)
+        .bind(&e_delta)
+        .bind(&e_after)
+        .execute(&mut *conn)
+        .await?;
+
+        let balances: Vec<i64> =
+            self.touched.iter().map(|id| self.accounts.get(id).map_or(0, |a| a.balance_fen)).collect();
+        sqlx::query(
+            r#"
+            UPDATE accounts SET balance_fen = v.balance, version = version + 1, updated_at = now()
+            FROM unnest($1::bigint[], $2::bigint[]) AS v(id, balance)
+            WHERE accounts.id = v.id
+            "#,
+        )
+        .bind(&self.touched)
+        .bind(&balances)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn account(id: i64, kind: AccountKind, balance_fen: i64) -> Account {
+        Account { id, kind, user_id: None, currency: "CNY".into(), frozen: false, balance_fen }
+    }
+
+    fn transfer(from: i64, to: i64, fen: i64) -> NewTransfer {
+        NewTransfer {
+            kind: TransferKind::Debit,
+            order_id: Some(1),
+            from,
+            to,
+            amount: Amount::new(fen).expect("positive"),
+            currency: Currency::CNY,
+            cause_event_id: None,
+            reference: None,
+        }
+    }
+
+    #[test]
+    fn a_user_account_never_goes_negative_and_a_refused_post_changes_nothing() {
+        let mut p = Postings::new([account(1, AccountKind::User, 500), account(2, AccountKind::Settlement, 0)]);
+        for _ in 0..50 {
+            assert!(p.post(transfer(1, 2, 10)).is_ok());
+        }
+        assert_eq!(p.post(transfer(1, 2, 10)).err(), Some(PostError::InsufficientBalance));
+        assert_eq!(p.account(1).map(|a| a.balance_fen), Some(0));
+        assert_eq!(p.account(2).map(|a| a.balance_fen), Some(500));
+    }
+
+    #[test]
+    fn overflow_is_refused_and_system_accounts_may_go_negative() {
+        let mut p = Postings::new([account(1, AccountKind::Funding, 0), account(2, AccountKind::User, i64::MAX - 5)]);
+        assert_eq!(p.post(transfer(1, 2, 6)).err(), Some(PostError::Overflow));
+        let posted = p.post(transfer(1, 2, 5)).expect("fits");
+        assert_eq!((posted.from_balance_after, posted.to_balance_after), (-5, i64::MAX));
+    }
+}
+
+/// Opens the USER account of `user_id` in `currency`, or returns the existing one.
+pub async fn open_account(conn: &mut PgConnection, user_id: i64, currency: Currency) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        r#"
+        WITH inserted AS (
+            INSERT INTO accounts (kind, user_id, currency) VALUES ('USER', $1, $2)
+            ON CONFLICT DO NOTHING RETURNING id
+        )
+        SELECT id FROM inserted
+        UNION ALL
+        SELECT id FROM accounts WHERE kind = 'USER' AND user_id = $1 AND currency = $2
+        LIMIT 1
+        "#,
+    )
+    .bind(user_id)
+    .bind(currency.as_str())
+    .fetch_one(conn)
+    .await
+}
+
+/// A deposit that was posted.
+#[derive(Debug, Clone, Copy)]
+pub struct Deposited {
+    pub account_id: i64,
+    pub user_id: i64,
+    pub balance_after_fen: i64,
+}
+
+/// Moves `amount` from the external funding account into a user account (the only way money
+/// enters paystream), and queues `AccountCredited` in the outbox, in the caller's
+/// transaction.
+pub async fn deposit(
+    conn: &mut PgConnection,
+    account_id: i64,
+    amount: Amount,
+    reference: &str,
+    account_events_topic: &str,
+) -> Result<Result<Deposited, PostError>, sqlx::Error> {
+    let users = lock_user_accounts(conn, &[], &[account_id]).await?;
+    let Some(user) = users.first().cloned() else {
+        return Ok(Err(PostError::UnknownAccount));
+    };
+    let Some(currency) = Currency::parse(&user.currency) else {
+        return Ok(Err(PostError::UnknownAccount));
+    };
+    let funding = lock_system_accounts(conn, AccountKind::Funding, &[user.currency.clone()], 0, &[]).await?;
+    let Some(funding_id) = funding.first().map(|a| a.id) else {
+        return Err(sqlx::Error::RowNotFound);
+    };
+    let mut postings = Postings::new(users.into_iter().chain(funding));
+    let posted = match postings.post(NewTransfer {
+        kind: TransferKind::Deposit,
+        order_id: None,
+        from: funding_id,
+        to: account_id,
+        amount,
+        currency,
+        cause_event_id: None,
+        reference: Some(reference.to_owned()),
+    }) {
+        Ok(posted) => posted,
+        Err(e) => return Ok(Err(e)),
+    };
+    postings.write(conn).await?;
+    let user_id = user.user_id.unwrap_or_default();
+    let payload = crate::events::AccountCredited {
+        account_id,
+        user_id,
+        delta_fen: amount.fen(),
+        balance_after_fen: posted.to_balance_after,
+        currency,
+        reference: reference.to_owned(),
+    };
+    let envelope = crate::events::Envelope::new(Uuid::new_v4(), chrono::Utc::now(), payload);
+    crate::outbox::insert(conn, &[crate::outbox::OutboxRow::event(account_events_topic, user_id, &envelope)])
+        .await?;
+    Ok(Ok(Deposited { account_id, user_id, balance_after_fen: posted.to_balance_after }))
+}

@@ -1,0 +1,15 @@
+//! paystream's core: the event contract, the ledger, the exactly-once consumer framework and
+//! its processors, and the outbox relay. The `paystream` binary wires these together.
+
+pub mod account_processor;
+pub mod audit;
+pub mod consumer;
+pub mod db;
+pub mod dlq;
+pub mod domain;
+pub mod events;
+pub mod kafka;
+pub mod ledger;
+pub mod outbox;
+pub mod settings;
+pub mod telemetry;

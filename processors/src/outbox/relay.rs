@@ -1,0 +1,202 @@
+//! `paystream relay`: publishes outbox rows to Kafka.
+//!
+//! Delivery semantics: at-least-once on the wire, exactly-once in effect (every row carries
+//! an event id that consumers dedupe on). What makes that hold:
+//!
+//! - A row is marked published only after the broker acknowledged it (`acks=all`, idempotent
+//!   producer). A relay killed in between re-publishes it: a harmless duplicate.
+//! - The relay never remembers a high-water id. Each round takes the *unpublished* rows in id
+//!   order, so a row whose transaction commits after rows with larger ids (ids are taken
+//!   before commit) is simply found in a later round instead of being skipped.
+//! - Per-key order: rows that share an account were inserted while holding that account's
+//!   row lock, so their id order is their commit order. Each round runs in one transaction
+//!   holding a transaction-scoped advisory lock, so two relays never publish concurrently and
+//!   cannot interleave a key; if a relay dies its lock dies with its connection.
+//! - It wakes on `LISTEN paystream_outbox` (a trigger notifies on insert), polling only as a
+//!   fallback, and prunes published rows past the retention.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::consumer::Backoff;
+use crate::settings::Settings;
+use crate::telemetry::METRICS;
+
+/// `pg_try_advisory_xact_lock` key of the relay ("paystrm" in ASCII).
+const RELAY_LOCK: i64 = 0x0070_6179_7374_726d;
+
+type Row = (i64, String, Option<String>, Vec<u8>, serde_json::Value);
+
+pub async fn run(settings: Settings, pool: PgPool, cancel: CancellationToken) -> anyhow::Result<()> {
+    let delivery_timeout = Duration::from_millis(settings.relay.delivery_timeout_ms);
+    let producer: FutureProducer =
+        crate::kafka::producer_config(&settings.kafka, delivery_timeout).create()?;
+    let retry = Backoff {
+        initial: Duration::from_millis(settings.processor.retry_initial_ms),
+        max: Duration::from_millis(settings.processor.retry_max_ms),
+    };
+    let poll = Duration::from_millis(settings.relay.poll_interval_ms);
+    let mut listener: Option<PgListener> = None;
+    let mut last_prune = Instant::now();
+    let mut failures = 0;
+    tracing::info!("relay started");
+
+    while !cancel.is_cancelled() {
+        if listener.is_none() {
+            listener = listen(&pool).await;
+        }
+        match publish_round(&pool, &producer, settings.relay.batch_max).await {
+            Ok(Round::Published(n)) if n > 0 => {
+                failures = 0;
+                continue; // there may be more: drain before waiting
+            }
+            Ok(_) => failures = 0,
+            Err(e) => {
+                let delay = retry.delay(failures);
+                failures += 1;
+                tracing::warn!(error = %e, ?delay, "relay round failed; retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                continue;
+            }
+        }
+        if last_prune.elapsed() >= Duration::from_secs(settings.relay.prune_interval_s) {
+            last_prune = Instant::now();
+            match prune(&pool, settings.relay.retention_hours).await {
+                Ok(n) if n > 0 => tracing::info!(rows = n, "pruned published outbox rows"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "outbox prune failed"),
+            }
+        }
+        // Wait for a notification, the fallback poll, or shutdown.
+        let notified = async {
+            match listener.as_mut() {
+                Some(l) => {
+                    if let Err(e) = l.recv().await {
+                        tracing::warn!(error = %e, "LISTEN connection lost; falling back to polling");
+                        return false;
+                    }
+                    true
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            ok = notified => if !ok { listener = None },
+            _ = tokio::time::sleep(poll) => {}
+        }
+    }
+    tracing::info!("relay stopping; flushing producer");
+    let _ = producer.flush(Timeout::After(Duration::from_secs(5)));
+    Ok(())
+}
+
+async fn listen(pool: &PgPool) -> Option<PgListener> {
+    let mut listener = PgListener::connect_with(pool).await.ok()?;
+    listener.listen("paystream_outbox").await.ok()?;
+    Some(listener)
+}
+
+enum Round {
+    /// Another relay holds the lock this round.
+    NotLeader,
+    Published(usize),
+}
+
+/// Publishes up to `limit` unpublished rows in id order and marks them, all inside one
+/// transaction that holds the relay lock.
+async fn publish_round(pool: &PgPool, producer: &FutureProducer, limit: i64) -> anyhow::Result<Round> {
+    let mut tx = pool.begin().await?;
+    let leader: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+        .bind(RELAY_LOCK)
+        .fetch_one(&mut *tx)
+        .await?;
+    if !leader {
+        return Ok(Round::NotLeader);
+    }
+    let rows: Vec<Row> = sqlx::query_as(
+        r#"
+        SELECT id, topic, message_key, payload, headers FROM outbox
+        WHERE published_at IS NULL ORDER BY id LIMIT $1
+        "#,
+    )
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    if rows.is_empty() {
+        return Ok(Round::Published(0));
+    }
+
+    // Enqueue in id order; the idempotent producer keeps that order per partition.
+    let deliveries = rows.iter().map(|(id, topic, key, payload, headers)| {
+        let mut record = FutureRecord::<str, [u8]>::to(topic).payload(payload).headers(to_headers(headers));
+        if let Some(key) = key {
+            record = record.key(key.as_str());
+        }
+        let send = producer.send(record, Timeout::Never);
+        async move { (*id, topic.as_str(), send.await) }
+    });
+    let results = join_all(deliveries).await;
+
+    // Mark only the id-ordered prefix that was delivered: after a failure, later rows are
+    // published again next round (duplicates the consumers dedupe), never marked out of order.
+    let mut published = Vec::with_capacity(results.len());
+    let mut per_topic: HashMap<&str, u64> = HashMap::new();
+    let mut first_error = None;
+    for (id, topic, result) in results {
+        match result {
+            Ok(_) if first_error.is_none() => {
+                published.push(id);
+                *per_topic.entry(topic).or_default() += 1;
+            }
+            Ok(_) => {}
+            Err((e, _)) => {
+                METRICS.relay_errors.with_label_values(&["publish"]).inc();
+                first_error.get_or_insert_with(|| format!("outbox row {id} to {topic}: {e}"));
+            }
+        }
+    }
+    sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
+        .bind(&published)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    for (topic, n) in per_topic {
+        METRICS.relay_published.with_label_values(&[topic]).inc_by(n);
+    }
+    match first_error {
+        Some(e) => anyhow::bail!("publish failed: {e}"),
+        None => Ok(Round::Published(published.len())),
+    }
+}
+
+fn to_headers(headers: &serde_json::Value) -> OwnedHeaders {
+    let mut out = OwnedHeaders::new();
+    for pair in headers.as_array().into_iter().flatten() {
+        if let (Some(k), Some(v)) = (pair.get(0).and_then(|k| k.as_str()), pair.get(1).and_then(|v| v.as_str())) {
+            out = out.insert(Header { key: k, value: Some(v) });
+        }
+    }
+    out
+}
+
+async fn prune(pool: &PgPool, retention_hours: u64) -> Result<u64, sqlx::Error> {
+    let result = sqlx::query(
+        "DELETE FROM outbox WHERE published_at IS NOT NULL AND published_at < now() - make_interval(hours => $1)",
+    )
+    .bind(retention_hours as i32)
+    .execute(pool)
+    .await?;
+    Ok(result.rows_affected())
+}

@@ -1,0 +1,134 @@
+//! Configuration: the committed defaults (`config/default.toml`, compiled in), an optional
+//! file, then `PAYSTREAM__*` environment variables, each layer overriding the one before.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+const DEFAULTS: &str = include_str!("../../config/default.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    pub database: DatabaseSettings,
+    pub kafka: KafkaSettings,
+    pub topics: TopicSettings,
+    pub processor: ProcessorSettings,
+    pub relay: RelaySettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DatabaseSettings {
+    pub url: String,
+    pub max_connections: u32,
+    pub connect_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct KafkaSettings {
+    pub brokers: String,
+    pub partitions: i32,
+    pub replication_factor: i32,
+    pub message_max_bytes: usize,
+    pub session_timeout_ms: u64,
+    pub max_poll_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TopicSettings {
+    pub order_events: String,
+    pub account_events: String,
+    pub dead_letter: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ProcessorSettings {
+    pub account_group: String,
+    pub batch_max: usize,
+    pub batch_linger_ms: u64,
+    pub max_event_bytes: usize,
+    pub settlement_shards: i32,
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+    pub stall_before_commit_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RelaySettings {
+    pub batch_max: i64,
+    pub poll_interval_ms: u64,
+    pub retention_hours: u64,
+    pub prune_interval_s: u64,
+    pub delivery_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+impl Settings {
+    /// Loads the layered configuration. `file` is an optional extra TOML file.
+    pub fn load(file: Option<&Path>) -> Result<Self, config::ConfigError> {
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        let settings: Settings = builder
+            .add_source(
+                config::Environment::with_prefix("PAYSTREAM")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()?
+            .try_deserialize()?;
+        settings.check()?;
+        Ok(settings)
+    }
+
+    fn check(&self) -> Result<(), config::ConfigError> {
+        let bad = |msg: &str| Err(config::ConfigError::Message(msg.to_owned()));
+        if self.processor.batch_max == 0 {
+            return bad("processor.batch_max must be at least 1");
+        }
+        if self.processor.settlement_shards < 1 {
+            return bad("processor.settlement_shards must be at least 1");
+        }
+        if self.kafka.partitions < 1 {
+            return bad("kafka.partitions must be at least 1");
+        }
+        if self.relay.batch_max < 1 {
+            return bad("relay.batch_max must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+impl ProcessorSettings {
+    pub fn batch_linger(&self) -> Duration {
+        Duration::from_millis(self.batch_linger_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn committed_defaults_parse_and_pass_checks() {
+        let settings = Settings::load(None).expect("defaults load");
+        assert_eq!(settings.topics.order_events, "order.events");
+        assert_eq!(settings.log.format, LogFormat::Human);
+    }
+}

@@ -1,0 +1,100 @@
+//! Logs (tracing) and metrics (Prometheus), set up in one place. Metric names follow one
+//! prefix, base units and bounded labels: never a user, order, account or event id.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry,
+    TextEncoder,
+};
+use tracing_subscriber::{fmt, EnvFilter};
+
+use crate::settings::{LogFormat, LogSettings};
+
+/// Installs the global tracing subscriber. `RUST_LOG` wins over the configured level.
+pub fn init_logging(settings: &LogSettings) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{},rdkafka=warn,sqlx=warn", settings.level)));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // A second init (tests) is harmless: the first subscriber stays.
+    let _ = match settings.format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Human => builder.try_init(),
+    };
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub events_consumed: IntCounterVec,
+    pub batch_size: HistogramVec,
+    pub batch_duration: HistogramVec,
+    pub retries: IntCounterVec,
+    pub fenced_commits: IntCounterVec,
+    pub relay_published: IntCounterVec,
+    pub relay_errors: IntCounterVec,
+}
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+impl Metrics {
+    fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &["processor"])
+                .expect("valid metric");
+            registry.register(Box::new(h.clone())).expect("unique metric");
+            h
+        };
+        Self {
+            events_consumed: counter(
+                "paystream_events_consumed_total",
+                "Messages consumed, by processor, topic and outcome \
+                 (applied, duplicate, business_failure, dead_lettered, ignored).",
+                &["processor", "topic", "outcome"],
+            ),
+            batch_size: histogram(
+                "paystream_batch_size",
+                "Messages per partition batch transaction.",
+                exponential_buckets(1.0, 2.0, 12).expect("valid buckets"),
+            ),
+            batch_duration: histogram(
+                "paystream_batch_transaction_duration_seconds",
+                "Wall time of one batch transaction, commit included.",
+                exponential_buckets(0.001, 2.0, 14).expect("valid buckets"),
+            ),
+            retries: counter(
+                "paystream_retries_total",
+                "Retried batch transactions, by processor and error class.",
+                &["processor", "error_class"],
+            ),
+            fenced_commits: counter(
+                "paystream_fenced_commits_total",
+                "Commits refused because this worker no longer owns the partition (zombie).",
+                &["processor"],
+            ),
+            relay_published: counter(
+                "paystream_relay_published_total",
+                "Outbox rows published by the relay, by topic.",
+                &["topic"],
+            ),
+            relay_errors: counter(
+                "paystream_relay_errors_total",
+                "Relay batches that failed and will be retried, by stage.",
+                &["stage"],
+            ),
+            registry,
+        }
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
