@@ -1,0 +1,173 @@
+//! The account processor against the real PostgreSQL and broker.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use common::*;
+use serde_json::Value;
+use uuid::Uuid;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_order_created_delivered_twice_at_different_offsets_is_applied_once() {
+    let env = TestEnv::new(1).await;
+    let account = env.funded_account(1, 1_000).await;
+    let producer = env.producer();
+    let event_id = Uuid::new_v4();
+    env.produce(&producer, "1", &order_created(event_id, 10, 1, 100)).await;
+    env.produce(&producer, "1", &order_created(Uuid::new_v4(), 11, 1, 1)).await;
+    env.produce(&producer, "1", &order_created(event_id, 10, 1, 100)).await;
+
+    let worker = env.spawn_account_processor(env.settings.clone());
+    env.wait_consumed(3).await;
+    worker.stop().await;
+
+    assert_eq!(env.balance(account).await, 1_000 - 100 - 1);
+    assert_eq!(env.scalar("SELECT count(*) FROM transfers WHERE kind = 'DEBIT' AND order_id = 10").await, 1);
+    assert_eq!(env.scalar("SELECT count(*) FROM processed_events").await, 2);
+    assert_eq!(
+        env.scalar("SELECT count(*) FROM outbox WHERE headers @> '[[\"eventType\", \"AccountDebited\"]]'").await,
+        2
+    );
+    env.assert_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insufficient_balance_emits_debit_failed_and_leaves_every_balance_unchanged() {
+    let env = TestEnv::new(1).await;
+    let account = env.funded_account(2, 100).await;
+    let before: Vec<(i64, i64)> = sqlx::query_as("SELECT id, balance_fen FROM accounts ORDER BY id")
+        .fetch_all(&env.pool)
+        .await
+        .expect("balances");
+    let events = env.collect(&env.settings.topics.account_events);
+    let producer = env.producer();
+    env.produce(&producer, "2", &order_created(Uuid::new_v4(), 20, 2, 500)).await;
+
+    let worker = env.spawn_account_processor(env.settings.clone());
+    let relay = env.spawn_relay();
+    // AccountCredited from the deposit, then the failure.
+    let received = events.wait_for(2).await;
+    worker.stop().await;
+    relay.stop().await;
+
+    let failed: Vec<Value> =
+        received.iter().map(Received::json).filter(|e| e["eventType"] == "AccountDebitFailed").collect();
+    assert_eq!(failed.len(), 1, "{received:?}");
+    assert_eq!(failed[0]["payload"]["reason"], "INSUFFICIENT_BALANCE");
+    assert_eq!(failed[0]["payload"]["orderId"], 20);
+    let after: Vec<(i64, i64)> = sqlx::query_as("SELECT id, balance_fen FROM accounts WHERE kind <> 'SETTLEMENT' ORDER BY id")
+        .fetch_all(&env.pool)
+        .await
+        .expect("balances");
+    assert_eq!(after, before);
+    assert_eq!(env.balance(account).await, 100);
+    assert_eq!(env.scalar("SELECT count(*) FROM transfers WHERE kind = 'DEBIT'").await, 0);
+    env.assert_invariants().await;
+}
+
+/// 100 orders of 10 against a balance of 500, spread over four partitions (as a producer
+/// that ignored the user-id key would) and two workers, so batches really race on the row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_orders_of_10_against_500_give_exactly_50_debits() {
+    let env = TestEnv::new(4).await;
+    let account = env.funded_account(3, 500).await;
+    let producer = env.producer();
+    let sends = (0..100).map(|i| {
+        let value = order_created(Uuid::new_v4(), 1_000 + i, 3, 10);
+        let producer = producer.clone();
+        let topic = env.settings.topics.order_events.clone();
+        async move { produce_to(&producer, &topic, &format!("spread-{i}"), &value, &[]).await }
+    });
+    futures::future::join_all(sends).await;
+
+    let mut small_batches = env.settings.clone();
+    small_batches.processor.batch_max = 7;
+    let a = env.spawn_account_processor(small_batches.clone());
+    let b = env.spawn_account_processor(small_batches);
+    env.wait_consumed(100).await;
+    a.stop().await;
+    b.stop().await;
+
+    assert_eq!(env.balance(account).await, 0);
+    assert_eq!(env.scalar("SELECT count(*) FROM transfers WHERE kind = 'DEBIT'").await, 50);
+    assert_eq!(
+        env.scalar("SELECT count(*) FROM outbox WHERE headers @> '[[\"eventType\", \"AccountDebitFailed\"]]'").await,
+        50
+    );
+    env.assert_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_order_is_refunded_once_and_only_after_a_debit() {
+    let env = TestEnv::new(1).await;
+    let account = env.funded_account(4, 1_000).await;
+    let producer = env.producer();
+    // Refund asked for an order never debited: nothing happens.
+    env.produce(&producer, "4", &order_cancelled(Uuid::new_v4(), 40, 4, true)).await;
+    env.produce(&producer, "4", &order_created(Uuid::new_v4(), 41, 4, 300)).await;
+    env.produce(&producer, "4", &order_cancelled(Uuid::new_v4(), 41, 4, true)).await;
+    // A second cancellation with another event id must not refund twice.
+    env.produce(&producer, "4", &order_cancelled(Uuid::new_v4(), 41, 4, true)).await;
+
+    let worker = env.spawn_account_processor(env.settings.clone());
+    env.wait_consumed(4).await;
+    worker.stop().await;
+
+    assert_eq!(env.balance(account).await, 1_000);
+    assert_eq!(env.scalar("SELECT count(*) FROM transfers WHERE kind = 'REFUND'").await, 1);
+    assert_eq!(env.scalar("SELECT count(*) FROM transfers WHERE order_id = 40").await, 0);
+    env.assert_invariants().await;
+}
+
+/// Every event type the code emits, checked against `schemas/<Type>.v1.json`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_the_code_emits_validates_against_its_json_schema() {
+    let env = TestEnv::new(1).await;
+    env.funded_account(5, 500).await;
+    let producer = env.producer();
+    for value in [
+        order_created(Uuid::new_v4(), 50, 5, 200),
+        order_created(Uuid::new_v4(), 51, 5, 10_000),
+        order_created(Uuid::new_v4(), 52, 99, 1),
+        order_cancelled(Uuid::new_v4(), 50, 5, true),
+    ] {
+        env.produce(&producer, "5", &value).await;
+    }
+    let worker = env.spawn_account_processor(env.settings.clone());
+    env.wait_consumed(4).await;
+    worker.stop().await;
+
+    let schemas = Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas");
+    let payloads: Vec<Vec<u8>> = sqlx::query_scalar("SELECT payload FROM outbox ORDER BY id")
+        .fetch_all(&env.pool)
+        .await
+        .expect("outbox");
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for payload in payloads {
+        let event: Value = serde_json::from_slice(&payload).expect("outbox payload is JSON");
+        let event_type = event["eventType"].as_str().expect("eventType").to_owned();
+        assert_valid(&schemas, &event_type, &event);
+        *seen.entry(event_type).or_default() += 1;
+    }
+    for expected in ["AccountCredited", "AccountDebited", "AccountDebitFailed", "AccountRefunded"] {
+        assert!(seen.contains_key(expected), "no {expected} emitted: {seen:?}");
+    }
+    // The inputs the tests produce follow the contract too.
+    for input in [order_created(Uuid::new_v4(), 1, 1, 1), order_cancelled(Uuid::new_v4(), 1, 1, false)] {
+        let event: Value = serde_json::from_slice(&input).expect("json");
+        assert_valid(&schemas, event["eventType"].as_str().expect("type"), &event);
+    }
+}
+
+fn assert_valid(schemas: &Path, event_type: &str, event: &Value) {
+    let path = schemas.join(format!("{event_type}.v1.json"));
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .expect("schema is JSON");
+    let validator = jsonschema::validator_for(&schema).expect("schema compiles");
+    let errors: Vec<String> = validator.iter_errors(event).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{event_type} does not match its schema: {errors:?}\n{event}");
+}

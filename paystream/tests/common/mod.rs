@@ -1,0 +1,354 @@
+//! Test harness: every test gets its own database and its own topics and consumer groups on
+//! the real PostgreSQL and the real broker (started by `scripts/test.sh`), so tests run in
+//! parallel without seeing each other.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use paystream_processors::account_processor::AccountProcessor;
+use paystream_processors::consumer::{self, WorkerConfig};
+use paystream_processors::domain::{Amount, Currency};
+use paystream_processors::outbox::relay;
+use paystream_processors::settings::Settings;
+use paystream_processors::{db, kafka, ledger};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use rdkafka::ClientConfig;
+use serde_json::{json, Value};
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub const DEADLINE: Duration = Duration::from_secs(90);
+
+pub fn admin_url() -> String {
+    std::env::var("PAYSTREAM_ADMIN_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://paystream:paystream@127.0.0.1:5432/paystream".into())
+}
+
+pub fn brokers() -> String {
+    std::env::var("PAYSTREAM_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `DEADLINE`.
+pub async fn wait_until<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        tick.tick().await;
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+    }
+}
+
+pub struct TestEnv {
+    pub id: String,
+    pub settings: Settings,
+    pub pool: PgPool,
+    pub database_url: String,
+}
+
+impl TestEnv {
+    pub async fn new(partitions: i32) -> Self {
+        Self::with_brokers(partitions, &brokers()).await
+    }
+
+    pub async fn with_brokers(partitions: i32, brokers: &str) -> Self {
+        let id = Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let admin = admin_url();
+        let db_name = format!("ps_test_{id}");
+        let mut conn = PgConnection::connect(&admin).await.expect("connect as admin");
+        sqlx::query(&format!("CREATE DATABASE {db_name}")).execute(&mut conn).await.expect("create db");
+        let base = admin.rsplit_once('/').map(|(b, _)| b).expect("url has a database");
+        let database_url = format!("{base}/{db_name}");
+
+        let mut settings = Settings::load(None).expect("defaults");
+        settings.database.url = database_url.clone();
+        settings.database.max_connections = 8;
+        settings.kafka.brokers = brokers.to_owned();
+        settings.kafka.partitions = partitions;
+        settings.kafka.session_timeout_ms = 6000;
+        settings.topics.order_events = format!("{id}.order.events");
+        settings.topics.account_events = format!("{id}.account.events");
+        settings.topics.dead_letter = format!("{id}.deadletter.events");
+        settings.processor.account_group = format!("{id}-account");
+        settings.processor.retry_max_ms = 1000;
+        settings.relay.poll_interval_ms = 200;
+
+        let pool = db::connect(&settings.database).expect("pool");
+        db::migrate(&pool).await.expect("migrate");
+        kafka::create_topics(&settings.kafka, &settings.topics).await.expect("topics");
+        Self { id, settings, pool, database_url }
+    }
+
+    /// Environment overrides that make a `paystream` child process use this test's world.
+    pub fn child_env(&self) -> Vec<(String, String)> {
+        let s = &self.settings;
+        [
+            ("PAYSTREAM__DATABASE__URL", s.database.url.clone()),
+            ("PAYSTREAM__DATABASE__MAX_CONNECTIONS", "8".into()),
+            ("PAYSTREAM__KAFKA__BROKERS", s.kafka.brokers.clone()),
+            ("PAYSTREAM__KAFKA__SESSION_TIMEOUT_MS", s.kafka.session_timeout_ms.to_string()),
+            ("PAYSTREAM__TOPICS__ORDER_EVENTS", s.topics.order_events.clone()),
+            ("PAYSTREAM__TOPICS__ACCOUNT_EVENTS", s.topics.account_events.clone()),
+            ("PAYSTREAM__TOPICS__DEAD_LETTER", s.topics.dead_letter.clone()),
+            ("PAYSTREAM__PROCESSOR__ACCOUNT_GROUP", s.processor.account_group.clone()),
+            ("PAYSTREAM__PROCESSOR__RETRY_MAX_MS", s.processor.retry_max_ms.to_string()),
+            ("PAYSTREAM__RELAY__POLL_INTERVAL_MS", s.relay.poll_interval_ms.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
+    /// Starts `paystream <args>` as a child process of this test's world.
+    pub fn spawn_child(&self, args: &[&str], extra_env: &[(&str, &str)]) -> tokio::process::Child {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_paystream"));
+        cmd.args(args).envs(self.child_env()).env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into())).kill_on_drop(true);
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        cmd.spawn().expect("spawn paystream")
+    }
+
+    /// Runs an account processor worker in this process until the token is cancelled.
+    pub fn spawn_account_processor(&self, settings: Settings) -> Worker {
+        let cancel = CancellationToken::new();
+        let config = WorkerConfig {
+            group: settings.processor.account_group.clone(),
+            topic: settings.topics.order_events.clone(),
+            dead_letter_topic: settings.topics.dead_letter.clone(),
+            settings: settings.clone(),
+        };
+        let handler = AccountProcessor {
+            account_events_topic: settings.topics.account_events.clone(),
+            settlement_shards: settings.processor.settlement_shards,
+        };
+        let pool = db::connect(&settings.database).expect("pool");
+        let task = tokio::spawn(consumer::run(config, pool, handler, cancel.clone()));
+        Worker { cancel, task }
+    }
+
+    pub fn spawn_relay(&self) -> Worker {
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(relay::run(self.settings.clone(), self.pool.clone(), cancel.clone()));
+        Worker { cancel, task }
+    }
+
+    /// Opens a user account and deposits `balance` fen into it through the ledger.
+    pub async fn funded_account(&self, user_id: i64, balance: i64) -> i64 {
+        let mut tx = self.pool.begin().await.expect("begin");
+        let id = ledger::open_account(&mut tx, user_id, Currency::CNY).await.expect("open");
+        if let Some(amount) = Amount::new(balance) {
+            ledger::deposit(&mut tx, id, amount, "test", &self.settings.topics.account_events)
+                .await
+                .expect("deposit query")
+                .expect("deposit posts");
+        }
+        tx.commit().await.expect("commit");
+        id
+    }
+
+    pub async fn balance(&self, account_id: i64) -> i64 {
+        sqlx::query_scalar("SELECT balance_fen FROM accounts WHERE id = $1")
+            .bind(account_id)
+            .fetch_one(&self.pool)
+            .await
+            .expect("balance")
+    }
+
+    /// Sum of stored offsets of the account group: how many messages it has consumed.
+    pub async fn consumed(&self) -> i64 {
+        sqlx::query_scalar::<_, Option<i64>>(
+            "SELECT sum(next_offset)::bigint FROM consumer_offsets WHERE consumer_group = $1",
+        )
+        .bind(&self.settings.processor.account_group)
+        .fetch_one(&self.pool)
+        .await
+        .expect("offsets")
+        .unwrap_or(0)
+    }
+
+    pub async fn wait_consumed(&self, n: i64) {
+        wait_until(&format!("{n} messages consumed"), || async {
+            (self.consumed().await >= n).then_some(())
+        })
+        .await;
+    }
+
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        sqlx::query_scalar::<_, Option<i64>>(sql)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .unwrap_or(0)
+    }
+
+    pub async fn assert_invariants(&self) {
+        let violations = paystream_processors::audit::check(&self.pool).await.expect("audit runs");
+        assert!(violations.is_empty(), "invariants violated: {violations:#?}");
+    }
+
+    pub fn producer(&self) -> FutureProducer {
+        ClientConfig::new()
+            .set("bootstrap.servers", &self.settings.kafka.brokers)
+            .set("message.max.bytes", "8388608")
+            .set("linger.ms", "1")
+            .create()
+            .expect("producer")
+    }
+
+    pub async fn produce(&self, producer: &FutureProducer, key: &str, value: &[u8]) {
+        produce_to(producer, &self.settings.topics.order_events, key, value, &[]).await;
+    }
+
+    /// Collects every message of `topic` from the beginning, in the background.
+    pub fn collect(&self, topic: &str) -> Collector {
+        Collector::start(&self.settings.kafka.brokers, topic)
+    }
+}
+
+pub async fn produce_to(producer: &FutureProducer, topic: &str, key: &str, value: &[u8], headers: &[(&str, &str)]) {
+    let mut hs = OwnedHeaders::new();
+    for (k, v) in headers {
+        hs = hs.insert(Header { key: k, value: Some(*v) });
+    }
+    producer
+        .send(FutureRecord::to(topic).key(key).payload(value).headers(hs), Timeout::After(Duration::from_secs(30)))
+        .await
+        .map_err(|(e, _)| e)
+        .expect("produce");
+}
+
+pub struct Worker {
+    pub cancel: CancellationToken,
+    pub task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Worker {
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        self.task.await.expect("worker task").expect("worker ends cleanly");
+    }
+}
+
+/// An `OrderCreated` envelope as the order service would emit it.
+pub fn order_created(event_id: Uuid, order_id: i64, user_id: i64, amount: i64) -> Vec<u8> {
+    envelope(
+        event_id,
+        "OrderCreated",
+        json!({
+            "orderId": order_id, "orderNo": format!("ORD-{order_id}"), "userId": user_id,
+            "amountFen": amount, "currency": "CNY",
+            "items": [{"sku": "SKU-1", "qty": 1, "priceFen": amount}],
+            "idempotencyKey": format!("key-{order_id}")
+        }),
+    )
+}
+
+pub fn order_cancelled(event_id: Uuid, order_id: i64, user_id: i64, refund: bool) -> Vec<u8> {
+    envelope(
+        event_id,
+        "OrderCancelled",
+        json!({"orderId": order_id, "userId": user_id, "reason": "USER_CANCELLED", "refundRequired": refund}),
+    )
+}
+
+pub fn envelope(event_id: Uuid, event_type: &str, payload: Value) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "eventId": event_id, "eventType": event_type, "schemaVersion": 1,
+        "occurredAt": "2026-11-24T00:00:00Z", "payload": payload
+    }))
+    .expect("json")
+}
+
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: HashMap<String, String>,
+}
+
+impl Received {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.value).unwrap_or(Value::Null)
+    }
+}
+
+pub struct Collector {
+    pub messages: Arc<Mutex<Vec<Received>>>,
+    task: JoinHandle<()>,
+}
+
+impl Collector {
+    fn start(brokers: &str, topic: &str) -> Self {
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", format!("collector-{}", Uuid::new_v4()))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .set("fetch.max.bytes", "20971520")
+            .set("max.partition.fetch.bytes", "10485760")
+            .create()
+            .expect("collector consumer");
+        consumer.subscribe(&[topic]).expect("subscribe");
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let sink = messages.clone();
+        let task = tokio::spawn(async move {
+            let mut stream = consumer.stream();
+            while let Some(Ok(m)) = stream.next().await {
+                let headers = m
+                    .headers()
+                    .map(|hs| {
+                        hs.iter()
+                            .map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let received = Received {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    value: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                    headers,
+                };
+                sink.lock().expect("lock").push(received);
+            }
+        });
+        Self { messages, task }
+    }
+
+    pub fn snapshot(&self) -> Vec<Received> {
+        self.messages.lock().expect("lock").clone()
+    }
+
+    /// Waits until at least `n` messages arrived and returns them all.
+    pub async fn wait_for(&self, n: usize) -> Vec<Received> {
+        wait_until(&format!("{n} messages on the topic"), || async {
+            let all = self.snapshot();
+            (all.len() >= n).then_some(all)
+        })
+        .await
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

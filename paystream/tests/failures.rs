@@ -1,0 +1,197 @@
+//! Crashes, kills and zombies: whatever fails, every event is applied exactly once.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use paystream_processors::outbox::{self, OutboxRow};
+use paystream_processors::telemetry::METRICS;
+use uuid::Uuid;
+
+const USERS: i64 = 50;
+
+/// Produces `range` orders of 3 fen spread over `USERS` users, keyed by user.
+async fn produce_orders(env: &TestEnv, range: std::ops::Range<i64>) {
+    let producer = env.producer();
+    let sends = range.map(|i| {
+        let user = 100 + i % USERS;
+        let value = order_created(Uuid::new_v4(), 10_000 + i, user, 3);
+        let (producer, topic) = (producer.clone(), env.settings.topics.order_events.clone());
+        async move { produce_to(&producer, &topic, &user.to_string(), &value, &[]).await }
+    });
+    futures::future::join_all(sends).await;
+}
+
+async fn fund_users(env: &TestEnv) {
+    for user in 100..100 + USERS {
+        env.funded_account(user, 1_000_000).await;
+    }
+}
+
+async fn assert_each_order_debited_once(env: &TestEnv, orders: i64) {
+    assert_eq!(env.scalar("SELECT count(*) FROM transfers WHERE kind = 'DEBIT'").await, orders);
+    assert_eq!(env.scalar("SELECT count(DISTINCT order_id) FROM transfers WHERE kind = 'DEBIT'").await, orders);
+    assert_eq!(env.scalar("SELECT count(*) FROM processed_events").await, orders);
+    assert_eq!(env.scalar("SELECT sum(-delta_fen)::bigint FROM ledger_entries e JOIN accounts a ON a.id = e.account_id WHERE a.kind = 'USER' AND delta_fen < 0").await, orders * 3);
+    assert_eq!(
+        env.scalar("SELECT count(*) FROM outbox WHERE headers @> '[[\"eventType\", \"AccountDebited\"]]'").await,
+        orders
+    );
+    env.assert_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_processor_killed_with_sigkill_mid_stream_and_restarted_applies_every_event_exactly_once() {
+    let env = TestEnv::new(3).await;
+    fund_users(&env).await;
+    produce_orders(&env, 0..1_200).await;
+
+    let small_batches = [("PAYSTREAM__PROCESSOR__BATCH_MAX", "40")];
+    let mut child = env.spawn_child(&["process", "account"], &small_batches);
+    wait_until("the processor to make progress", || async { (env.consumed().await >= 300).then_some(()) }).await;
+    child.kill().await.expect("SIGKILL the processor");
+    let at_kill = env.consumed().await;
+    assert!(at_kill < 2_500, "the kill must land mid-stream (consumed {at_kill})");
+
+    produce_orders(&env, 1_200..2_500).await;
+    let mut child = env.spawn_child(&["process", "account"], &small_batches);
+    env.wait_consumed(2_500).await;
+    child.kill().await.expect("stop the processor");
+
+    assert_each_order_debited_once(&env, 2_500).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_with_sigkill_mid_publish_loses_no_row_and_duplicates_are_harmless() {
+    let env = TestEnv::new(3).await;
+    fund_users(&env).await;
+    // The order service's side of the outbox: OrderCreated rows waiting to be published.
+    let total = 3_000_i64;
+    let mut tx = env.pool.begin().await.expect("begin");
+    let rows: Vec<OutboxRow> = (0..total)
+        .map(|i| {
+            let user = 100 + i % USERS;
+            OutboxRow {
+                topic: env.settings.topics.order_events.clone(),
+                key: Some(user.to_string()),
+                payload: order_created(Uuid::new_v4(), 20_000 + i, user, 3),
+                headers: vec![],
+                event_id: None,
+            }
+        })
+        .collect();
+    outbox::insert(&mut tx, &rows).await.expect("outbox rows");
+    tx.commit().await.expect("commit");
+
+    let wire = env.collect(&env.settings.topics.order_events);
+    let small_batches = [("PAYSTREAM__RELAY__BATCH_MAX", "50")];
+    let mut relay = env.spawn_child(&["relay"], &small_batches);
+    wait_until("the relay to publish some rows", || async {
+        (env.scalar("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL").await >= 500).then_some(())
+    })
+    .await;
+    relay.kill().await.expect("SIGKILL the relay");
+    let marked = env.scalar("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL").await;
+    assert!(marked < total, "the kill must land mid-publish ({marked} of {total} marked)");
+
+    let mut relay = env.spawn_child(&["relay"], &small_batches);
+    wait_until("every outbox row published", || async {
+        (env.scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL").await == 0).then_some(())
+    })
+    .await;
+    let on_wire = wire.wait_for(total as usize).await;
+    let distinct: std::collections::HashSet<Vec<u8>> = on_wire.iter().map(|m| m.value.clone()).collect();
+    assert_eq!(distinct.len() as i64, total, "every row reached the topic");
+
+    // Downstream, whatever was duplicated on the wire is applied once.
+    let worker = env.spawn_account_processor(env.settings.clone());
+    wait_until("every distinct order processed", || async {
+        (env.scalar("SELECT count(*) FROM processed_events").await >= total).then_some(())
+    })
+    .await;
+    worker.stop().await;
+    relay.kill().await.expect("stop the relay");
+    assert_each_order_debited_once(&env, total).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_connections_killed_mid_batch_are_retried_and_nothing_is_skipped_or_doubled() {
+    let env = TestEnv::new(3).await;
+    fund_users(&env).await;
+    produce_orders(&env, 0..1_500).await;
+
+    let mut settings = env.settings.clone();
+    settings.processor.batch_max = 25;
+    settings.processor.retry_initial_ms = 10;
+    let worker = env.spawn_account_processor(settings);
+
+    // Keep terminating the processor's backends until everything is consumed.
+    let admin = sqlx::PgPool::connect(&env.database_url).await.expect("admin pool");
+    let mut killed = 0_i64;
+    let mut tick = tokio::time::interval(Duration::from_millis(30));
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while env.consumed().await < 1_500 {
+        assert!(tokio::time::Instant::now() < deadline, "processing did not finish");
+        tick.tick().await;
+        if killed < 40 {
+            let n: i64 = sqlx::query_scalar(
+                r#"
+                SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                WHERE datname = current_database() AND pid <> pg_backend_pid()
+                  AND application_name = 'paystream' AND state IN ('active', 'idle in transaction')
+                "#,
+            )
+            .fetch_one(&admin)
+            .await
+            .expect("terminate");
+            killed += n;
+        }
+    }
+    worker.stop().await;
+
+    assert!(killed > 0, "no connection was killed mid-batch; the test proved nothing");
+    let retried: u64 = ["transient", "unexpected"]
+        .iter()
+        .map(|class| METRICS.retries.with_label_values(&["account", class]).get())
+        .sum();
+    assert!(retried > 0, "the processor never retried");
+    assert_each_order_debited_once(&env, 1_500).await;
+}
+
+/// Worker A stalls inside its batch transaction (a long GC pause, a frozen VM) past
+/// `max.poll.interval.ms`, is dropped from the group, and worker B takes the partition over
+/// and applies the event. When A wakes up its commit must be refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombie_worker_cannot_commit_after_a_rebalance() {
+    let env = TestEnv::new(1).await;
+    let account = env.funded_account(9, 1_000).await;
+
+    let mut stalled = env.settings.clone();
+    stalled.kafka.session_timeout_ms = 3_000;
+    stalled.kafka.max_poll_interval_ms = 3_000;
+    stalled.processor.stall_before_commit_ms = 10_000;
+    let zombie = env.spawn_account_processor(stalled);
+    env.produce(&env.producer(), "9", &order_created(Uuid::new_v4(), 90, 9, 100)).await;
+    wait_until("worker A to sit inside its batch transaction", || async {
+        (env.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'idle in transaction'").await > 0).then_some(())
+    })
+    .await;
+
+    let successor = env.spawn_account_processor(env.settings.clone());
+    wait_until("worker B to apply the event", || async {
+        (env.scalar("SELECT count(*) FROM transfers WHERE kind = 'DEBIT'").await == 1).then_some(())
+    })
+    .await;
+    wait_until("worker A's commit to be fenced", || async {
+        (METRICS.fenced_commits.with_label_values(&["account"]).get() >= 1).then_some(())
+    })
+    .await;
+    zombie.stop().await;
+    successor.stop().await;
+
+    assert_eq!(env.balance(account).await, 900);
+    assert_eq!(env.scalar("SELECT count(*) FROM transfers WHERE kind = 'DEBIT'").await, 1);
+    assert!(env.scalar("SELECT max(epoch) FROM consumer_offsets").await >= 2);
+    env.assert_invariants().await;
+}

@@ -1,0 +1,125 @@
+//! The outbox relay's ordering trap, and surviving a broker restart.
+
+mod common;
+
+use std::net::TcpListener;
+use std::process::Stdio;
+
+use common::*;
+use paystream_processors::outbox::{self, OutboxRow};
+use uuid::Uuid;
+
+fn row(env: &TestEnv, marker: &str) -> OutboxRow {
+    OutboxRow {
+        topic: env.settings.topics.account_events.clone(),
+        key: Some("1".into()),
+        payload: marker.as_bytes().to_vec(),
+        headers: vec![],
+        event_id: Some(Uuid::new_v4()),
+    }
+}
+
+/// Ids are taken at insert, visibility comes at commit: a row with a smaller id can become
+/// visible after a larger one was already published. A relay tracking "id > last" skips it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_row_that_commits_late_is_published_not_skipped() {
+    let env = TestEnv::new(1).await;
+    let wire = env.collect(&env.settings.topics.account_events);
+    let relay = env.spawn_relay();
+
+    let mut slow = env.pool.begin().await.expect("begin slow");
+    outbox::insert(&mut slow, &[row(&env, "late")]).await.expect("late row");
+    let mut fast = env.pool.begin().await.expect("begin fast");
+    outbox::insert(&mut fast, &[row(&env, "early")]).await.expect("early row");
+    fast.commit().await.expect("commit fast");
+
+    let late_id: i64 = sqlx::query_scalar("SELECT id FROM outbox WHERE payload = 'late'")
+        .fetch_one(&mut *slow)
+        .await
+        .expect("late id");
+    let early_id = env.scalar("SELECT max(id) FROM outbox").await;
+    assert!(late_id < early_id, "the late row must hold the smaller id");
+    wire.wait_for(1).await;
+    assert_eq!(env.scalar("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL").await, 1);
+
+    slow.commit().await.expect("commit slow");
+    let messages = wire.wait_for(2).await;
+    relay.stop().await;
+    let values: Vec<&[u8]> = messages.iter().map(|m| m.value.as_slice()).collect();
+    assert_eq!(values, [&b"early"[..], &b"late"[..]]);
+    assert_eq!(env.scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL").await, 0);
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+struct Broker {
+    child: tokio::process::Child,
+}
+
+impl Broker {
+    /// Starts tansu with durable sqlite storage in `dir` (tansu resolves the sqlite URL's path
+    /// against its working directory, so it runs there with a relative one).
+    async fn start(port: u16, dir: &std::path::Path) -> Self {
+        let bin = std::env::var("PAYSTREAM_TANSU_BIN").expect("PAYSTREAM_TANSU_BIN (set by scripts/test.sh)");
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = tokio::process::Command::new(bin)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "sqlite://broker.db"])
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start tansu");
+        wait_until("the broker to listen", || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok().map(|_| ())
+        })
+        .await;
+        Self { child }
+    }
+
+    async fn kill(mut self) {
+        self.child.kill().await.expect("kill broker");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_processor_and_relay_recover_by_themselves_when_the_broker_restarts() {
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("paystream-broker-{}", Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("broker dir");
+    let broker = Broker::start(port, &dir).await;
+    let env = TestEnv::with_brokers(1, &format!("127.0.0.1:{port}")).await;
+    let account = env.funded_account(11, 10_000).await;
+
+    let worker = env.spawn_account_processor(env.settings.clone());
+    let relay = env.spawn_relay();
+    let producer = env.producer();
+    for i in 0..20 {
+        env.produce(&producer, "11", &order_created(Uuid::new_v4(), 110 + i, 11, 10)).await;
+    }
+    env.wait_consumed(20).await;
+    drop(producer);
+
+    broker.kill().await;
+    let broker = Broker::start(port, &dir).await;
+    let producer = env.producer();
+    for i in 20..40 {
+        env.produce(&producer, "11", &order_created(Uuid::new_v4(), 110 + i, 11, 10)).await;
+    }
+    env.wait_consumed(40).await;
+    wait_until("every outbox row published after the restart", || async {
+        (env.scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL").await == 0).then_some(())
+    })
+    .await;
+    worker.stop().await;
+    relay.stop().await;
+    broker.kill().await;
+    let _ = std::fs::remove_dir_all(&dir);
+
+    assert_eq!(env.balance(account).await, 10_000 - 40 * 10);
+    assert_eq!(env.scalar("SELECT count(*) FROM transfers WHERE kind = 'DEBIT'").await, 40);
+    env.assert_invariants().await;
+}
