@@ -1,6 +1,8 @@
 //! The `paystream` command. It only wires: configuration, logging, signals, and the
 //! long-running parts from `paystream-processors`.
 
+mod bench;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -50,6 +52,9 @@ enum Command {
     Relay,
     /// Everything in one process for a laptop: migrations, topics, processors, relay.
     Up,
+    /// Load generator and measurement: throughput, latency, and one-per-transaction baseline.
+    /// Works in a throwaway database and topics; the last line printed is JSON.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -93,6 +98,11 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             serve(|tracker, cancel| spawn_account_processor(tracker, cancel, &settings, &pool)).await
         }
         Command::Relay => serve(|tracker, cancel| spawn_relay(tracker, cancel, &settings, &pool)).await,
+        Command::Bench(args) => {
+            let report = bench::run(settings, args).await?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
         Command::Up => {
             migrate(&pool).await?;
             kafka::create_topics(&settings.kafka, &settings.topics).await?;

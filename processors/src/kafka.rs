@@ -44,6 +44,7 @@ pub fn consumer_config(kafka: &KafkaSettings, group: &str) -> ClientConfig {
         .set("partition.assignment.strategy", "roundrobin")
         .set("session.timeout.ms", kafka.session_timeout_ms.to_string())
         .set("max.poll.interval.ms", kafka.max_poll_interval_ms.to_string())
+        .set("fetch.wait.max.ms", kafka.fetch_wait_max_ms.to_string())
         .set("fetch.max.bytes", (kafka.message_max_bytes * 2).to_string())
         .set("max.partition.fetch.bytes", kafka.message_max_bytes.to_string());
     config

@@ -299,7 +299,8 @@ fn consume<H: Handler>(
 
     let batch = BatchRunner { pool: &pool, handler: &handler, config: &config, retry, cancel: &cancel };
     while !cancel.is_cancelled() {
-        let messages = poll_batch(&consumer, settings);
+        let assigned = consumer.context().lock_partitions().len().max(1);
+        let messages = poll_batch(&consumer, settings, settings.processor.batch_max * assigned);
         if messages.is_empty() {
             continue;
         }
@@ -327,7 +328,7 @@ fn consume<H: Handler>(
             continue;
         }
         let results = handle.block_on(join_all(
-            work.iter().map(|(partition, state, msgs)| batch.run(*partition, *state, msgs)),
+            work.iter().map(|(partition, state, msgs)| batch.run_chunks(*partition, *state, msgs)),
         ));
         let mut states = consumer.context().lock_partitions();
         for ((partition, state, _), result) in work.iter().zip(results) {
@@ -406,12 +407,12 @@ fn position(
     false
 }
 
-/// Collects up to `batch_max` messages: waits up to 100 ms for the first, then lingers
+/// Collects up to `limit` messages: waits up to 100 ms for the first, then lingers
 /// briefly for more. Rebalance callbacks run inside these polls.
-fn poll_batch(consumer: &BaseConsumer<Context>, settings: &Settings) -> Vec<InboundMessage> {
+fn poll_batch(consumer: &BaseConsumer<Context>, settings: &Settings, limit: usize) -> Vec<InboundMessage> {
     let mut out = Vec::new();
     let mut deadline: Option<Instant> = None;
-    while out.len() < settings.processor.batch_max {
+    while out.len() < limit {
         let timeout = match deadline {
             None => Duration::from_millis(100),
             Some(d) => d.saturating_duration_since(Instant::now()),
@@ -454,6 +455,19 @@ struct BatchRunner<'a, H> {
 }
 
 impl<H: Handler> BatchRunner<'_, H> {
+    /// Applies a partition's messages as consecutive transactions of at most `batch_max`.
+    async fn run_chunks(
+        &self,
+        partition: i32,
+        mut state: PartitionState,
+        msgs: &[InboundMessage],
+    ) -> Result<i64, BatchError> {
+        for chunk in msgs.chunks(self.config.settings.processor.batch_max) {
+            state.next_offset = self.run(partition, state, chunk).await?;
+        }
+        Ok(state.next_offset)
+    }
+
     /// Applies one partition's batch, retrying transient failures until it commits, the
     /// worker is fenced, or the worker is cancelled. Returns the new stored offset.
     async fn run(

@@ -1,0 +1,350 @@
+//! `paystream bench`: load generator and measurement of the account processor end to end
+//! (event produced -> debit committed -> `AccountDebited` published and received).
+//!
+//! It works in a database of its own (`paystream_bench_<id>`, created and dropped) and on
+//! topics of its own, against the configured PostgreSQL and broker, with the processor and
+//! relay running in this process. Three phases:
+//! 1. throughput: `--events` orders produced as fast as possible, batched transactions;
+//! 2. latency: orders at a steady `--rate` for `--seconds`, batched transactions;
+//! 3. naive: the throughput work again with one event per transaction (batch size 1), the
+//!    `SELECT ... FOR UPDATE`-per-order approach of the original request.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use futures::StreamExt;
+use paystream_processors::account_processor::AccountProcessor;
+use paystream_processors::consumer::{self, WorkerConfig};
+use paystream_processors::domain::{Amount, Currency};
+use paystream_processors::events::{Envelope, OrderCreated, OrderItem};
+use paystream_processors::outbox::relay;
+use paystream_processors::settings::Settings;
+use paystream_processors::{db, kafka, ledger};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::util::Timeout;
+use serde::Serialize;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Orders in the throughput phase (and in the one-per-transaction phase).
+    #[arg(long, default_value_t = 30_000)]
+    pub events: u64,
+    /// Distinct users (accounts) the orders are spread over.
+    #[arg(long, default_value_t = 1_000)]
+    pub users: i64,
+    /// Events per second in the latency phase.
+    #[arg(long, default_value_t = 1_000)]
+    pub rate: u64,
+    /// Length of the latency phase.
+    #[arg(long, default_value_t = 15)]
+    pub seconds: u64,
+    /// Skip the one-event-per-transaction comparison.
+    #[arg(long)]
+    pub skip_naive: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub debits_per_sec: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub naive_debits_per_sec: Option<f64>,
+    pub events: u64,
+    pub batched_vs_naive: Option<f64>,
+    pub latency_rate_per_sec: u64,
+    pub throughput_p99_ms: f64,
+}
+
+struct Phase {
+    events: u64,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Phase {
+    fn rate(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile_ms(&self, p: f64) -> f64 {
+        if self.latencies.is_empty() {
+            return f64::NAN;
+        }
+        let mut sorted = self.latencies.clone();
+        sorted.sort_unstable();
+        let index = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+        sorted[index].as_secs_f64() * 1000.0
+    }
+}
+
+pub async fn run(base: Settings, args: BenchArgs) -> anyhow::Result<Report> {
+    anyhow::ensure!(args.events > 0 && args.users > 0 && args.rate > 0, "--events, --users and --rate must be positive");
+    let id = Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let db_name = format!("paystream_bench_{id}");
+    let admin = db::connect(&base.database)?;
+    sqlx::query(&format!("CREATE DATABASE {db_name}"))
+        .execute(&admin)
+        .await
+        .context("Failed to create the bench database (the role needs CREATEDB)")?;
+    let mut settings = base.clone();
+    let (prefix, _) = base.database.url.rsplit_once('/').context("database.url has no database name")?;
+    let query = base.database.url.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
+    settings.database.url = format!("{prefix}/{db_name}{query}");
+    settings.database.max_connections = settings.database.max_connections.max(16);
+
+    let pool = db::connect(&settings.database)?;
+    let result = phases(&settings, &pool, &id, &args).await;
+    pool.close().await;
+    if let Err(e) = sqlx::query(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")).execute(&admin).await {
+        tracing::warn!(error = %e, database = %db_name, "could not drop the bench database");
+    }
+    result
+}
+
+async fn phases(settings: &Settings, pool: &PgPool, id: &str, args: &BenchArgs) -> anyhow::Result<Report> {
+    db::migrate(pool).await?;
+    println!(
+        "bench: {} partitions, batch_max {}, {} users, synchronous_commit={}",
+        settings.kafka.partitions,
+        settings.processor.batch_max,
+        args.users,
+        sqlx::query_scalar::<_, String>("SHOW synchronous_commit").fetch_one(pool).await?
+    );
+
+    let throughput = phase(settings, pool, id, 1, args, args.events, None, settings.processor.batch_max).await?;
+    println!(
+        "throughput: {} debits in {:.2} s = {:.0} debits/s (p50 {:.1} ms, p99 {:.1} ms under backlog)",
+        throughput.events,
+        throughput.elapsed.as_secs_f64(),
+        throughput.rate(),
+        throughput.percentile_ms(0.50),
+        throughput.percentile_ms(0.99)
+    );
+    let steady_events = args.rate * args.seconds;
+    let latency = phase(settings, pool, id, 2, args, steady_events, Some(args.rate), settings.processor.batch_max).await?;
+    println!(
+        "latency at {}/s: p50 {:.1} ms, p99 {:.1} ms over {} events",
+        args.rate,
+        latency.percentile_ms(0.50),
+        latency.percentile_ms(0.99),
+        latency.events
+    );
+    let naive = if args.skip_naive {
+        None
+    } else {
+        let naive = phase(settings, pool, id, 3, args, args.events, None, 1).await?;
+        println!(
+            "one event per transaction: {} debits in {:.2} s = {:.0} debits/s; batched is {:.1}x faster",
+            naive.events,
+            naive.elapsed.as_secs_f64(),
+            naive.rate(),
+            throughput.rate() / naive.rate()
+        );
+        Some(naive.rate())
+    };
+    Ok(Report {
+        debits_per_sec: throughput.rate().round(),
+        p50_ms: round1(latency.percentile_ms(0.50)),
+        p99_ms: round1(latency.percentile_ms(0.99)),
+        naive_debits_per_sec: naive.map(f64::round),
+        events: args.events,
+        batched_vs_naive: naive.map(|n| round1(throughput.rate() / n)),
+        latency_rate_per_sec: args.rate,
+        throughput_p99_ms: round1(throughput.percentile_ms(0.99)),
+    })
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn phase(
+    base: &Settings,
+    pool: &PgPool,
+    id: &str,
+    number: i64,
+    args: &BenchArgs,
+    events: u64,
+    rate: Option<u64>,
+    batch_max: usize,
+) -> anyhow::Result<Phase> {
+    let mut settings = base.clone();
+    let name = format!("bench-{id}-{number}");
+    settings.topics.order_events = format!("{name}.order.events");
+    settings.topics.account_events = format!("{name}.account.events");
+    settings.topics.dead_letter = format!("{name}.deadletter.events");
+    settings.processor.account_group = name.clone();
+    settings.processor.batch_max = batch_max;
+    kafka::create_topics(&settings.kafka, &settings.topics).await?;
+
+    // Users of this phase, funded through the ledger.
+    let first_user = number * 10_000_000;
+    let mut tx = pool.begin().await?;
+    for user in first_user..first_user + args.users {
+        let account = ledger::open_account(&mut tx, user, Currency::CNY).await?;
+        let amount = Amount::new(1_000_000_000).context("amount")?;
+        ledger::deposit(&mut tx, account, amount, "bench", &settings.topics.account_events)
+            .await?
+            .map_err(|e| anyhow::anyhow!("bench deposit failed: {e:?}"))?;
+    }
+    tx.commit().await?;
+
+    // Results: AccountDebited as received from the topic.
+    let received: Arc<Mutex<HashMap<i64, Instant>>> = Arc::default();
+    let results = results_consumer(&settings, received.clone())?;
+
+    let cancel = CancellationToken::new();
+    let config = WorkerConfig {
+        group: settings.processor.account_group.clone(),
+        topic: settings.topics.order_events.clone(),
+        dead_letter_topic: settings.topics.dead_letter.clone(),
+        settings: settings.clone(),
+    };
+    let handler = AccountProcessor {
+        account_events_topic: settings.topics.account_events.clone(),
+        settlement_shards: settings.processor.settlement_shards,
+    };
+    let processor = tokio::spawn(consumer::run(config, pool.clone(), handler, cancel.clone()));
+    let relay = tokio::spawn(relay::run(settings.clone(), pool.clone(), cancel.clone()));
+    wait_for(Duration::from_secs(120), "the processor to claim its partitions", || async {
+        let claimed: i64 = sqlx::query_scalar("SELECT count(*) FROM consumer_offsets WHERE consumer_group = $1")
+            .bind(&name)
+            .fetch_one(pool)
+            .await
+            .unwrap_or(0);
+        claimed >= i64::from(settings.kafka.partitions)
+    })
+    .await?;
+
+    let producer: FutureProducer = kafka::producer_config(&settings.kafka, Duration::from_secs(60)).create()?;
+    let first_order = number * 100_000_000;
+    let mut sent: HashMap<i64, Instant> = HashMap::with_capacity(events as usize);
+    let mut deliveries = Vec::with_capacity(events as usize);
+    let started = Instant::now();
+    let mut ticker = rate.map(|r| {
+        let per_tick = (r / 100).max(1);
+        (tokio::time::interval(Duration::from_secs_f64(per_tick as f64 / r as f64)), per_tick)
+    });
+    let mut i = 0;
+    while i < events {
+        let burst = match ticker.as_mut() {
+            Some((interval, per_tick)) => {
+                interval.tick().await;
+                *per_tick
+            }
+            None => events,
+        };
+        for _ in 0..burst.min(events - i) {
+            let order_id = first_order + i as i64;
+            let user_id = first_user + (i as i64 % args.users);
+            let value = order_created(order_id, user_id)?;
+            let key = user_id.to_string();
+            sent.insert(order_id, Instant::now());
+            let mut record = FutureRecord::to(&settings.topics.order_events).key(&key).payload(&value);
+            loop {
+                match producer.send_result(record) {
+                    Ok(delivery) => break deliveries.push(delivery),
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    Err((e, _)) => return Err(e).context("Failed to produce a bench order"),
+                }
+            }
+            i += 1;
+        }
+    }
+    let failed = futures::future::join_all(deliveries)
+        .await
+        .into_iter()
+        .filter(|d| !matches!(d, Ok(Ok(_))))
+        .count();
+    anyhow::ensure!(failed == 0, "{failed} orders could not be produced");
+    producer.flush(Timeout::After(Duration::from_secs(10)))?;
+
+    let deadline = Duration::from_secs(600 + events / 100);
+    wait_for(deadline, "every AccountDebited to be published", || async {
+        received.lock().map(|r| r.len() as u64 >= events).unwrap_or(false)
+    })
+    .await?;
+    cancel.cancel();
+    results.abort();
+    processor.await??;
+    relay.await??;
+
+    let received = received.lock().map_err(|_| anyhow::anyhow!("results lock poisoned"))?;
+    let last = received.values().max().copied().unwrap_or(started);
+    let latencies = sent
+        .iter()
+        .filter_map(|(order, at)| received.get(order).map(|done| done.saturating_duration_since(*at)))
+        .collect();
+    Ok(Phase { events, elapsed: last.saturating_duration_since(started), latencies })
+}
+
+fn order_created(order_id: i64, user_id: i64) -> anyhow::Result<Vec<u8>> {
+    let amount = Amount::new(1).context("amount")?;
+    let payload = OrderCreated {
+        order_id,
+        order_no: format!("BENCH-{order_id}"),
+        user_id,
+        amount_fen: amount,
+        currency: Currency::CNY,
+        items: vec![OrderItem { sku: "BENCH".into(), qty: 1, price_fen: amount }],
+        idempotency_key: format!("bench-{order_id}"),
+    };
+    Ok(Envelope::new(Uuid::new_v4(), chrono::Utc::now(), payload).to_bytes())
+}
+
+fn results_consumer(
+    settings: &Settings,
+    received: Arc<Mutex<HashMap<i64, Instant>>>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let mut config = kafka::base_config(&settings.kafka);
+    config
+        .set("group.id", format!("{}-results", settings.processor.account_group))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10");
+    let consumer: StreamConsumer = config.create()?;
+    consumer.subscribe(&[settings.topics.account_events.as_str()])?;
+    Ok(tokio::spawn(async move {
+        let mut stream = consumer.stream();
+        while let Some(Ok(message)) = stream.next().await {
+            let now = Instant::now();
+            let Some(value) = message.payload() else { continue };
+            let Ok(event) = serde_json::from_slice::<serde_json::Value>(value) else { continue };
+            if event["eventType"] != "AccountDebited" {
+                continue;
+            }
+            if let (Some(order), Ok(mut map)) = (event["payload"]["orderId"].as_i64(), received.lock()) {
+                map.entry(order).or_insert(now);
+            }
+        }
+    }))
+}
+
+async fn wait_for<F, Fut>(limit: Duration, what: &str, mut done: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    loop {
+        tick.tick().await;
+        if done().await {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+    }
+}
