@@ -15,8 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use futures::StreamExt;
-use paystream_processors::account_processor::AccountProcessor;
-use paystream_processors::consumer::{self, WorkerConfig};
+use paystream_processors::account_processor;
 use paystream_processors::domain::{Amount, Currency};
 use paystream_processors::events::{Envelope, OrderCreated, OrderItem};
 use paystream_processors::outbox::relay;
@@ -204,17 +203,7 @@ async fn phase(
     let results = results_consumer(&settings, received.clone())?;
 
     let cancel = CancellationToken::new();
-    let config = WorkerConfig {
-        group: settings.processor.account_group.clone(),
-        topic: settings.topics.order_events.clone(),
-        dead_letter_topic: settings.topics.dead_letter.clone(),
-        settings: settings.clone(),
-    };
-    let handler = AccountProcessor {
-        account_events_topic: settings.topics.account_events.clone(),
-        settlement_shards: settings.processor.settlement_shards,
-    };
-    let processor = tokio::spawn(consumer::run(config, pool.clone(), handler, cancel.clone()));
+    let processor = tokio::spawn(account_processor::run(settings.clone(), pool.clone(), cancel.clone()));
     let relay = tokio::spawn(relay::run(settings.clone(), pool.clone(), cancel.clone()));
     wait_for(Duration::from_secs(120), "the processor to claim its partitions", || async {
         let claimed: i64 = sqlx::query_scalar("SELECT count(*) FROM consumer_offsets WHERE consumer_group = $1")
@@ -281,6 +270,24 @@ async fn phase(
     results.abort();
     processor.await??;
     relay.await??;
+
+    // Where the time goes: from the batch transaction's start to the relay's mark.
+    let (relay_p50, relay_p99): (Option<f64>, Option<f64>) = sqlx::query_as(
+        r#"
+        SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)
+        FROM (SELECT extract(epoch FROM published_at - created_at) * 1000 AS ms
+              FROM outbox WHERE topic = $1 AND published_at IS NOT NULL
+                AND headers @> '[["eventType", "AccountDebited"]]') t
+        "#,
+    )
+    .bind(&settings.topics.account_events)
+    .fetch_one(pool)
+    .await?;
+    println!(
+        "  phase {number}: transaction start -> relay marked published: p50 {:.1} ms, p99 {:.1} ms",
+        relay_p50.unwrap_or(f64::NAN),
+        relay_p99.unwrap_or(f64::NAN)
+    );
 
     let received = received.lock().map_err(|_| anyhow::anyhow!("results lock poisoned"))?;
     let last = received.values().max().copied().unwrap_or(started);

@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use paystream_processors::account_processor::AccountProcessor;
-use paystream_processors::consumer::{self, WorkerConfig};
+use paystream_processors::account_processor;
 use paystream_processors::outbox::relay;
 use paystream_processors::settings::Settings;
 use paystream_processors::db::{self, Pool};
@@ -128,19 +127,9 @@ fn spawn_account_processor(
     settings: &Settings,
     pool: &Pool,
 ) {
-    let config = WorkerConfig {
-        group: settings.processor.account_group.clone(),
-        topic: settings.topics.order_events.clone(),
-        dead_letter_topic: settings.topics.dead_letter.clone(),
-        settings: settings.clone(),
-    };
-    let handler = AccountProcessor {
-        account_events_topic: settings.topics.account_events.clone(),
-        settlement_shards: settings.processor.settlement_shards,
-    };
-    let pool = pool.clone();
+    let (settings, pool) = (settings.clone(), pool.clone());
     tracker.spawn(async move {
-        let result = consumer::run(config, pool, handler, cancel.clone()).await;
+        let result = account_processor::run(settings, pool, cancel.clone()).await;
         fatal_if_err("account processor", result, &cancel);
     });
 }

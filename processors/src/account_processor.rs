@@ -15,9 +15,10 @@
 use std::collections::{HashMap, HashSet};
 
 use chrono::Utc;
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
 
-use crate::consumer::{Fresh, Handler, Outcome};
+use crate::consumer::{self, Fresh, Handler, Outcome, WorkerConfig};
 use crate::domain::{Amount, Currency};
 use crate::events::{
     derived_event_id, AccountDebitFailed, AccountDebited, AccountRefunded, DebitFailure, Envelope,
@@ -25,6 +26,23 @@ use crate::events::{
 };
 use crate::ledger::{self, AccountKind, NewTransfer, PostError, Postings, TransferKind};
 use crate::outbox::{self, OutboxRow};
+use crate::settings::Settings;
+
+/// Runs one account-processor worker (a member of `processor.account_group` consuming
+/// `topics.order_events`) until `cancel` fires.
+pub async fn run(settings: Settings, pool: PgPool, cancel: CancellationToken) -> anyhow::Result<()> {
+    let handler = AccountProcessor {
+        account_events_topic: settings.topics.account_events.clone(),
+        settlement_shards: settings.processor.settlement_shards,
+    };
+    let config = WorkerConfig {
+        group: settings.processor.account_group.clone(),
+        topic: settings.topics.order_events.clone(),
+        dead_letter_topic: settings.topics.dead_letter.clone(),
+        settings,
+    };
+    consumer::run(config, pool, handler, cancel).await
+}
 
 pub struct AccountProcessor {
     pub account_events_topic: String,

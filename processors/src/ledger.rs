@@ -380,7 +380,7 @@ pub async fn deposit(
     let Some(currency) = Currency::parse(&user.currency) else {
         return Ok(Err(PostError::UnknownAccount));
     };
-    let funding = lock_system_accounts(conn, AccountKind::Funding, &[user.currency.clone()], 0, &[]).await?;
+    let funding = lock_system_accounts(conn, AccountKind::Funding, std::slice::from_ref(&user.currency), 0, &[]).await?;
     let Some(funding_id) = funding.first().map(|a| a.id) else {
         return Err(sqlx::Error::RowNotFound);
     };

@@ -9,8 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use paystream_processors::account_processor::AccountProcessor;
-use paystream_processors::consumer::{self, WorkerConfig};
+use paystream_processors::account_processor;
 use paystream_processors::domain::{Amount, Currency};
 use paystream_processors::outbox::relay;
 use paystream_processors::settings::Settings;
@@ -127,18 +126,8 @@ impl TestEnv {
     /// Runs an account processor worker in this process until the token is cancelled.
     pub fn spawn_account_processor(&self, settings: Settings) -> Worker {
         let cancel = CancellationToken::new();
-        let config = WorkerConfig {
-            group: settings.processor.account_group.clone(),
-            topic: settings.topics.order_events.clone(),
-            dead_letter_topic: settings.topics.dead_letter.clone(),
-            settings: settings.clone(),
-        };
-        let handler = AccountProcessor {
-            account_events_topic: settings.topics.account_events.clone(),
-            settlement_shards: settings.processor.settlement_shards,
-        };
         let pool = db::connect(&settings.database).expect("pool");
-        let task = tokio::spawn(consumer::run(config, pool, handler, cancel.clone()));
+        let task = tokio::spawn(account_processor::run(settings, pool, cancel.clone()));
         Worker { cancel, task }
     }
 
