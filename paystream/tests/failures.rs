@@ -195,3 +195,25 @@ async fn a_zombie_worker_cannot_commit_after_a_rebalance() {
     assert!(env.scalar("SELECT max(epoch) FROM consumer_offsets").await >= 2);
     env.assert_invariants().await;
 }
+
+/// SIGTERM: the worker finishes (or abandons) its in-flight batch, leaves the group and exits
+/// 0; what it committed is consistent and a successor carries on from the stored offsets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_worker_cleanly_and_a_successor_carries_on() {
+    let env = TestEnv::new(3).await;
+    fund_users(&env).await;
+    produce_orders(&env, 0..1_000).await;
+    let mut child = env.spawn_child(&["process", "account"], &[("PAYSTREAM__PROCESSOR__BATCH_MAX", "20")]);
+    wait_until("the processor to make progress", || async { (env.consumed().await >= 100).then_some(()) }).await;
+    let pid = child.id().expect("child pid").to_string();
+    let status = tokio::process::Command::new("kill").args(["-TERM", &pid]).status().await.expect("kill");
+    assert!(status.success());
+    let exit = tokio::time::timeout(DEADLINE, child.wait()).await.expect("exits in time").expect("wait");
+    assert!(exit.success(), "graceful shutdown must exit 0, got {exit:?}");
+    env.assert_invariants().await;
+
+    let successor = env.spawn_account_processor(env.settings.clone());
+    env.wait_consumed(1_000).await;
+    successor.stop().await;
+    assert_each_order_debited_once(&env, 1_000).await;
+}

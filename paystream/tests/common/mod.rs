@@ -87,6 +87,8 @@ impl TestEnv {
         settings.processor.retry_max_ms = 1000;
         settings.relay.poll_interval_ms = 200;
 
+        // Workers in this process log to the test's captured output.
+        paystream_processors::telemetry::init_logging(&settings.log);
         let pool = db::connect(&settings.database).expect("pool");
         db::migrate(&pool).await.expect("migrate");
         kafka::create_topics(&settings.kafka, &settings.topics).await.expect("topics");

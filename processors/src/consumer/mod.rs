@@ -126,6 +126,9 @@ struct PartitionState {
     verified: bool,
     /// How far the last rewind went back, while looking for the stored offset.
     rewind: i64,
+    /// When the fetch position was last set (claim or rewind). Repositioning must not
+    /// depend on messages arriving: resuming inside the last record batch can bring none.
+    moved_at: Instant,
 }
 
 #[derive(Debug)]
@@ -214,6 +217,7 @@ impl ConsumerContext for Context {
                     fenced: false,
                     verified: false,
                     rewind: 0,
+                    moved_at: Instant::now(),
                 },
             );
         }
@@ -301,6 +305,7 @@ fn consume<H: Handler>(
     while !cancel.is_cancelled() {
         let assigned = consumer.context().lock_partitions().len().max(1);
         let messages = poll_batch(&consumer, settings, settings.processor.batch_max * assigned);
+        check_silent_partitions(&consumer, &config.topic);
         if messages.is_empty() {
             continue;
         }
@@ -314,6 +319,11 @@ fn consume<H: Handler>(
                 .into_iter()
                 .filter_map(|(partition, mut msgs)| {
                     let state = states.get_mut(&partition).filter(|s| !s.fenced)?;
+                    // Having fetched the message just before the stored offset, the fetch is
+                    // contiguous through it: the position is right.
+                    if !state.verified && msgs.iter().any(|m| m.offset == state.next_offset - 1) {
+                        state.verified = true;
+                    }
                     // Older offsets were applied already (a re-fetch after repositioning).
                     msgs.retain(|m| m.offset >= state.next_offset);
                     let first = msgs.first()?.offset;
@@ -392,19 +402,61 @@ fn position(
         state.verified = true;
         return true;
     }
+    // Fetching from the log start (directly, or after rewinding to it) and still seeing a
+    // later offset first means the offsets in between do not exist.
     let from = state.next_offset - state.rewind;
-    if from <= low && state.rewind > 0 {
+    if from <= low {
         gap("offsets between the stored offset and the first message are not in the topic (transaction markers or compaction); continuing");
         state.verified = true;
         return true;
     }
+    rewind(consumer, topic, partition, state, low, first);
+    false
+}
+
+/// Seeks further back than last time (x4, bounded by the low watermark).
+fn rewind(consumer: &BaseConsumer<Context>, topic: &str, partition: i32, state: &mut PartitionState, low: i64, seen: i64) {
     state.rewind = (state.rewind * 4).max(1).min(state.next_offset - low);
     let target = state.next_offset - state.rewind;
-    tracing::info!(partition, stored = state.next_offset, first, target, "fetch resumed past the stored offset; rewinding");
-    if let Err(e) = consumer.seek(topic, partition, Offset::Offset(target), Duration::from_secs(10)) {
-        tracing::warn!(partition, error = %e, "seek failed; will check the position again");
+    tracing::info!(partition, stored = state.next_offset, seen, target, "fetch did not resume at the stored offset; rewinding");
+    state.moved_at = Instant::now();
+    seek(consumer, topic, partition, target);
+}
+
+/// How long an unverified partition may stay silent before its position is checked.
+const SILENCE: Duration = Duration::from_secs(2);
+
+/// A claimed partition that stays silent is rewound too: resuming inside the last record
+/// batch can bring nothing at all, and the broker's high watermark cannot be relied on to say
+/// so (tansu reports it at that batch's boundary). Silence after a rewind that re-read the
+/// message just before the stored offset is verified in `consume`; from the log start a fetch
+/// is contiguous. This path never accepts a gap; it only seeks.
+fn check_silent_partitions(consumer: &BaseConsumer<Context>, topic: &str) {
+    let mut states = consumer.context().lock_partitions();
+    for (partition, state) in states.iter_mut() {
+        if state.verified || state.fenced || state.moved_at.elapsed() < SILENCE {
+            continue;
+        }
+        state.moved_at = Instant::now();
+        let low = match consumer.fetch_watermarks(topic, *partition, Duration::from_secs(5)) {
+            Ok((low, _)) => low,
+            Err(e) => {
+                tracing::warn!(partition, error = %e, "cannot read watermarks; will check again");
+                continue;
+            }
+        };
+        if state.next_offset <= low {
+            state.verified = true;
+            continue;
+        }
+        rewind(consumer, topic, *partition, state, low, state.next_offset);
     }
-    false
+}
+
+fn seek(consumer: &BaseConsumer<Context>, topic: &str, partition: i32, target: i64) {
+    if let Err(e) = consumer.seek(topic, partition, Offset::Offset(target), Duration::from_secs(5)) {
+        tracing::warn!(partition, target, error = %e, "seek failed; it will be retried");
+    }
 }
 
 /// Collects up to `limit` messages: waits up to 100 ms for the first, then lingers
