@@ -159,7 +159,6 @@ pub struct Postings {
     transfers: Vec<NewTransfer>,
     /// (from balance after, to balance after) per transfer.
     balances_after: Vec<(i64, i64)>,
-    touched: Vec<i64>,
 }
 
 impl Postings {
@@ -169,10 +168,6 @@ impl Postings {
 
     pub fn account(&self, id: i64) -> Option<&Account> {
         self.accounts.get(&id)
-    }
-
-    pub fn accounts(&self) -> impl Iterator<Item = &Account> {
-        self.accounts.values()
     }
 
     /// Moves money if both accounts are loaded and the rules allow it; on error nothing
@@ -192,17 +187,10 @@ impl Postings {
             if let Some(account) = self.accounts.get_mut(&id) {
                 account.balance_fen = after;
             }
-            if !self.touched.contains(&id) {
-                self.touched.push(id);
-            }
         }
         self.transfers.push(transfer);
         self.balances_after.push((from_after, to_after));
         Ok(Posted { from_balance_after: from_after, to_balance_after: to_after })
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.transfers.is_empty()
     }
 
     /// Writes transfers, entries and new balances: four statements, whatever the count.
@@ -277,8 +265,11 @@ impl Postings {
         .execute(&mut *conn)
         .await?;
 
+        let mut seen = std::collections::HashSet::new();
+        let touched: Vec<i64> =
+            self.transfers.iter().flat_map(|t| [t.from, t.to]).filter(|id| seen.insert(*id)).collect();
         let balances: Vec<i64> =
-            self.touched.iter().map(|id| self.accounts.get(id).map_or(0, |a| a.balance_fen)).collect();
+            touched.iter().map(|id| self.accounts.get(id).map_or(0, |a| a.balance_fen)).collect();
         sqlx::query(
             r#"
             UPDATE accounts SET balance_fen = v.balance, version = version + 1, updated_at = now()
@@ -286,7 +277,7 @@ impl Postings {
             WHERE accounts.id = v.id
             "#,
         )
-        .bind(&self.touched)
+        .bind(&touched)
         .bind(&balances)
         .execute(conn)
         .await?;
