@@ -10,6 +10,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use paystream_processors::account_processor;
+use paystream_processors::api;
+use paystream_processors::orders::{processor as order_processor, sweeper};
 use paystream_processors::outbox::relay;
 use paystream_processors::settings::Settings;
 use paystream_processors::db::{self, Pool};
@@ -49,8 +51,13 @@ enum Command {
     },
     /// Publish the transactional outbox to Kafka.
     Relay,
-    /// Everything in one process for a laptop: migrations, topics, processors, relay.
+    /// Serve the HTTP API (accounts, deposits, orders), with /metrics, /healthz and /readyz.
+    Api,
+    /// Everything in one process for a laptop: migrations, topics, the API, both processors,
+    /// the relay and the payment timeout sweeper. Prints the URLs and a curl session.
     Up,
+    /// Mint a bearer token for development, signed with the configured api.jwt_secret.
+    Token(TokenArgs),
     /// Load generator and measurement: throughput, latency, and one-per-transaction baseline.
     /// Works in a throwaway database and topics; the last line printed is JSON.
     Bench(bench::BenchArgs),
@@ -66,6 +73,22 @@ enum TopicsCommand {
 enum ProcessorKind {
     /// Consume order.events: debits, refunds, dead letters.
     Account,
+    /// Consume account.events: move orders to PAID, CANCELLED or REFUNDED, compensate late
+    /// debits; also runs the payment timeout sweeper (safe on every worker).
+    Order,
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    /// The user id the token speaks for.
+    #[arg(long)]
+    user: i64,
+    /// Allow operator calls (deposits).
+    #[arg(long)]
+    admin: bool,
+    /// How long the token is valid.
+    #[arg(long, default_value_t = 24)]
+    ttl_hours: u64,
 }
 
 /// How long running parts get to finish their in-flight work after a shutdown signal.
@@ -96,7 +119,19 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Process { processor: ProcessorKind::Account } => {
             serve(|tracker, cancel| spawn_account_processor(tracker, cancel, &settings, &pool)).await
         }
+        Command::Process { processor: ProcessorKind::Order } => {
+            serve(|tracker, cancel| spawn_order_processor(tracker, cancel, &settings, &pool)).await
+        }
         Command::Relay => serve(|tracker, cancel| spawn_relay(tracker, cancel, &settings, &pool)).await,
+        Command::Api => serve(|tracker, cancel| spawn_part(tracker, cancel, &settings, &pool, "api", api::run)).await,
+        Command::Token(args) => {
+            if args.user < 1 {
+                anyhow::bail!("--user must be a positive user id");
+            }
+            let ttl = Duration::from_secs(args.ttl_hours.saturating_mul(3600));
+            println!("{}", api::auth::mint(&settings.api.jwt_secret, args.user, args.admin, ttl)?);
+            Ok(())
+        }
         Command::Bench(args) => {
             let report = bench::run(settings, args).await?;
             println!("{}", serde_json::to_string(&report)?);
@@ -105,10 +140,20 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Up => {
             migrate(&pool).await?;
             kafka::create_topics(&settings.kafka, &settings.topics).await?;
+            let listener = tokio::net::TcpListener::bind(&settings.api.listen)
+                .await
+                .with_context(|| format!("Failed to listen on {}", settings.api.listen))?;
             serve(|tracker, cancel| {
+                let state = api::AppState::new(settings.clone(), pool.clone());
+                let api_cancel = cancel.clone();
+                tracker.spawn(async move {
+                    let result = api::serve(listener, state, api_cancel.clone()).await;
+                    fatal_if_err("api", result, &api_cancel);
+                });
                 spawn_account_processor(tracker, cancel.clone(), &settings, &pool);
+                spawn_order_processor(tracker, cancel.clone(), &settings, &pool);
                 spawn_relay(tracker, cancel, &settings, &pool);
-                println!("paystream is up: account processor and relay are running (ctrl-c to stop)");
+                print_welcome(&settings);
             })
             .await
         }
@@ -132,6 +177,58 @@ fn spawn_account_processor(
         let result = account_processor::run(settings, pool, cancel.clone()).await;
         fatal_if_err("account processor", result, &cancel);
     });
+}
+
+fn spawn_order_processor(
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+    settings: &Settings,
+    pool: &Pool,
+) {
+    spawn_part(tracker, cancel.clone(), settings, pool, "order processor", order_processor::run);
+    spawn_part(tracker, cancel, settings, pool, "payment timeout sweeper", sweeper::run);
+}
+
+/// Spawns a long-running part `run(settings, pool, cancel)`; its failure stops the process.
+fn spawn_part<F, Fut>(tracker: &TaskTracker, cancel: CancellationToken, settings: &Settings, pool: &Pool, part: &'static str, run: F)
+where
+    F: FnOnce(Settings, Pool, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let future = run(settings.clone(), pool.clone(), cancel.clone());
+    tracker.spawn(async move {
+        let result = future.await;
+        fatal_if_err(part, result, &cancel);
+    });
+}
+
+/// What `paystream up` prints once everything runs: where to look, and a session to paste.
+fn print_welcome(settings: &Settings) {
+    let url = settings.api.public_url.trim_end_matches('/');
+    let day = Duration::from_secs(24 * 3600);
+    let (user, admin) = match (
+        api::auth::mint(&settings.api.jwt_secret, 1001, false, day),
+        api::auth::mint(&settings.api.jwt_secret, 1, true, day),
+    ) {
+        (Ok(user), Ok(admin)) => (user, admin),
+        _ => return,
+    };
+    println!(
+        r#"paystream is up (ctrl-c to stop)
+  API:     {url}/v1   (OpenAPI: {url}/openapi.json)
+  Metrics: {url}/metrics   Health: {url}/healthz   Ready: {url}/readyz
+
+Try it — user 1001 opens an account, an admin deposits, user 1001 orders and cancels:
+
+export API={url} TOKEN={user} ADMIN={admin}
+ACCOUNT=$(curl -s -X POST $API/v1/accounts -H "Authorization: Bearer $TOKEN" -H "Idempotency-Key: acct-1" -d '{{"currency":"CNY"}}' | grep -o '"id":[0-9]*' | cut -d: -f2); echo "account $ACCOUNT"
+curl -s -X POST $API/v1/accounts/$ACCOUNT/deposits -H "Authorization: Bearer $ADMIN" -H "Idempotency-Key: dep-1" -d '{{"amountFen":10000}}'; echo
+ORDER=$(curl -s -X POST $API/v1/orders -H "Authorization: Bearer $TOKEN" -H "Idempotency-Key: order-1" -d '{{"amountFen":2500,"currency":"CNY","items":[{{"sku":"tea","qty":1,"priceFen":2500}}]}}' | grep -o '"id":[0-9]*' | cut -d: -f2); echo "order $ORDER"
+sleep 1; curl -s $API/v1/orders/$ORDER -H "Authorization: Bearer $TOKEN"; echo
+curl -s -X POST $API/v1/orders/$ORDER/cancel -H "Authorization: Bearer $TOKEN" -H "Idempotency-Key: cancel-1"; echo
+sleep 1; curl -s $API/v1/orders/$ORDER -H "Authorization: Bearer $TOKEN"; echo
+curl -s "$API/v1/accounts/$ACCOUNT/entries" -H "Authorization: Bearer $TOKEN"; echo"#
+    );
 }
 
 fn spawn_relay(tracker: &TaskTracker, cancel: CancellationToken, settings: &Settings, pool: &Pool) {

@@ -160,14 +160,3 @@ async fn every_event_the_code_emits_validates_against_its_json_schema() {
         assert_valid(&schemas, event["eventType"].as_str().expect("type"), &event);
     }
 }
-
-fn assert_valid(schemas: &Path, event_type: &str, event: &Value) {
-    let path = schemas.join(format!("{event_type}.v1.json"));
-    let schema: Value = serde_json::from_str(
-        &std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-    )
-    .expect("schema is JSON");
-    let validator = jsonschema::validator_for(&schema).expect("schema compiles");
-    let errors: Vec<String> = validator.iter_errors(event).map(|e| e.to_string()).collect();
-    assert!(errors.is_empty(), "{event_type} does not match its schema: {errors:?}\n{event}");
-}

@@ -1,5 +1,7 @@
-//! Reconciliation: set-based checks of the ledger invariants of SPEC §6. Each query returns
-//! the offending rows (capped), so a report can name them.
+//! Reconciliation: set-based checks of the invariants of SPEC §6. Each query returns the
+//! offending rows (capped), so a report can name them. The order check expects a quiet
+//! system: a CANCELLED order whose compensating refund is still in flight shows up until the
+//! refund lands.
 
 use sqlx::PgPool;
 
@@ -47,6 +49,27 @@ const CHECKS: &[(&str, &str)] = &[
         FROM transfers r
         WHERE r.kind = 'REFUND'
           AND NOT EXISTS (SELECT 1 FROM transfers d WHERE d.kind = 'DEBIT' AND d.order_id = r.order_id)
+        LIMIT 100
+        "#,
+    ),
+    (
+        "order_state_matches_its_transfers",
+        r#"
+        SELECT format('order %s is %s with %s debit(s) and %s refund(s)', o.id, o.status, t.debits, t.refunds)
+        FROM orders o
+        CROSS JOIN LATERAL (
+            SELECT count(*) FILTER (WHERE kind = 'DEBIT') AS debits,
+                   count(*) FILTER (WHERE kind = 'REFUND') AS refunds
+            FROM transfers WHERE order_id = o.id
+        ) t
+        WHERE CASE o.status
+            WHEN 'PENDING'   THEN t.refunds <> 0
+            -- A PAID order whose cancel was accepted may have its refund in flight.
+            WHEN 'PAID'      THEN t.debits <> 1 OR (t.refunds <> 0 AND o.refund_requested_at IS NULL)
+            WHEN 'REFUNDED'  THEN t.debits <> 1 OR t.refunds <> 1
+            -- Never debited, or debited and given back (compensation).
+            WHEN 'CANCELLED' THEN t.debits <> t.refunds
+        END
         LIMIT 100
         "#,
     ),

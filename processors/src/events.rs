@@ -113,6 +113,12 @@ pub enum DebitFailure {
 }
 
 impl DebitFailure {
+    pub fn parse(reason: &str) -> Option<Self> {
+        [Self::InsufficientBalance, Self::AccountNotFound, Self::CurrencyMismatch, Self::AccountFrozen]
+            .into_iter()
+            .find(|r| r.as_str() == reason)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::InsufficientBalance => "INSUFFICIENT_BALANCE",
@@ -316,6 +322,68 @@ impl OrderEvent {
     }
 }
 
+/// What the order processor needs of the events on `account.events`. `AccountCredited`
+/// (deposits) is part of the topic but not of the saga.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AccountEvent {
+    Debited { order_id: i64, user_id: i64, delta_fen: i64 },
+    DebitFailed { order_id: i64, user_id: i64, reason: DebitFailure },
+    Refunded { order_id: i64, user_id: i64, delta_fen: i64 },
+    Credited,
+}
+
+impl AccountEvent {
+    pub fn decode(raw: &RawEvent) -> Result<Self, Poison> {
+        let p = Payload(&raw.payload);
+        match (raw.event_type.as_str(), raw.schema_version) {
+            ("AccountDebited", 1) => {
+                let delta_fen = p.integer("deltaFen")?;
+                if delta_fen >= 0 {
+                    return Err(Poison::new(PoisonClass::InvalidAmount, "deltaFen of a debit must be negative"));
+                }
+                p.id("accountId")?;
+                p.integer("balanceAfterFen")?;
+                p.currency("currency")?;
+                Ok(Self::Debited { order_id: p.id("orderId")?, user_id: p.id("userId")?, delta_fen })
+            }
+            ("AccountDebitFailed", 1) => {
+                let reason = p.field("reason")?.as_str().and_then(DebitFailure::parse).ok_or_else(|| {
+                    Payload::violation("reason", "one of INSUFFICIENT_BALANCE, ACCOUNT_NOT_FOUND, CURRENCY_MISMATCH, ACCOUNT_FROZEN")
+                })?;
+                Ok(Self::DebitFailed { order_id: p.id("orderId")?, user_id: p.id("userId")?, reason })
+            }
+            ("AccountRefunded", 1) => {
+                let delta_fen = p.integer("deltaFen")?;
+                if delta_fen <= 0 {
+                    return Err(Poison::new(PoisonClass::InvalidAmount, "deltaFen of a refund must be positive"));
+                }
+                p.id("accountId")?;
+                p.integer("balanceAfterFen")?;
+                p.currency("currency")?;
+                Ok(Self::Refunded { order_id: p.id("orderId")?, user_id: p.id("userId")?, delta_fen })
+            }
+            ("AccountCredited", 1) => Ok(Self::Credited),
+            ("AccountDebited" | "AccountDebitFailed" | "AccountRefunded" | "AccountCredited", v) => Err(Poison::new(
+                PoisonClass::UnsupportedSchemaVersion,
+                format!("{} schemaVersion {v} is not supported", raw.event_type),
+            )),
+            (other, _) => Err(Poison::new(
+                PoisonClass::UnknownEventType,
+                format!("unknown eventType {other:?} on the account topic"),
+            )),
+        }
+    }
+
+    pub fn order_id(&self) -> Option<i64> {
+        match self {
+            Self::Debited { order_id, .. } | Self::DebitFailed { order_id, .. } | Self::Refunded { order_id, .. } => {
+                Some(*order_id)
+            }
+            Self::Credited => None,
+        }
+    }
+}
+
 /// Field access that turns every mismatch into a `SchemaViolation` (or `InvalidAmount`)
 /// naming the field, mirroring what the JSON Schemas in `schemas/` require.
 struct Payload<'a>(&'a Value);
@@ -336,6 +404,10 @@ impl Payload<'_> {
             .as_i64()
             .filter(|id| *id > 0)
             .ok_or_else(|| Self::violation(name, "a positive integer"))
+    }
+
+    fn integer(&self, name: &str) -> Result<i64, Poison> {
+        self.field(name)?.as_i64().ok_or_else(|| Self::violation(name, "an integer"))
     }
 
     fn amount(&self, name: &str) -> Result<Amount, Poison> {

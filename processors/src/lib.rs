@@ -2,6 +2,7 @@
 //! its processors, and the outbox relay. The `paystream` binary wires these together.
 
 pub mod account_processor;
+pub mod api;
 pub mod audit;
 pub mod consumer;
 pub mod db;
@@ -10,6 +11,7 @@ pub mod domain;
 pub mod events;
 pub mod kafka;
 pub mod ledger;
+pub mod orders;
 pub mod outbox;
 pub mod settings;
 pub mod telemetry;

@@ -15,6 +15,8 @@ pub struct Settings {
     pub topics: TopicSettings,
     pub processor: ProcessorSettings,
     pub relay: RelaySettings,
+    pub orders: OrderSettings,
+    pub api: ApiSettings,
     pub log: LogSettings,
 }
 
@@ -65,6 +67,31 @@ pub struct RelaySettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+pub struct OrderSettings {
+    pub group: String,
+    pub payment_timeout_s: u64,
+    pub sweep_interval_ms: u64,
+    pub sweep_batch: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ApiSettings {
+    pub listen: String,
+    pub public_url: String,
+    pub jwt_secret: String,
+    pub max_body_bytes: usize,
+    pub request_timeout_ms: u64,
+    pub rate_limit_per_s: f64,
+    pub rate_limit_burst: f64,
+    pub idempotency_retention_hours: u64,
+    pub currencies: Vec<String>,
+    pub max_order_amount_fen: i64,
+    pub max_deposit_amount_fen: i64,
+    pub max_items: usize,
+    pub page_max: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
 pub struct LogSettings {
     pub format: LogFormat,
     pub level: String,
@@ -90,7 +117,9 @@ impl Settings {
                 config::Environment::with_prefix("PAYSTREAM")
                     .prefix_separator("__")
                     .separator("__")
-                    .try_parsing(true),
+                    .try_parsing(true)
+                    .list_separator(",")
+                    .with_list_parse_key("api.currencies"),
             )
             .build()?
             .try_deserialize()?;
@@ -111,6 +140,18 @@ impl Settings {
         }
         if self.relay.batch_max < 1 {
             return bad("relay.batch_max must be at least 1");
+        }
+        if self.api.jwt_secret.len() < 16 {
+            return bad("api.jwt_secret must be at least 16 bytes");
+        }
+        if self.api.currencies.iter().any(|c| crate::domain::Currency::parse(c).is_none()) {
+            return bad("api.currencies must be ISO 4217 codes such as \"CNY\"");
+        }
+        if self.api.rate_limit_per_s <= 0.0 || self.api.rate_limit_burst < 1.0 {
+            return bad("api.rate_limit_per_s must be positive and api.rate_limit_burst at least 1");
+        }
+        if self.orders.sweep_batch < 1 || self.api.page_max < 1 {
+            return bad("orders.sweep_batch and api.page_max must be at least 1");
         }
         Ok(())
     }

@@ -32,6 +32,10 @@ pub struct Metrics {
     pub fenced_commits: IntCounterVec,
     pub relay_published: IntCounterVec,
     pub relay_errors: IntCounterVec,
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    pub idempotency: IntCounterVec,
+    pub orders_timed_out: IntCounterVec,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -86,6 +90,35 @@ impl Metrics {
                 "paystream_relay_errors_total",
                 "Relay batches that failed and will be retried, by stage.",
                 &["stage"],
+            ),
+            http_requests: counter(
+                "paystream_http_requests_total",
+                "HTTP requests served, by method, route template and status code.",
+                &["method", "route", "status"],
+            ),
+            http_duration: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        "paystream_http_request_duration_seconds",
+                        "HTTP request latency, by method and route template.",
+                    )
+                    .buckets(exponential_buckets(0.001, 2.0, 14).expect("valid buckets")),
+                    &["method", "route"],
+                )
+                .expect("valid metric");
+                registry.register(Box::new(h.clone())).expect("unique metric");
+                h
+            },
+            idempotency: counter(
+                "paystream_idempotency_total",
+                "Requests with an Idempotency-Key that were not fresh, by result \
+                 (replayed, reused_with_other_request, in_flight).",
+                &["result"],
+            ),
+            orders_timed_out: counter(
+                "paystream_orders_timed_out_total",
+                "Orders cancelled by the payment timeout sweeper.",
+                &["reason"],
             ),
             registry,
         }

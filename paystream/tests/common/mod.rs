@@ -3,6 +3,8 @@
 //! parallel without seeing each other.
 #![allow(dead_code)]
 
+pub mod http;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -84,6 +86,9 @@ impl TestEnv {
         settings.topics.account_events = format!("{id}.account.events");
         settings.topics.dead_letter = format!("{id}.deadletter.events");
         settings.processor.account_group = format!("{id}-account");
+        settings.orders.group = format!("{id}-order");
+        settings.api.rate_limit_per_s = 1_000_000.0;
+        settings.api.rate_limit_burst = 1_000_000.0;
         settings.processor.retry_max_ms = 1000;
         settings.relay.poll_interval_ms = 200;
 
@@ -107,6 +112,7 @@ impl TestEnv {
             ("PAYSTREAM__TOPICS__ACCOUNT_EVENTS", s.topics.account_events.clone()),
             ("PAYSTREAM__TOPICS__DEAD_LETTER", s.topics.dead_letter.clone()),
             ("PAYSTREAM__PROCESSOR__ACCOUNT_GROUP", s.processor.account_group.clone()),
+            ("PAYSTREAM__ORDERS__GROUP", s.orders.group.clone()),
             ("PAYSTREAM__PROCESSOR__RETRY_MAX_MS", s.processor.retry_max_ms.to_string()),
             ("PAYSTREAM__RELAY__POLL_INTERVAL_MS", s.relay.poll_interval_ms.to_string()),
         ]
@@ -342,4 +348,20 @@ impl Drop for Collector {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// Checks `event` against `schemas/<eventType>.v1.json`.
+pub fn assert_valid(schemas: &std::path::Path, event_type: &str, event: &Value) {
+    let path = schemas.join(format!("{event_type}.v1.json"));
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .expect("schema is JSON");
+    let validator = jsonschema::validator_for(&schema).expect("schema compiles");
+    let errors: Vec<String> = validator.iter_errors(event).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{event_type} does not match its schema: {errors:?}\n{event}");
+}
+
+pub fn schemas_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas")
 }

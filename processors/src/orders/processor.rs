@@ -1,0 +1,228 @@
+//! `paystream process order`: consumes `account.events` and moves orders through the saga.
+//!
+//! Delivery semantics: exactly-once effects per event, through the same consumer framework
+//! as the account processor (`consumer`): one transaction per partition batch holds the order
+//! updates, the events they emit (outbox), the dedupe rows and the stored offset.
+//!
+//! - `AccountDebited`: PENDING -> PAID and `OrderPaid`. If the order was already CANCELLED
+//!   (the user or the payment timeout got there first) it stays CANCELLED and the debit is
+//!   compensated: `OrderCancelled` with `refundRequired` asks the account processor to give
+//!   the money back (it refunds at most once, so a refund already under way is not doubled).
+//! - `AccountDebitFailed`: PENDING -> CANCELLED with the failure as reason, and
+//!   `OrderCancelled` without refund (nothing was taken).
+//! - `AccountRefunded`: PAID -> REFUNDED; on a CANCELLED order the refund is recorded
+//!   (`refunded_at`) and the order stays CANCELLED.
+//!
+//! The order rows of a batch are locked in id order, so the API's cancel and the timeout
+//! sweeper serialize with the processor per order: whichever commits first decides, and the
+//! other sees its result.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+
+use super::store::cancellation;
+use super::OrderStatus;
+use crate::consumer::{self, Fresh, Handler, Outcome, WorkerConfig};
+use crate::domain::{Amount, Currency};
+use crate::events::{derived_event_id, AccountEvent, Envelope, OrderPaid, Poison, RawEvent};
+use crate::outbox::{self, OutboxRow};
+use crate::settings::Settings;
+
+/// Runs one order-processor worker (a member of `orders.group` consuming
+/// `topics.account_events`) until `cancel` fires.
+pub async fn run(settings: Settings, pool: PgPool, cancel: CancellationToken) -> anyhow::Result<()> {
+    let handler = OrderProcessor { order_events_topic: settings.topics.order_events.clone() };
+    let config = WorkerConfig {
+        group: settings.orders.group.clone(),
+        topic: settings.topics.account_events.clone(),
+        dead_letter_topic: settings.topics.dead_letter.clone(),
+        settings,
+    };
+    consumer::run(config, pool, handler, cancel).await
+}
+
+pub struct OrderProcessor {
+    pub order_events_topic: String,
+}
+
+/// An order row as the saga sees it, changed in memory during a batch and written once.
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct SagaRow {
+    id: i64,
+    user_id: i64,
+    amount_fen: i64,
+    currency: String,
+    status: String,
+    cancel_reason: Option<String>,
+    paid_at: Option<DateTime<Utc>>,
+    cancelled_at: Option<DateTime<Utc>>,
+    refunded_at: Option<DateTime<Utc>>,
+    #[sqlx(skip)]
+    dirty: bool,
+}
+
+impl SagaRow {
+    fn status(&self) -> Option<OrderStatus> {
+        OrderStatus::parse(&self.status)
+    }
+
+    fn set_status(&mut self, status: OrderStatus) {
+        self.status = status.as_str().to_owned();
+        self.dirty = true;
+    }
+}
+
+impl Handler for OrderProcessor {
+    type Event = AccountEvent;
+
+    fn name(&self) -> &'static str {
+        "order"
+    }
+
+    fn decode(&self, raw: &RawEvent) -> Result<AccountEvent, Poison> {
+        AccountEvent::decode(raw)
+    }
+
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        _partition: i32,
+        events: &[Fresh<AccountEvent>],
+    ) -> Result<Vec<Outcome>, sqlx::Error> {
+        let mut order_ids: Vec<i64> = events.iter().filter_map(|f| f.event.order_id()).collect();
+        order_ids.sort_unstable();
+        order_ids.dedup();
+        let mut orders: HashMap<i64, SagaRow> = if order_ids.is_empty() {
+            HashMap::new()
+        } else {
+            sqlx::query_as::<_, SagaRow>(
+                r#"
+                SELECT id, user_id, amount_fen, currency, status, cancel_reason, paid_at, cancelled_at, refunded_at
+                FROM orders WHERE id = ANY($1) ORDER BY id FOR UPDATE
+                "#,
+            )
+            .bind(&order_ids)
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .map(|row| (row.id, row))
+            .collect()
+        };
+
+        let now = Utc::now();
+        let mut emitted = Vec::new();
+        let mut outcomes = Vec::with_capacity(events.len());
+        for fresh in events {
+            let Some(order_id) = fresh.event.order_id() else {
+                outcomes.push(Outcome::Ignored);
+                continue;
+            };
+            let Some(order) = orders.get_mut(&order_id) else {
+                tracing::warn!(order_id, event_id = %fresh.event_id, "account event for an order paystream does not know; ignored");
+                outcomes.push(Outcome::Ignored);
+                continue;
+            };
+            let outcome = match (&fresh.event, order.status()) {
+                (AccountEvent::Debited { .. }, Some(OrderStatus::Pending)) => {
+                    order.set_status(OrderStatus::Paid);
+                    order.paid_at = Some(now);
+                    match (Amount::new(order.amount_fen), Currency::parse(&order.currency)) {
+                        (Some(amount_fen), Some(currency)) => {
+                            let payload =
+                                OrderPaid { order_id, user_id: order.user_id, amount_fen, currency };
+                            let id = derived_event_id(fresh.event_id, "OrderPaid");
+                            emitted.push(OutboxRow::event(
+                                &self.order_events_topic,
+                                order.user_id,
+                                &Envelope::new(id, now, payload),
+                            ));
+                        }
+                        // The table's checks make this unreachable.
+                        _ => tracing::error!(order_id, "order row has an invalid amount or currency"),
+                    }
+                    Outcome::Applied
+                }
+                (AccountEvent::Debited { .. }, Some(OrderStatus::Cancelled)) => {
+                    // Compensation: the money was taken for an order that is no longer wanted.
+                    let why = order.cancel_reason.clone().unwrap_or_default();
+                    tracing::info!(order_id, reason = %why, "debit landed after the order was cancelled; requesting a refund");
+                    let id = derived_event_id(fresh.event_id, "OrderCancelled");
+                    emitted.push(cancellation(&self.order_events_topic, order_id, order.user_id, &why, true, id));
+                    Outcome::Applied
+                }
+                (AccountEvent::DebitFailed { reason, .. }, Some(OrderStatus::Pending)) => {
+                    order.set_status(OrderStatus::Cancelled);
+                    order.cancel_reason = Some(reason.as_str().to_owned());
+                    order.cancelled_at = Some(now);
+                    let id = derived_event_id(fresh.event_id, "OrderCancelled");
+                    emitted.push(cancellation(
+                        &self.order_events_topic,
+                        order_id,
+                        order.user_id,
+                        reason.as_str(),
+                        false,
+                        id,
+                    ));
+                    Outcome::Applied
+                }
+                (AccountEvent::Refunded { .. }, Some(OrderStatus::Paid)) => {
+                    order.set_status(OrderStatus::Refunded);
+                    order.refunded_at = Some(now);
+                    Outcome::Applied
+                }
+                (AccountEvent::Refunded { .. }, Some(OrderStatus::Cancelled)) if order.refunded_at.is_none() => {
+                    order.refunded_at = Some(now);
+                    order.dirty = true;
+                    Outcome::Applied
+                }
+                (AccountEvent::Refunded { .. }, Some(OrderStatus::Pending)) => {
+                    tracing::warn!(order_id, "refund reported for an order that is still PENDING; ignored");
+                    Outcome::Ignored
+                }
+                // The saga already moved past what this event reports (a redelivery with a new
+                // id, a debit failure after a timeout cancel, ...).
+                _ => Outcome::Duplicate,
+            };
+            outcomes.push(outcome);
+        }
+
+        write(conn, orders.into_values().filter(|o| o.dirty)).await?;
+        outbox::insert(conn, &emitted).await?;
+        Ok(outcomes)
+    }
+}
+
+async fn write(conn: &mut PgConnection, rows: impl Iterator<Item = SagaRow>) -> Result<(), sqlx::Error> {
+    let rows: Vec<SagaRow> = rows.collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    let statuses: Vec<&str> = rows.iter().map(|r| r.status.as_str()).collect();
+    let reasons: Vec<Option<&str>> = rows.iter().map(|r| r.cancel_reason.as_deref()).collect();
+    let paid: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.paid_at).collect();
+    let cancelled: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.cancelled_at).collect();
+    let refunded: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.refunded_at).collect();
+    sqlx::query(
+        r#"
+        UPDATE orders o
+        SET status = u.status, cancel_reason = u.cancel_reason, paid_at = u.paid_at,
+            cancelled_at = u.cancelled_at, refunded_at = u.refunded_at, updated_at = now()
+        FROM unnest($1::bigint[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::timestamptz[])
+            AS u(id, status, cancel_reason, paid_at, cancelled_at, refunded_at)
+        WHERE o.id = u.id
+        "#,
+    )
+    .bind(&ids)
+    .bind(&statuses)
+    .bind(&reasons)
+    .bind(&paid)
+    .bind(&cancelled)
+    .bind(&refunded)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
