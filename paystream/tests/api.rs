@@ -1,0 +1,260 @@
+//! The HTTP API's contract: idempotency keys, ownership, and bad input — over real HTTP
+//! against the real PostgreSQL (and the real broker where money moves).
+
+mod common;
+
+use std::collections::HashSet;
+
+use common::http::{order_body, Parts, System};
+use common::*;
+use serde_json::json;
+
+const NO_WORKERS: Parts = Parts { account_processor: false, order_processor: false, relay: false, sweeper: false };
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_idempotency_key_with_the_same_body_replays_the_first_response() {
+    let env = TestEnv::new(1).await;
+    let system = System::start(&env, &env.settings, NO_WORKERS).await;
+    let api = &system.api;
+    let first = api.place_order(1, "k-1", 500).await.expect(201);
+    assert!(!first.replayed);
+    // Same body with its fields in another order and other whitespace: the same request.
+    let body = r#"{ "items": [{"priceFen": 500, "qty": 1, "sku": "SKU-1"}], "currency": "CNY", "amountFen": 500 }"#;
+    let second = api.send("POST", "/v1/orders", Some(&api.token(1)), Some("k-1"), Some(body.to_owned())).await.expect(201);
+    assert!(second.replayed);
+    assert_eq!(second.body, first.body);
+    assert_eq!(env.scalar("SELECT count(*) FROM orders").await, 1);
+    assert_eq!(env.scalar("SELECT count(*) FROM outbox").await, 1);
+
+    let other = api.place_order(1, "k-1", 600).await.expect(422);
+    assert_eq!(other.code(), "IDEMPOTENCY_KEY_REUSED");
+    let missing = api.send("POST", "/v1/orders", Some(&api.token(1)), None, Some(order_body(1).to_string())).await.expect(400);
+    assert_eq!(missing.code(), "IDEMPOTENCY_KEY_REQUIRED");
+    assert_eq!(env.scalar("SELECT count(*) FROM orders").await, 1);
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_requests_with_one_key_create_exactly_one_order() {
+    let env = TestEnv::new(1).await;
+    let system = System::start(&env, &env.settings, NO_WORKERS).await;
+    let replies = futures::future::join_all((0..50).map(|_| {
+        let api = system.api.clone();
+        async move { api.place_order(3, "one-key", 700).await }
+    }))
+    .await;
+    let mut ids = HashSet::new();
+    for reply in &replies {
+        match reply.status.as_u16() {
+            201 => {
+                ids.insert(reply.id());
+            }
+            409 => assert_eq!(reply.code(), "IDEMPOTENCY_KEY_IN_USE", "{reply:?}"),
+            _ => panic!("unexpected reply {reply:?}"),
+        }
+    }
+    assert_eq!(ids.len(), 1, "every success names the same order: {ids:?}");
+    assert_eq!(env.scalar("SELECT count(*) FROM orders").await, 1);
+    assert_eq!(env.scalar("SELECT count(*) FROM outbox").await, 1);
+    // Once the first finished, the key replays.
+    assert!(system.api.place_order(3, "one-key", 700).await.expect(201).replayed);
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_used_by_another_user_never_returns_the_first_users_response() {
+    let env = TestEnv::new(1).await;
+    let system = System::start(&env, &env.settings, NO_WORKERS).await;
+    let api = &system.api;
+    let a = api.place_order(10, "shared-key", 800).await.expect(201);
+    let b = api.place_order(11, "shared-key", 800).await.expect(201);
+    assert!(!b.replayed);
+    assert_ne!(a.id(), b.id());
+    assert_eq!(b.body["userId"], 11);
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_idempotency_key_is_a_new_request() {
+    let env = TestEnv::new(1).await;
+    let system = System::start(&env, &env.settings, NO_WORKERS).await;
+    let api = &system.api;
+    let first = api.place_order(12, "old-key", 900).await.expect(201);
+    sqlx::query("UPDATE idempotency_keys SET expires_at = now() - interval '1 second'")
+        .execute(&env.pool)
+        .await
+        .expect("expire");
+    let second = api.place_order(12, "old-key", 900).await.expect(201);
+    assert!(!second.replayed);
+    assert_ne!(first.id(), second.id());
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_see_and_touch_only_their_own_orders_and_accounts() {
+    let env = TestEnv::new(1).await;
+    let system = System::start(&env, &env.settings, NO_WORKERS).await;
+    let api = &system.api;
+    let (alice, bob) = (api.token(20), api.token(21));
+    let account = api.post("/v1/accounts", &alice, "open", &json!({"currency": "CNY"})).await.expect(201).id();
+    let order = api.place_order(20, "o", 100).await.expect(201).id();
+
+    for path in [format!("/v1/orders/{order}"), format!("/v1/accounts/{account}"), format!("/v1/accounts/{account}/entries")] {
+        let reply = api.get(&path, &bob).await.expect(404);
+        assert!(!reply.body.to_string().contains("\"userId\":20"), "{reply:?}");
+        api.get(&path, &alice).await.expect(200);
+    }
+    let listed = api.get("/v1/orders", &bob).await.expect(200);
+    assert_eq!(listed.body["items"], json!([]));
+    api.post(&format!("/v1/orders/{order}/cancel"), &bob, "c", &json!({})).await.expect(404);
+    assert_eq!(env.scalar("SELECT count(*) FROM orders WHERE status = 'PENDING'").await, 1);
+
+    let anonymous = api.send("GET", &format!("/v1/orders/{order}"), None, None, None).await.expect(401);
+    assert_eq!(anonymous.code(), "UNAUTHENTICATED");
+    let forged = api.send("GET", "/v1/orders", Some("eyJhbGciOiJub25lIn0.e30."), None, None).await.expect(401);
+    assert_eq!(forged.code(), "INVALID_TOKEN");
+    let deposit = api.post(&format!("/v1/accounts/{account}/deposits"), &alice, "d", &json!({"amountFen": 100})).await.expect(403);
+    assert_eq!(deposit.code(), "FORBIDDEN");
+    assert_eq!(env.scalar("SELECT count(*) FROM transfers").await, 0);
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_a_stable_code_and_change_nothing() {
+    let env = TestEnv::new(1).await;
+    let mut settings = env.settings.clone();
+    settings.api.max_body_bytes = 4096;
+    let system = System::start(&env, &settings, NO_WORKERS).await;
+    let api = &system.api;
+    let token = api.token(30);
+    let item = |price: serde_json::Value| json!([{"sku": "A", "qty": 1, "priceFen": price}]);
+    let cases: Vec<(String, u16, &str)> = vec![
+        ("{\"amountFen\": 100,".into(), 400, "MALFORMED_JSON"),
+        ("[1, 2]".into(), 422, "INVALID_REQUEST"),
+        (json!({"amountFen": "100", "items": item(json!(100))}).to_string(), 422, "INVALID_AMOUNT"),
+        (json!({"amountFen": 0, "items": item(json!(0))}).to_string(), 422, "INVALID_AMOUNT"),
+        (json!({"amountFen": -100, "items": item(json!(100))}).to_string(), 422, "INVALID_AMOUNT"),
+        (json!({"amountFen": 1.5, "items": item(json!(1.5))}).to_string(), 422, "INVALID_AMOUNT"),
+        ("{\"amountFen\": 9223372036854775808, \"items\": []}".into(), 422, "INVALID_AMOUNT"),
+        ("{\"amountFen\": 1e30, \"items\": []}".into(), 422, "INVALID_AMOUNT"),
+        (json!({"amountFen": 100, "currency": "XYZ", "items": item(json!(100))}).to_string(), 422, "UNSUPPORTED_CURRENCY"),
+        (json!({"amountFen": 100, "currency": 156, "items": item(json!(100))}).to_string(), 422, "UNSUPPORTED_CURRENCY"),
+        (json!({"amountFen": 100, "items": item(json!(99))}).to_string(), 422, "ITEMS_TOTAL_MISMATCH"),
+        (json!({"amountFen": 100, "items": "many"}).to_string(), 422, "INVALID_FIELD"),
+        (json!({"amountFen": 100, "items": [{"sku": 5, "qty": 1, "priceFen": 100}]}).to_string(), 422, "INVALID_FIELD"),
+        (json!({"amountFen": 100, "items": item(json!(100)), "status": "PAID"}).to_string(), 422, "UNKNOWN_FIELD"),
+        (json!({"amountFen": 100, "items": item(json!(100)), "balanceFen": 1}).to_string(), 422, "UNKNOWN_FIELD"),
+        (json!({"amountFen": 100, "items": item(json!(100)), "userId": 31}).to_string(), 422, "UNKNOWN_FIELD"),
+        (json!({"items": item(json!(100))}).to_string(), 422, "MISSING_FIELD"),
+        (format!("{{\"amountFen\": 1, \"items\": [{{\"sku\": \"{}\", \"qty\": 1, \"priceFen\": 1}}]}}", "x".repeat(5000)), 413, "PAYLOAD_TOO_LARGE"),
+    ];
+    for (i, (body, status, code)) in cases.iter().enumerate() {
+        let reply = api.send("POST", "/v1/orders", Some(&token), Some(&format!("bad-{i}")), Some(body.clone())).await;
+        assert_eq!((reply.status.as_u16(), reply.code()), (*status, *code), "body {body}: {reply:?}");
+        assert!(reply.body["message"].as_str().is_some_and(|m| !m.is_empty()), "{reply:?}");
+    }
+    // Accounts and deposits refuse the same way.
+    let admin = api.admin_token();
+    let account = api.post("/v1/accounts", &token, "open", &json!({"currency": "CNY"})).await.expect(201).id();
+    for (path, tok, body, status, code) in [
+        ("/v1/accounts".to_owned(), &token, json!({"currency": "CNY"}), 409, "ACCOUNT_EXISTS"),
+        ("/v1/accounts".to_owned(), &token, json!({"currency": "CNY", "balanceFen": 1_000_000}), 422, "UNKNOWN_FIELD"),
+        ("/v1/accounts".to_owned(), &token, json!({"currency": "cny"}), 422, "UNSUPPORTED_CURRENCY"),
+        (format!("/v1/accounts/{account}/deposits"), &admin, json!({"amountFen": 0}), 422, "INVALID_AMOUNT"),
+        (format!("/v1/accounts/{account}/deposits"), &admin, json!({"amountFen": 10, "accountId": 1}), 422, "UNKNOWN_FIELD"),
+        ("/v1/accounts/999999/deposits".to_owned(), &admin, json!({"amountFen": 10}), 404, "ACCOUNT_NOT_FOUND"),
+    ] {
+        let reply = api.post(&path, tok, &format!("{path}-{body}"), &body).await;
+        assert_eq!((reply.status.as_u16(), reply.code()), (status, code), "{path} {body}: {reply:?}");
+    }
+    for (method, path, status, code) in [
+        ("GET", "/v1/orders/abc", 404, "ORDER_NOT_FOUND"),
+        ("GET", "/v1/orders?status=LOST", 400, "INVALID_QUERY"),
+        ("GET", "/v1/orders?limit=0", 400, "INVALID_QUERY"),
+        ("GET", "/v1/nowhere", 404, "NOT_FOUND"),
+        ("DELETE", "/v1/orders", 405, "METHOD_NOT_ALLOWED"),
+    ] {
+        let reply = api.send(method, path, Some(&token), None, None).await;
+        assert_eq!((reply.status.as_u16(), reply.code()), (status, code), "{method} {path}: {reply:?}");
+    }
+    assert_eq!(env.scalar("SELECT count(*) FROM orders").await, 0);
+    assert_eq!(env.scalar("SELECT count(*) FROM transfers").await, 0);
+    assert_eq!(env.scalar("SELECT count(*) FROM outbox").await, 0);
+    assert_eq!(env.scalar("SELECT count(*) FROM accounts").await, 1);
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_are_listed_newest_first_in_pages_and_filtered_by_status() {
+    let env = TestEnv::new(1).await;
+    let system = System::start(&env, &env.settings, NO_WORKERS).await;
+    let api = &system.api;
+    let token = api.token(40);
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(api.place_order(40, &format!("o-{i}"), 100 + i).await.expect(201).id());
+    }
+    api.post(&format!("/v1/orders/{}/cancel", ids[1]), &token, "c", &json!({})).await.expect(200);
+
+    let mut seen = Vec::new();
+    let mut path = "/v1/orders?limit=2".to_owned();
+    loop {
+        let page = api.get(&path, &token).await.expect(200).body;
+        seen.extend(page["items"].as_array().expect("items").iter().map(|o| o["id"].as_i64().expect("id")));
+        match page["nextCursor"].as_str() {
+            Some(cursor) => path = format!("/v1/orders?limit=2&cursor={cursor}"),
+            None => break,
+        }
+    }
+    ids.reverse();
+    assert_eq!(seen, ids);
+    let cancelled = api.get("/v1/orders?status=CANCELLED", &token).await.expect(200).body;
+    assert_eq!(cancelled["items"].as_array().map(Vec::len), Some(1));
+    assert_eq!(cancelled["items"][0]["cancelReason"], "USER_REQUESTED");
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_over_the_rate_limit_gets_429_and_other_users_do_not() {
+    let env = TestEnv::new(1).await;
+    let mut settings = env.settings.clone();
+    settings.api.rate_limit_per_s = 0.001;
+    settings.api.rate_limit_burst = 3.0;
+    let system = System::start(&env, &settings, NO_WORKERS).await;
+    let api = &system.api;
+    for _ in 0..3 {
+        api.get("/v1/orders", &api.token(50)).await.expect(200);
+    }
+    assert_eq!(api.get("/v1/orders", &api.token(50)).await.expect(429).code(), "RATE_LIMITED");
+    api.get("/v1/orders", &api.token(51)).await.expect(200);
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_served_openapi_document_is_the_committed_one_and_covers_every_route() {
+    let env = TestEnv::new(1).await;
+    let system = System::start(&env, &env.settings, NO_WORKERS).await;
+    let served = system.api.send("GET", "/openapi.json", None, None, None).await.expect(200).body;
+    let committed: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi.json")).expect("read"),
+    )
+    .expect("committed document is JSON");
+    assert_eq!(served, committed);
+    assert_eq!(served["openapi"].as_str().map(|v| v.starts_with("3.")), Some(true));
+    for (path, method) in [
+        ("/v1/accounts", "post"),
+        ("/v1/accounts/{id}", "get"),
+        ("/v1/accounts/{id}/entries", "get"),
+        ("/v1/accounts/{id}/deposits", "post"),
+        ("/v1/orders", "post"),
+        ("/v1/orders", "get"),
+        ("/v1/orders/{id}", "get"),
+        ("/v1/orders/{id}/cancel", "post"),
+        ("/healthz", "get"),
+        ("/readyz", "get"),
+        ("/metrics", "get"),
+    ] {
+        assert!(served["paths"][path][method].is_object(), "{method} {path} is not documented");
+    }
+    system.stop().await;
+}
