@@ -524,4 +524,27 @@ mod tests {
         assert_eq!(decode_envelope(Some(&[b' '; 100]), 10).err().map(|p| p.class), Some(PoisonClass::TooLarge));
         assert_eq!(decode_envelope(None, 10).err().map(|p| p.class), Some(PoisonClass::Empty));
     }
+
+    #[test]
+    fn account_events_decode_for_the_order_processor_and_bad_ones_are_named() {
+        let decode = |event_type: &str, payload: Value| {
+            let raw = decode_envelope(Some(&envelope(event_type, 1, payload)), 1 << 20).expect("envelope");
+            AccountEvent::decode(&raw)
+        };
+        let debited = json!({"accountId": 3, "userId": 42, "orderId": 7, "deltaFen": -100,
+                             "balanceAfterFen": 900, "currency": "CNY"});
+        assert_eq!(decode("AccountDebited", debited.clone()), Ok(AccountEvent::Debited { order_id: 7, user_id: 42, delta_fen: -100 }));
+        let mut positive = debited;
+        positive["deltaFen"] = json!(100);
+        assert_eq!(decode("AccountDebited", positive).map_err(|p| p.class), Err(PoisonClass::InvalidAmount));
+        assert_eq!(
+            decode("AccountDebitFailed", json!({"userId": 42, "orderId": 7, "reason": "INSUFFICIENT_BALANCE"})),
+            Ok(AccountEvent::DebitFailed { order_id: 7, user_id: 42, reason: DebitFailure::InsufficientBalance })
+        );
+        assert_eq!(
+            decode("AccountDebitFailed", json!({"userId": 42, "orderId": 7, "reason": "BORED"})).map_err(|p| p.class),
+            Err(PoisonClass::SchemaViolation)
+        );
+        assert_eq!(decode("OrderCreated", json!({})).map_err(|p| p.class), Err(PoisonClass::UnknownEventType));
+    }
 }

@@ -121,14 +121,27 @@ impl TestEnv {
         .collect()
     }
 
-    /// Starts `paystream <args>` as a child process of this test's world.
-    pub fn spawn_child(&self, args: &[&str], extra_env: &[(&str, &str)]) -> tokio::process::Child {
+    /// `paystream <args>` as a child process of this test's world.
+    fn child_command(&self, args: &[&str], extra_env: &[(&str, &str)]) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_paystream"));
-        cmd.args(args).envs(self.child_env()).env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into())).kill_on_drop(true);
+        cmd.args(args)
+            .envs(self.child_env())
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .kill_on_drop(true);
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
-        cmd.spawn().expect("spawn paystream")
+        cmd
+    }
+
+    /// Starts `paystream <args>` as a child process of this test's world.
+    pub fn spawn_child(&self, args: &[&str], extra_env: &[(&str, &str)]) -> tokio::process::Child {
+        self.child_command(args, extra_env).spawn().expect("spawn paystream")
+    }
+
+    /// Like `spawn_child`, with stdout captured.
+    pub fn spawn_child_piped(&self, args: &[&str], extra_env: &[(&str, &str)]) -> tokio::process::Child {
+        self.child_command(args, extra_env).stdout(std::process::Stdio::piped()).spawn().expect("spawn paystream")
     }
 
     /// Runs an account processor worker in this process until the token is cancelled.
