@@ -12,10 +12,6 @@ as_postgres() {
   if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else sudo -u postgres "$@"; fi
 }
 
-sudo_if_needed() {
-  if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
-}
-
 install() {
   if ! compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null; then
     log "installing PostgreSQL (Debian package)"

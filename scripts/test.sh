@@ -6,6 +6,12 @@ cd "$(dirname "$0")/.."
 source scripts/env.sh
 
 scripts/pg.sh up
+# The `up` test pastes the curl session that `paystream up` prints into bash.
+if ! command -v curl >/dev/null 2>&1; then
+  log "installing curl (Debian package)"
+  sudo_if_needed apt-get update -q
+  sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -q curl
+fi
 scripts/broker.sh up memory
 if ! cargo nextest --version >/dev/null 2>&1; then
   log "installing cargo-nextest"
