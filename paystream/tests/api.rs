@@ -258,3 +258,31 @@ async fn the_served_openapi_document_is_the_committed_one_and_covers_every_route
     }
     system.stop().await;
 }
+
+/// A request that runs past the timeout is abandoned whole: its transaction rolls back, no
+/// key is kept, and the same key works once the obstacle is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_the_timeout_is_abandoned_and_leaves_nothing_behind() {
+    let env = TestEnv::new(1).await;
+    let mut settings = env.settings.clone();
+    settings.api.request_timeout_ms = 500;
+    let system = System::start(&env, &settings, NO_WORKERS).await;
+    let api = &system.api;
+    let id = api.place_order(60, "o", 100).await.expect(201).id();
+
+    // Another transaction holds the order row, so the cancel waits on it past the timeout.
+    let mut blocker = env.pool.begin().await.expect("begin");
+    sqlx::query("SELECT id FROM orders WHERE id = $1 FOR UPDATE").bind(id).execute(&mut *blocker).await.expect("lock");
+    let path = format!("/v1/orders/{id}/cancel");
+    let timed_out = api.post(&path, &api.token(60), "cancel", &json!({})).await.expect(503);
+    assert_eq!(timed_out.code(), "REQUEST_TIMEOUT");
+    blocker.rollback().await.expect("release");
+
+    assert_eq!(env.scalar("SELECT count(*) FROM orders WHERE status = 'PENDING'").await, 1);
+    assert_eq!(env.scalar("SELECT count(*) FROM idempotency_keys WHERE key = 'cancel'").await, 0);
+    assert_eq!(env.scalar("SELECT count(*) FROM outbox").await, 1, "only the OrderCreated");
+    let retried = api.post(&path, &api.token(60), "cancel", &json!({})).await.expect(200);
+    assert!(!retried.replayed);
+    assert_eq!(retried.body["status"], "CANCELLED");
+    system.stop().await;
+}
