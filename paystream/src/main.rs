@@ -58,6 +58,13 @@ enum Command {
     Up,
     /// Mint a bearer token for development, signed with the configured api.jwt_secret.
     Token(TokenArgs),
+    /// Reconcile: check the invariants of SPEC §6 (ledger, conservation, order states, stuck
+    /// orders, stuck outbox). Exit code 0 when all hold, 2 when any is violated.
+    Audit {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Load generator and measurement: throughput, latency, and one-per-transaction baseline.
     /// Works in a throwaway database and topics; the last line printed is JSON.
     Bench(bench::BenchArgs),
@@ -124,6 +131,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         }
         Command::Relay => serve(|tracker, cancel| spawn_relay(tracker, cancel, &settings, &pool)).await,
         Command::Api => serve(|tracker, cancel| spawn_part(tracker, cancel, &settings, &pool, "api", api::run)).await,
+        Command::Audit { json } => audit(&settings, &pool, json).await,
         Command::Token(args) => {
             if args.user < 1 {
                 anyhow::bail!("--user must be a positive user id");
@@ -158,6 +166,32 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             .await
         }
     }
+}
+
+async fn audit(settings: &Settings, pool: &Pool, json: bool) -> anyhow::Result<()> {
+    let limits = paystream_processors::audit::Limits::running(settings);
+    let violations = paystream_processors::audit::check(pool, &limits).await.context("Failed to run the audit")?;
+    let checks = paystream_processors::audit::CHECK_COUNT;
+    if json {
+        let report = serde_json::json!({
+            "ok": violations.is_empty(),
+            "checks": checks,
+            "checkedAt": chrono::Utc::now(),
+            "violations": violations,
+        });
+        println!("{report}");
+    } else if violations.is_empty() {
+        println!("audit: all {checks} checks hold");
+    } else {
+        println!("audit: {} violation(s) across {checks} checks", violations.len());
+        for v in &violations {
+            println!("  [{}] {}", v.invariant, v.detail);
+        }
+    }
+    if !violations.is_empty() {
+        std::process::exit(2);
+    }
+    Ok(())
 }
 
 async fn migrate(pool: &Pool) -> anyhow::Result<()> {

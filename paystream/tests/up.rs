@@ -69,3 +69,25 @@ async fn paystream_up_runs_everything_and_its_printed_curl_session_works() {
     assert!(status.success(), "paystream up exited with {status}");
     env.assert_invariants().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paystream_audit_exits_zero_on_a_clean_ledger_and_two_with_a_report_when_a_balance_is_altered() {
+    let env = TestEnv::new(1).await;
+    let account = env.funded_account(70, 5_000).await;
+    let clean = env.spawn_child_piped(&["audit"], &[]).wait_with_output().await.expect("audit runs");
+    assert_eq!(clean.status.code(), Some(0), "{}", String::from_utf8_lossy(&clean.stdout));
+
+    // An edit behind the application's back: the balance no longer matches the ledger.
+    sqlx::query("UPDATE accounts SET balance_fen = balance_fen + 1 WHERE id = $1")
+        .bind(account)
+        .execute(&env.pool)
+        .await
+        .expect("tamper");
+    let tampered = env.spawn_child_piped(&["audit", "--json"], &[]).wait_with_output().await.expect("audit runs");
+    assert_eq!(tampered.status.code(), Some(2));
+    let report: serde_json::Value = serde_json::from_slice(&tampered.stdout).expect("JSON report");
+    assert_eq!(report["ok"], false);
+    let invariants: Vec<&str> = report["violations"].as_array().expect("violations").iter().filter_map(|v| v["invariant"].as_str()).collect();
+    assert!(invariants.contains(&"balance_equals_sum_of_entries"), "{report}");
+    assert!(invariants.contains(&"money_is_conserved_per_currency"), "{report}");
+}

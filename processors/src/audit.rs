@@ -3,15 +3,60 @@
 //! system: a CANCELLED order whose compensating refund is still in flight shows up until the
 //! refund lands.
 
+use std::time::Duration;
+
+use serde::Serialize;
 use sqlx::PgPool;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+use crate::settings::Settings;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Violation {
     pub invariant: &'static str,
     pub detail: String,
 }
 
-const CHECKS: &[(&str, &str)] = &[
+/// How long the system may take to settle before an unfinished state counts as a violation.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Orders and transfers younger than this are still moving through the saga.
+    pub settle: Duration,
+    /// A PENDING order older than this should have been paid or timed out.
+    pub pending_timeout: Duration,
+    /// An outbox row unpublished for longer than this means the relay is stuck.
+    pub outbox_max_age: Duration,
+}
+
+impl Limits {
+    /// For a system at rest (tests): nothing may be in flight.
+    pub fn quiescent(settings: &Settings) -> Self {
+        Self {
+            settle: Duration::ZERO,
+            pending_timeout: Duration::from_secs(settings.orders.payment_timeout_s),
+            outbox_max_age: Duration::from_secs(settings.audit.outbox_max_age_s),
+        }
+    }
+
+    /// For a running system: in-flight work gets `audit.settle_s` to finish.
+    pub fn running(settings: &Settings) -> Self {
+        let settle = Duration::from_secs(settings.audit.settle_s);
+        Self {
+            settle,
+            pending_timeout: Duration::from_secs(settings.orders.payment_timeout_s) + settle,
+            outbox_max_age: Duration::from_secs(settings.audit.outbox_max_age_s),
+        }
+    }
+}
+
+/// A check's SQL takes these as `$1`, `$2`, `$3` (seconds), in this order, if it uses them.
+#[derive(Clone, Copy)]
+enum Param {
+    Settle,
+    PendingTimeout,
+    OutboxMaxAge,
+}
+
+const CHECKS: &[(&str, &str, &[Param])] = &[
     (
         "balance_equals_sum_of_entries",
         r#"
@@ -22,16 +67,19 @@ const CHECKS: &[(&str, &str)] = &[
         WHERE a.balance_fen <> coalesce(s.total, 0)
         LIMIT 100
         "#,
+        &[],
     ),
     (
         "no_negative_user_balance",
         "SELECT format('account %s: balance %s', id, balance_fen) FROM accounts \
          WHERE kind = 'USER' AND balance_fen < 0 LIMIT 100",
+        &[],
     ),
     (
         "money_is_conserved_per_currency",
         "SELECT format('%s: all balances sum to %s, expected 0', currency, sum(balance_fen)) \
          FROM accounts GROUP BY currency HAVING sum(balance_fen) <> 0",
+        &[],
     ),
     (
         "each_transfer_has_two_balanced_entries",
@@ -41,6 +89,7 @@ const CHECKS: &[(&str, &str)] = &[
         GROUP BY t.id HAVING count(e.id) <> 2 OR coalesce(sum(e.delta_fen), 0) <> 0
         LIMIT 100
         "#,
+        &[],
     ),
     (
         "refund_only_after_debit",
@@ -51,6 +100,7 @@ const CHECKS: &[(&str, &str)] = &[
           AND NOT EXISTS (SELECT 1 FROM transfers d WHERE d.kind = 'DEBIT' AND d.order_id = r.order_id)
         LIMIT 100
         "#,
+        &[],
     ),
     (
         "order_state_matches_its_transfers",
@@ -59,10 +109,13 @@ const CHECKS: &[(&str, &str)] = &[
         FROM orders o
         CROSS JOIN LATERAL (
             SELECT count(*) FILTER (WHERE kind = 'DEBIT') AS debits,
-                   count(*) FILTER (WHERE kind = 'REFUND') AS refunds
+                   count(*) FILTER (WHERE kind = 'REFUND') AS refunds,
+                   max(created_at) AS last_at
             FROM transfers WHERE order_id = o.id
         ) t
-        WHERE CASE o.status
+        WHERE o.updated_at < now() - make_interval(secs => $1)
+          AND (t.last_at IS NULL OR t.last_at < now() - make_interval(secs => $1))
+          AND CASE o.status
             WHEN 'PENDING'   THEN t.refunds <> 0
             -- A PAID order whose cancel was accepted may have its refund in flight.
             WHEN 'PAID'      THEN t.debits <> 1 OR (t.refunds <> 0 AND o.refund_requested_at IS NULL)
@@ -72,13 +125,47 @@ const CHECKS: &[(&str, &str)] = &[
         END
         LIMIT 100
         "#,
+        &[Param::Settle],
+    ),
+    (
+        "no_order_stuck_pending",
+        r#"
+        SELECT format('order %s has been PENDING since %s', id, created_at)
+        FROM orders
+        WHERE status = 'PENDING' AND created_at < now() - make_interval(secs => $1)
+        ORDER BY created_at
+        LIMIT 100
+        "#,
+        &[Param::PendingTimeout],
+    ),
+    (
+        "outbox_is_published_in_time",
+        r#"
+        SELECT format('%s outbox row(s) unpublished for more than %s s, oldest id %s', count(*), $1, min(id))
+        FROM outbox
+        WHERE published_at IS NULL AND created_at < now() - make_interval(secs => $1)
+        HAVING count(*) > 0
+        "#,
+        &[Param::OutboxMaxAge],
     ),
 ];
 
-pub async fn check(pool: &PgPool) -> Result<Vec<Violation>, sqlx::Error> {
+/// How many checks `check` runs.
+pub const CHECK_COUNT: usize = CHECKS.len();
+
+pub async fn check(pool: &PgPool, limits: &Limits) -> Result<Vec<Violation>, sqlx::Error> {
     let mut violations = Vec::new();
-    for (invariant, sql) in CHECKS {
-        let rows: Vec<String> = sqlx::query_scalar(sql).fetch_all(pool).await?;
+    for (invariant, sql, params) in CHECKS {
+        let mut query = sqlx::query_scalar(sql);
+        for param in *params {
+            let value = match param {
+                Param::Settle => limits.settle,
+                Param::PendingTimeout => limits.pending_timeout,
+                Param::OutboxMaxAge => limits.outbox_max_age,
+            };
+            query = query.bind(value.as_secs_f64());
+        }
+        let rows: Vec<String> = query.fetch_all(pool).await?;
         violations.extend(rows.into_iter().map(|detail| Violation { invariant, detail }));
     }
     Ok(violations)

@@ -17,6 +17,7 @@ pub struct Settings {
     pub relay: RelaySettings,
     pub orders: OrderSettings,
     pub api: ApiSettings,
+    pub audit: AuditSettings,
     pub log: LogSettings,
 }
 
@@ -89,6 +90,12 @@ pub struct ApiSettings {
     pub max_deposit_amount_fen: i64,
     pub max_items: usize,
     pub page_max: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AuditSettings {
+    pub settle_s: u64,
+    pub outbox_max_age_s: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

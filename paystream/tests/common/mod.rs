@@ -208,7 +208,7 @@ impl TestEnv {
     }
 
     pub async fn assert_invariants(&self) {
-        let violations = paystream_processors::audit::check(&self.pool).await.expect("audit runs");
+        let violations = paystream_processors::audit::check(&self.pool, &paystream_processors::audit::Limits::quiescent(&self.settings)).await.expect("audit runs");
         assert!(violations.is_empty(), "invariants violated: {violations:#?}");
     }
 
