@@ -286,3 +286,33 @@ async fn a_request_past_the_timeout_is_abandoned_and_leaves_nothing_behind() {
     assert_eq!(retried.body["status"], "CANCELLED");
     system.stop().await;
 }
+
+/// Reads one sample (`name` with exactly these labels) from a Prometheus text page.
+fn sample(page: &str, series: &str) -> f64 {
+    page.lines()
+        .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse::<f64>().ok()))
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_by_route_and_show_the_outbox_and_pending_orders() {
+    let env = TestEnv::new(1).await;
+    let system = System::start(&env, &env.settings, NO_WORKERS).await;
+    let api = &system.api;
+    api.place_order(80, "a", 100).await.expect(201);
+    api.place_order(80, "b", 200).await.expect(201);
+    api.place_order(80, "b", 200).await.expect(201);
+    api.place_order(80, "c", 0).await.expect(422);
+    let page = api.send("GET", "/metrics", None, None, None).await.expect(200).body;
+    let page = page.as_str().expect("text");
+    let created = r#"paystream_http_requests_total{method="POST",route="/v1/orders",status="201"}"#;
+    assert_eq!(sample(page, created), 3.0, "{page}");
+    let refused = r#"paystream_http_requests_total{method="POST",route="/v1/orders",status="422"}"#;
+    assert_eq!(sample(page, refused), 1.0);
+    assert_eq!(sample(page, r#"paystream_idempotency_total{result="replayed"}"#), 1.0);
+    // Two orders, nothing relayed or paid: two unpublished OrderCreated, two PENDING orders.
+    assert_eq!(sample(page, "paystream_outbox_backlog"), 2.0);
+    assert_eq!(sample(page, "paystream_orders_pending"), 2.0);
+    assert!(sample(page, "paystream_oldest_pending_order_age_seconds") >= 0.0);
+    system.stop().await;
+}

@@ -4,7 +4,7 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry,
+    exponential_buckets, Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
 };
 use tracing_subscriber::{fmt, EnvFilter};
@@ -36,6 +36,10 @@ pub struct Metrics {
     pub http_duration: HistogramVec,
     pub idempotency: IntCounterVec,
     pub orders_timed_out: IntCounterVec,
+    pub outbox_backlog: IntGauge,
+    pub outbox_oldest_age: Gauge,
+    pub orders_pending: IntGauge,
+    pub oldest_pending_order_age: Gauge,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -120,8 +124,56 @@ impl Metrics {
                 "Orders cancelled by the payment timeout sweeper.",
                 &["reason"],
             ),
+            outbox_backlog: {
+                let g = IntGauge::new("paystream_outbox_backlog", "Outbox rows not yet published.").expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            outbox_oldest_age: {
+                let g = Gauge::new(
+                    "paystream_outbox_oldest_unpublished_age_seconds",
+                    "Age of the oldest unpublished outbox row (0 when none).",
+                )
+                .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            orders_pending: {
+                let g = IntGauge::new("paystream_orders_pending", "Orders in state PENDING.").expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            oldest_pending_order_age: {
+                let g = Gauge::new(
+                    "paystream_oldest_pending_order_age_seconds",
+                    "Age of the oldest PENDING order (0 when none).",
+                )
+                .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             registry,
         }
+    }
+
+    /// Sets the gauges that describe database state, at scrape time. Both queries use
+    /// partial indexes on the unpublished / PENDING rows, so they stay cheap on big tables.
+    pub async fn refresh_from_database(&self, pool: &sqlx::PgPool) -> Result<(), sqlx::Error> {
+        let (backlog, oldest): (i64, Option<f64>) = sqlx::query_as(
+            "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8 FROM outbox WHERE published_at IS NULL",
+        )
+        .fetch_one(pool)
+        .await?;
+        self.outbox_backlog.set(backlog);
+        self.outbox_oldest_age.set(oldest.unwrap_or(0.0).max(0.0));
+        let (pending, oldest): (i64, Option<f64>) = sqlx::query_as(
+            "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8 FROM orders WHERE status = 'PENDING'",
+        )
+        .fetch_one(pool)
+        .await?;
+        self.orders_pending.set(pending);
+        self.oldest_pending_order_age.set(oldest.unwrap_or(0.0).max(0.0));
+        Ok(())
     }
 
     /// The registry in Prometheus text format.

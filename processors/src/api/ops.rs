@@ -27,7 +27,11 @@ pub async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, 
     }
 }
 
-pub async fn metrics() -> impl IntoResponse {
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    // A database hiccup must not hide the other metrics; the gauges keep their last values.
+    if let Err(e) = METRICS.refresh_from_database(&state.pool).await {
+        tracing::warn!(error = %e, "could not refresh database gauges for /metrics");
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], METRICS.render())
 }
 

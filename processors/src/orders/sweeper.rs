@@ -86,6 +86,7 @@ pub async fn sweep_once(
         .collect();
     outbox::insert(&mut tx, &events).await?;
     tx.commit().await?;
+    crate::telemetry::METRICS.orders_timed_out.with_label_values(&[reason::PAYMENT_TIMEOUT]).inc_by(due.len() as u64);
     Ok(due.len())
 }
 
