@@ -70,24 +70,69 @@ async fn paystream_up_runs_everything_and_its_printed_curl_session_works() {
     env.assert_invariants().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn paystream_audit_exits_zero_on_a_clean_ledger_and_two_with_a_report_when_a_balance_is_altered() {
-    let env = TestEnv::new(1).await;
-    let account = env.funded_account(70, 5_000).await;
-    let clean = env.spawn_child_piped(&["audit"], &[]).wait_with_output().await.expect("audit runs");
-    assert_eq!(clean.status.code(), Some(0), "{}", String::from_utf8_lossy(&clean.stdout));
-
-    // An edit behind the application's back: the balance no longer matches the ledger.
-    sqlx::query("UPDATE accounts SET balance_fen = balance_fen + 1 WHERE id = $1")
-        .bind(account)
-        .execute(&env.pool)
+/// Runs `paystream audit --json` on `env`'s database: exit code and the invariants named.
+async fn audit(env: &TestEnv) -> (Option<i32>, Vec<String>) {
+    let out = env
+        .spawn_child_piped(&["audit", "--json"], &[("PAYSTREAM__AUDIT__SETTLE_S", "0")])
+        .wait_with_output()
         .await
-        .expect("tamper");
-    let tampered = env.spawn_child_piped(&["audit", "--json"], &[]).wait_with_output().await.expect("audit runs");
-    assert_eq!(tampered.status.code(), Some(2));
-    let report: serde_json::Value = serde_json::from_slice(&tampered.stdout).expect("JSON report");
-    assert_eq!(report["ok"], false);
-    let invariants: Vec<&str> = report["violations"].as_array().expect("violations").iter().filter_map(|v| v["invariant"].as_str()).collect();
-    assert!(invariants.contains(&"balance_equals_sum_of_entries"), "{report}");
-    assert!(invariants.contains(&"money_is_conserved_per_currency"), "{report}");
+        .expect("audit runs");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_eq!(report["ok"], out.status.code() == Some(0), "{report}");
+    let named = report["violations"]
+        .as_array()
+        .expect("violations")
+        .iter()
+        .filter_map(|v| v["invariant"].as_str().map(str::to_owned))
+        .collect();
+    (out.status.code(), named)
+}
+
+async fn exec(env: &TestEnv, sql: &str) {
+    sqlx::raw_sql(sql).execute(&env.pool).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// Edits made behind the application's back, each on a clean ledger of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paystream_audit_passes_a_clean_ledger_and_names_each_injected_violation() {
+    const UNLOCK: &str = "ALTER TABLE ledger_entries DISABLE TRIGGER ledger_entries_append_only;";
+    const LAST_ENTRY: &str = "(SELECT max(id) FROM ledger_entries WHERE delta_fen > 0)";
+    let cases: [(&str, String, &str); 4] = [
+        ("a balance changed directly", "UPDATE accounts SET balance_fen = balance_fen + 1 WHERE kind = 'USER';".into(), "balance_equals_sum_of_entries"),
+        (
+            "an entry altered, its balance fixed up to match",
+            format!("{UNLOCK} UPDATE ledger_entries SET delta_fen = delta_fen + 1, balance_after_fen = balance_after_fen + 1 WHERE id = {LAST_ENTRY}; \
+                     UPDATE accounts SET balance_fen = balance_fen + 1 WHERE kind = 'USER';"),
+            "ledger_hash_chains_are_intact",
+        ),
+        (
+            "only a recorded balance-after rewritten",
+            format!("{UNLOCK} UPDATE ledger_entries SET balance_after_fen = balance_after_fen + 100 WHERE id = {LAST_ENTRY};"),
+            "ledger_hash_chains_are_intact",
+        ),
+        (
+            "a second debit row for a paid order",
+            "DROP INDEX transfers_one_debit_and_one_refund_per_order; \
+             INSERT INTO transfers (kind, order_id, from_account_id, to_account_id, amount_fen, currency) \
+             SELECT 'DEBIT', o.id, t.from_account_id, t.to_account_id, t.amount_fen, t.currency \
+             FROM orders o JOIN transfers t ON t.order_id = o.id AND t.kind = 'DEBIT';"
+                .into(),
+            "order_state_matches_its_transfers",
+        ),
+    ];
+    for (what, sql, invariant) in cases {
+        let env = TestEnv::new(1).await;
+        let parts = common::http::Parts::ALL;
+        let system = common::http::System::start(&env, &env.settings, parts).await;
+        system.api.funded_account(70, 5_000).await;
+        let id = system.api.place_order(70, "o", 1_200).await.expect(201).id();
+        system.api.wait_order(70, id, "PAID").await;
+        system.stop().await;
+        assert_eq!(audit(&env).await, (Some(0), vec![]), "clean ledger before: {what}");
+
+        exec(&env, &sql).await;
+        let (code, named) = audit(&env).await;
+        assert_eq!(code, Some(2), "{what}");
+        assert!(named.iter().any(|n| n == invariant), "{what}: expected {invariant}, got {named:?}");
+    }
 }

@@ -92,6 +92,28 @@ const CHECKS: &[(&str, &str, &[Param])] = &[
         &[],
     ),
     (
+        "ledger_hash_chains_are_intact",
+        r#"
+        WITH chained AS (
+            SELECT e.id, e.account_id, e.entry_hash,
+                   sha256(coalesce(lag(e.entry_hash) OVER (PARTITION BY e.account_id ORDER BY e.id),
+                                   decode(repeat('00', 32), 'hex'))
+                          || int8send(e.account_id) || int8send(e.transfer_id)
+                          || int8send(e.delta_fen) || int8send(e.balance_after_fen)) AS expected,
+                   row_number() OVER (PARTITION BY e.account_id ORDER BY e.id DESC) AS from_end
+            FROM ledger_entries e
+        )
+        (SELECT format('account %s: entry %s does not match its hash chain', account_id, id)
+         FROM chained WHERE entry_hash <> expected ORDER BY id LIMIT 100)
+        UNION ALL
+        (SELECT format('account %s: chain head does not match its latest entry', a.id)
+         FROM accounts a LEFT JOIN chained c ON c.account_id = a.id AND c.from_end = 1
+         WHERE a.chain_head <> coalesce(c.entry_hash, decode(repeat('00', 32), 'hex'))
+         LIMIT 100)
+        "#,
+        &[],
+    ),
+    (
         "refund_only_after_debit",
         r#"
         SELECT format('order %s: refunded without a debit', r.order_id)

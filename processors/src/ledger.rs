@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 
+use sha2::{Digest, Sha256};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -53,12 +54,25 @@ pub struct Account {
     pub currency: String,
     pub frozen: bool,
     pub balance_fen: i64,
+    /// Hash of the account's latest ledger entry (see `chain_hash`).
+    pub chain_head: [u8; 32],
 }
 
-type AccountRow = (i64, String, Option<i64>, String, String, i64);
+type AccountRow = (i64, String, Option<i64>, String, String, i64, Vec<u8>);
+
+/// The hash of a ledger entry, chained to the previous entry of its account. The same
+/// formula is in `migrations/0003_ledger_hash_chain.sql` and in the audit's SQL.
+pub fn chain_hash(previous: &[u8; 32], account_id: i64, transfer_id: i64, delta_fen: i64, balance_after_fen: i64) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update(previous);
+    for field in [account_id, transfer_id, delta_fen, balance_after_fen] {
+        hasher.update(field.to_be_bytes());
+    }
+    hasher.finalize().into()
+}
 
 impl From<AccountRow> for Account {
-    fn from((id, kind, user_id, currency, status, balance_fen): AccountRow) -> Self {
+    fn from((id, kind, user_id, currency, status, balance_fen, chain_head): AccountRow) -> Self {
         Self {
             id,
             kind: AccountKind::parse(&kind),
@@ -66,11 +80,14 @@ impl From<AccountRow> for Account {
             currency,
             frozen: status == "FROZEN",
             balance_fen,
+            // The column is 32 bytes by construction; a wrong length breaks the chain, which
+            // the audit reports.
+            chain_head: chain_head.try_into().unwrap_or([0; 32]),
         }
     }
 }
 
-const ACCOUNT_COLUMNS: &str = "id, kind, user_id, currency, status, balance_fen";
+const ACCOUNT_COLUMNS: &str = "id, kind, user_id, currency, status, balance_fen, chain_head";
 
 /// Locks and loads the USER accounts of `user_ids` (all currencies) and those with `ids`, in
 /// id order so that concurrent transactions cannot deadlock on them.
@@ -193,8 +210,9 @@ impl Postings {
         Ok(Posted { from_balance_after: from_after, to_balance_after: to_after })
     }
 
-    /// Writes transfers, entries and new balances: four statements, whatever the count.
-    pub async fn write(self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    /// Writes transfers, entries (hash-chained per account) and new balances and chain heads:
+    /// four statements, whatever the count.
+    pub async fn write(mut self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
         if self.transfers.is_empty() {
             return Ok(());
         }
@@ -218,7 +236,19 @@ impl Postings {
         let mut e_account = Vec::with_capacity(2 * n);
         let mut e_delta = Vec::with_capacity(2 * n);
         let mut e_after = Vec::with_capacity(2 * n);
+        let mut e_hash: Vec<Vec<u8>> = Vec::with_capacity(2 * n);
         for ((t, id), (from_after, to_after)) in self.transfers.iter().zip(&ids).zip(&self.balances_after) {
+            for (account_id, delta, after) in [(t.from, -t.amount.fen(), *from_after), (t.to, t.amount.fen(), *to_after)] {
+                // `post` only accepts transfers between loaded accounts.
+                let hash = match self.accounts.get_mut(&account_id) {
+                    Some(account) => {
+                        account.chain_head = chain_hash(&account.chain_head, account_id, *id, delta, after);
+                        account.chain_head
+                    }
+                    None => chain_hash(&[0; 32], account_id, *id, delta, after),
+                };
+                e_hash.push(hash.to_vec());
+            }
             kinds.push(t.kind.as_str());
             order_ids.push(t.order_id);
             froms.push(t.from);
@@ -254,14 +284,19 @@ impl Postings {
         .await?;
         sqlx::query(
             r#"
-            INSERT INTO ledger_entries (transfer_id, account_id, delta_fen, balance_after_fen)
-            SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[])
+            INSERT INTO ledger_entries (transfer_id, account_id, delta_fen, balance_after_fen, entry_hash)
+            SELECT transfer_id, account_id, delta_fen, balance_after_fen, entry_hash
+            FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bytea[])
+                WITH ORDINALITY AS e(transfer_id, account_id, delta_fen, balance_after_fen, entry_hash, n)
+            -- Entry ids must follow the chain order within each account.
+            ORDER BY n
             "#,
         )
         .bind(&e_transfer)
         .bind(&e_account)
         .bind(&e_delta)
         .bind(&e_after)
+        .bind(&e_hash)
         .execute(&mut *conn)
         .await?;
 
@@ -270,15 +305,19 @@ impl Postings {
             self.transfers.iter().flat_map(|t| [t.from, t.to]).filter(|id| seen.insert(*id)).collect();
         let balances: Vec<i64> =
             touched.iter().map(|id| self.accounts.get(id).map_or(0, |a| a.balance_fen)).collect();
+        let heads: Vec<Vec<u8>> =
+            touched.iter().map(|id| self.accounts.get(id).map_or_else(Vec::new, |a| a.chain_head.to_vec())).collect();
         sqlx::query(
             r#"
-            UPDATE accounts SET balance_fen = v.balance, version = version + 1, updated_at = now()
-            FROM unnest($1::bigint[], $2::bigint[]) AS v(id, balance)
+            UPDATE accounts
+            SET balance_fen = v.balance, chain_head = v.head, version = version + 1, updated_at = now()
+            FROM unnest($1::bigint[], $2::bigint[], $3::bytea[]) AS v(id, balance, head)
             WHERE accounts.id = v.id
             "#,
         )
         .bind(&touched)
         .bind(&balances)
+        .bind(&heads)
         .execute(conn)
         .await?;
         Ok(())
@@ -290,7 +329,22 @@ mod tests {
     use super::*;
 
     fn account(id: i64, kind: AccountKind, balance_fen: i64) -> Account {
-        Account { id, kind, user_id: None, currency: "CNY".into(), frozen: false, balance_fen }
+        Account { id, kind, user_id: None, currency: "CNY".into(), frozen: false, balance_fen, chain_head: [0; 32] }
+    }
+
+    #[test]
+    fn the_chain_hash_depends_on_every_field_and_on_the_previous_hash() {
+        let base = chain_hash(&[0; 32], 1, 2, -3, 4);
+        assert_eq!(base, chain_hash(&[0; 32], 1, 2, -3, 4));
+        for other in [
+            chain_hash(&[1; 32], 1, 2, -3, 4),
+            chain_hash(&[0; 32], 9, 2, -3, 4),
+            chain_hash(&[0; 32], 1, 9, -3, 4),
+            chain_hash(&[0; 32], 1, 2, 3, 4),
+            chain_hash(&[0; 32], 1, 2, -3, 5),
+        ] {
+            assert_ne!(base, other);
+        }
     }
 
     fn transfer(from: i64, to: i64, fen: i64) -> NewTransfer {
