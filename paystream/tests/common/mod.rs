@@ -193,10 +193,26 @@ impl TestEnv {
     }
 
     pub async fn wait_consumed(&self, n: i64) {
-        wait_until(&format!("{n} messages consumed"), || async {
-            (self.consumed().await >= n).then_some(())
-        })
-        .await;
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            tick.tick().await;
+            if self.consumed().await >= n {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                // Say where each partition is stuck, to tell a stalled worker from a slow broker.
+                let offsets: Vec<(i32, i64, i64, String)> = sqlx::query_as(
+                    "SELECT partition, next_offset, epoch, owner FROM consumer_offsets \
+                     WHERE consumer_group = $1 ORDER BY partition",
+                )
+                .bind(&self.settings.processor.account_group)
+                .fetch_all(&self.pool)
+                .await
+                .unwrap_or_default();
+                panic!("timed out waiting for {n} messages consumed; stored (partition, offset, epoch, owner): {offsets:?}");
+            }
+        }
     }
 
     pub async fn scalar(&self, sql: &str) -> i64 {
