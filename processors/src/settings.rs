@@ -18,6 +18,7 @@ pub struct Settings {
     pub orders: OrderSettings,
     pub api: ApiSettings,
     pub audit: AuditSettings,
+    pub dlq: DlqSettings,
     pub log: LogSettings,
 }
 
@@ -96,6 +97,13 @@ pub struct ApiSettings {
 pub struct AuditSettings {
     pub settle_s: u64,
     pub outbox_max_age_s: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DlqSettings {
+    pub max_attempts: u32,
+    pub replay_rate_per_s: f64,
+    pub read_idle_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

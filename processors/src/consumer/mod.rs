@@ -644,7 +644,13 @@ impl<H: Handler> BatchRunner<'_, H> {
             .filter_map(|(msg, outcome)| match outcome {
                 Outcome::DeadLettered(poison) => {
                     tracing::warn!(partition, offset = msg.offset, class = poison.class.as_str(), error = %poison.message, "dead-lettering poison message");
-                    Some(dlq::dead_letter(&self.config.dead_letter_topic, group, msg, poison))
+                    Some(dlq::dead_letter(
+                        &self.config.dead_letter_topic,
+                        group,
+                        msg,
+                        poison,
+                        self.config.settings.dlq.max_attempts,
+                    ))
                 }
                 _ => None,
             })

@@ -1,6 +1,12 @@
 //! Dead letters: a message that can never be processed is written, with its original bytes
 //! and key, to the dead-letter topic (through the outbox, in the same transaction that
 //! advances the offset past it). Headers say where it came from and why.
+//!
+//! A dead letter that was replayed and failed again counts one more attempt; from
+//! `max_attempts` on it is marked parked (`x-dlq-parked: true`) and `paystream dlq replay`
+//! leaves it alone, so a message that can never succeed is not looped.
+
+pub mod tool;
 
 use chrono::{SecondsFormat, Utc};
 
@@ -16,6 +22,7 @@ pub const ERROR_CLASS: &str = "x-dlq-error-class";
 pub const ERROR_MESSAGE: &str = "x-dlq-error-message";
 pub const FIRST_FAILED_AT: &str = "x-dlq-first-failed-at";
 pub const ATTEMPTS: &str = "x-dlq-attempts";
+pub const PARKED: &str = "x-dlq-parked";
 
 const HEADER_PREFIX: &str = "x-dlq-";
 /// Error messages are cut to this many characters (a 2 MiB payload must not echo itself).
@@ -23,7 +30,7 @@ const MAX_ERROR_MESSAGE: usize = 1000;
 
 /// The dead-letter record for `msg`. A message that was itself replayed from the dead-letter
 /// topic keeps its first-failed time and counts one more attempt.
-pub fn dead_letter(topic: &str, group: &str, msg: &InboundMessage, poison: &Poison) -> OutboxRow {
+pub fn dead_letter(topic: &str, group: &str, msg: &InboundMessage, poison: &Poison, max_attempts: u32) -> OutboxRow {
     let previous = |name: &str| {
         msg.headers
             .iter()
@@ -52,6 +59,9 @@ pub fn dead_letter(topic: &str, group: &str, msg: &InboundMessage, poison: &Pois
         (FIRST_FAILED_AT.to_owned(), first_failed_at),
         (ATTEMPTS.to_owned(), attempts.to_string()),
     ]);
+    if attempts >= max_attempts {
+        headers.push((PARKED.to_owned(), "true".to_owned()));
+    }
     OutboxRow {
         topic: topic.to_owned(),
         key: msg.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()),
@@ -81,7 +91,7 @@ mod tests {
             headers: vec![],
         };
         let poison = Poison::new(PoisonClass::InvalidUtf8, "bad");
-        let first = dead_letter("deadletter.events", "g", &msg, &poison);
+        let first = dead_letter("deadletter.events", "g", &msg, &poison, 3);
         assert_eq!(first.payload, b"\xffgarbage");
         assert_eq!(first.key.as_deref(), Some("42"));
         assert_eq!(header(&first, ATTEMPTS), Some("1"));
@@ -89,9 +99,15 @@ mod tests {
         assert_eq!(header(&first, ERROR_CLASS), Some("INVALID_UTF8"));
 
         msg.headers = first.headers.iter().map(|(k, v)| (k.clone(), v.clone().into_bytes())).collect();
-        let second = dead_letter("deadletter.events", "g", &msg, &poison);
+        let second = dead_letter("deadletter.events", "g", &msg, &poison, 3);
         assert_eq!(header(&second, ATTEMPTS), Some("2"));
         assert_eq!(header(&second, FIRST_FAILED_AT), header(&first, FIRST_FAILED_AT));
         assert_eq!(second.headers.iter().filter(|(k, _)| k == ATTEMPTS).count(), 1);
+        assert_eq!(header(&second, PARKED), None);
+
+        msg.headers = second.headers.iter().map(|(k, v)| (k.clone(), v.clone().into_bytes())).collect();
+        let third = dead_letter("deadletter.events", "g", &msg, &poison, 3);
+        assert_eq!(header(&third, ATTEMPTS), Some("3"));
+        assert_eq!(header(&third, PARKED), Some("true"), "parked at the limit, not looped");
     }
 }
