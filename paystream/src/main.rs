@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use paystream_processors::account_processor;
 use paystream_processors::api;
 use paystream_processors::dlq::tool as dlq_tool;
+use paystream_processors::ops::OpsState;
 use paystream_processors::orders::{processor as order_processor, sweeper};
 use paystream_processors::outbox::relay;
 use paystream_processors::settings::Settings;
@@ -212,12 +213,29 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             kafka::create_topics(&settings.kafka, &settings.topics).await
         }
         Command::Process { processor: ProcessorKind::Account } => {
-            serve(|tracker, cancel| spawn_account_processor(tracker, cancel, &settings, &pool)).await
+            let ops = OpsState::new(&settings, pool.clone(), vec!["account"])?;
+            serve(|tracker, cancel| {
+                spawn_ops(tracker, cancel.clone(), &settings, ops);
+                spawn_account_processor(tracker, cancel, &settings, &pool);
+            })
+            .await
         }
         Command::Process { processor: ProcessorKind::Order } => {
-            serve(|tracker, cancel| spawn_order_processor(tracker, cancel, &settings, &pool)).await
+            let ops = OpsState::new(&settings, pool.clone(), vec!["order"])?;
+            serve(|tracker, cancel| {
+                spawn_ops(tracker, cancel.clone(), &settings, ops);
+                spawn_order_processor(tracker, cancel, &settings, &pool);
+            })
+            .await
         }
-        Command::Relay => serve(|tracker, cancel| spawn_relay(tracker, cancel, &settings, &pool)).await,
+        Command::Relay => {
+            let ops = OpsState::new(&settings, pool.clone(), Vec::new())?;
+            serve(|tracker, cancel| {
+                spawn_ops(tracker, cancel.clone(), &settings, ops);
+                spawn_relay(tracker, cancel, &settings, &pool);
+            })
+            .await
+        }
         Command::Api => serve(|tracker, cancel| spawn_part(tracker, cancel, &settings, &pool, "api", api::run)).await,
         Command::Audit { json } => audit(&settings, &pool, json).await,
         Command::Dlq { command } => dlq(&settings, &pool, command).await,
@@ -240,8 +258,9 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(&settings.api.listen)
                 .await
                 .with_context(|| format!("Failed to listen on {}", settings.api.listen))?;
+            let ops = OpsState::new(&settings, pool.clone(), vec!["account", "order"])?;
             serve(|tracker, cancel| {
-                let state = api::AppState::new(settings.clone(), pool.clone());
+                let state = api::AppState::new(settings.clone(), pool.clone(), ops);
                 let api_cancel = cancel.clone();
                 tracker.spawn(async move {
                     let result = api::serve(listener, state, api_cancel.clone()).await;
@@ -377,6 +396,15 @@ fn spawn_account_processor(
     tracker.spawn(async move {
         let result = account_processor::run(settings, pool, cancel.clone()).await;
         fatal_if_err("account processor", result, &cancel);
+    });
+}
+
+/// Serves /metrics, /healthz and /readyz of a worker on `metrics.listen`.
+fn spawn_ops(tracker: &TaskTracker, cancel: CancellationToken, settings: &Settings, ops: OpsState) {
+    let listen = settings.metrics.listen.clone();
+    tracker.spawn(async move {
+        let result = paystream_processors::ops::serve(&listen, ops, cancel.clone()).await;
+        fatal_if_err("metrics endpoint", result, &cancel);
     });
 }
 

@@ -294,6 +294,16 @@ fn sample(page: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Reads the sample of `name` whose labels include all of `labels`, in any order.
+fn sample_with(page: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    page.lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .find(|line| labels.iter().all(|(k, v)| line.contains(&format!("{k}=\"{v}\""))))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_requests_by_route_and_show_the_outbox_and_pending_orders() {
     let env = TestEnv::new(1).await;
@@ -314,5 +324,75 @@ async fn metrics_count_requests_by_route_and_show_the_outbox_and_pending_orders(
     assert_eq!(sample(page, "paystream_outbox_backlog"), 2.0);
     assert_eq!(sample(page, "paystream_orders_pending"), 2.0);
     assert!(sample(page, "paystream_oldest_pending_order_age_seconds") >= 0.0);
+    system.stop().await;
+}
+
+/// `/readyz` answers for the database: unreachable, it says 503 NOT_READY; back, 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_fails_while_the_database_is_down_and_recovers_after() {
+    let env = TestEnv::new(1).await;
+    let system = System::start(&env, &env.settings, NO_WORKERS).await;
+    let api = &system.api;
+    api.send("GET", "/readyz", None, None, None).await.expect(200);
+    assert_eq!(api.send("GET", "/healthz", None, None, None).await.expect(200).body["status"], "ok");
+
+    // Take this test's database away: no new connections, existing ones killed.
+    let db = env.database_url.rsplit('/').next().expect("db name").to_owned();
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url()).await.expect("admin");
+    sqlx::query(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false")).execute(&mut admin).await.expect("close db");
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()")
+        .bind(&db)
+        .execute(&mut admin)
+        .await
+        .expect("terminate");
+    let down = api.send("GET", "/readyz", None, None, None).await.expect(503);
+    assert_eq!(down.code(), "NOT_READY");
+    assert!(down.body["message"].as_str().is_some_and(|m| m.contains("database")), "{down:?}");
+    assert_eq!(api.send("GET", "/healthz", None, None, None).await.status.as_u16(), 200, "alive even so");
+
+    sqlx::query(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true")).execute(&mut admin).await.expect("reopen db");
+    wait_until("ready again", || async { (api.send("GET", "/readyz", None, None, None).await.status.as_u16() == 200).then_some(()) }).await;
+    system.stop().await;
+}
+
+/// A known workload through both processors moves their counters by exactly that much.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_a_known_workload_through_both_processors() {
+    let env = TestEnv::new(2).await;
+    let system = System::start(&env, &env.settings, Parts::ALL).await;
+    let api = &system.api;
+    api.funded_account(90, 1_000).await;
+    let paid: Vec<i64> = vec![
+        api.place_order(90, "a", 300).await.expect(201).id(),
+        api.place_order(90, "b", 300).await.expect(201).id(),
+    ];
+    let refused = api.place_order(90, "c", 5_000).await.expect(201).id();
+    for id in paid {
+        api.wait_order(90, id, "PAID").await;
+    }
+    api.wait_order(90, refused, "CANCELLED").await;
+    wait_until("the workers to hold their partitions and report no lag", || async {
+        let page = api.send("GET", "/metrics", None, None, None).await.body.as_str().unwrap_or("").to_owned();
+        let held = sample_with(&page, "paystream_assigned_partitions", &[("processor", "account")]) == 2.0
+            && sample_with(&page, "paystream_assigned_partitions", &[("processor", "order")]) == 2.0;
+        let lagging = page.lines().any(|l| l.starts_with("paystream_consumer_lag_messages{") && !l.ends_with(" 0"));
+        (held && !lagging && page.contains("paystream_consumer_lag_messages{")).then_some(())
+    })
+    .await;
+    let page = api.send("GET", "/metrics", None, None, None).await.body.as_str().unwrap_or("").to_owned();
+    let orders = env.settings.topics.order_events.as_str();
+    let accounts = env.settings.topics.account_events.as_str();
+    let consumed = |processor: &str, topic: &str, outcome: &str| {
+        sample_with(&page, "paystream_events_consumed_total", &[("processor", processor), ("topic", topic), ("outcome", outcome)])
+    };
+    assert_eq!(consumed("account", orders, "applied"), 2.0, "{page}");
+    assert_eq!(consumed("account", orders, "business_failure"), 1.0);
+    assert_eq!(consumed("account", orders, "dead_lettered"), 0.0);
+    // Two debits and one failure moved orders; the deposit's AccountCredited is not for them.
+    assert_eq!(consumed("order", accounts, "applied"), 3.0);
+    assert_eq!(consumed("order", accounts, "ignored"), 1.0);
+    assert_eq!(sample(&page, "paystream_orders_pending"), 0.0);
+    assert!(sample_with(&page, "paystream_relay_published_total", &[("topic", orders)]) >= 5.0, "3 created, 2 paid, 1 cancelled");
+    api.send("GET", "/readyz", None, None, None).await.expect(200);
     system.stop().await;
 }

@@ -11,6 +11,7 @@ pub mod domain;
 pub mod events;
 pub mod kafka;
 pub mod ledger;
+pub mod ops;
 pub mod orders;
 pub mod outbox;
 pub mod settings;

@@ -19,6 +19,7 @@ pub struct Settings {
     pub api: ApiSettings,
     pub audit: AuditSettings,
     pub dlq: DlqSettings,
+    pub metrics: MetricsSettings,
     pub log: LogSettings,
 }
 
@@ -104,6 +105,11 @@ pub struct DlqSettings {
     pub max_attempts: u32,
     pub replay_rate_per_s: f64,
     pub read_idle_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MetricsSettings {
+    pub listen: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

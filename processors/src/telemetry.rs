@@ -4,7 +4,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    exponential_buckets, Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
+    exponential_buckets, Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
     TextEncoder,
 };
 use tracing_subscriber::{fmt, EnvFilter};
@@ -40,6 +41,8 @@ pub struct Metrics {
     pub outbox_oldest_age: Gauge,
     pub orders_pending: IntGauge,
     pub oldest_pending_order_age: Gauge,
+    pub assigned_partitions: IntGaugeVec,
+    pub consumer_lag: IntGaugeVec,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -147,6 +150,27 @@ impl Metrics {
                 let g = Gauge::new(
                     "paystream_oldest_pending_order_age_seconds",
                     "Age of the oldest PENDING order (0 when none).",
+                )
+                .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            assigned_partitions: {
+                let g = IntGaugeVec::new(
+                    Opts::new("paystream_assigned_partitions", "Partitions this worker holds, by processor."),
+                    &["processor"],
+                )
+                .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            consumer_lag: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "paystream_consumer_lag_messages",
+                        "Messages between the stored offset and the partition's high watermark, by processor and partition.",
+                    ),
+                    &["processor", "partition"],
                 )
                 .expect("valid metric");
                 registry.register(Box::new(g.clone())).expect("unique metric");

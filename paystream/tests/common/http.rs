@@ -37,7 +37,15 @@ impl System {
         let base = format!("http://{}", listener.local_addr().expect("addr"));
         let mut workers = Vec::new();
         let cancel = CancellationToken::new();
-        let state = api::AppState::new(settings.clone(), env.pool.clone());
+        let mut processors = Vec::new();
+        if parts.account_processor {
+            processors.push("account");
+        }
+        if parts.order_processor {
+            processors.push("order");
+        }
+        let ops = paystream_processors::ops::OpsState::new(settings, env.pool.clone(), processors).expect("ops state");
+        let state = api::AppState::new(settings.clone(), env.pool.clone(), ops);
         workers.push(Worker { cancel: cancel.clone(), task: tokio::spawn(api::serve(listener, state, cancel)) });
         if parts.account_processor {
             workers.push(spawn(settings, account_processor::run));

@@ -106,6 +106,8 @@ impl TestEnv {
         [
             ("PAYSTREAM__DATABASE__URL", s.database.url.clone()),
             ("PAYSTREAM__DATABASE__MAX_CONNECTIONS", "8".into()),
+            // Tests run in parallel: each worker's metrics endpoint takes a free port.
+            ("PAYSTREAM__METRICS__LISTEN", "127.0.0.1:0".into()),
             ("PAYSTREAM__KAFKA__BROKERS", s.kafka.brokers.clone()),
             ("PAYSTREAM__KAFKA__SESSION_TIMEOUT_MS", s.kafka.session_timeout_ms.to_string()),
             ("PAYSTREAM__TOPICS__ORDER_EVENTS", s.topics.order_events.clone()),

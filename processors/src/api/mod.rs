@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use self::auth::RateLimiter;
 use self::error::ApiError;
 use self::idempotency::IdempotentRequest;
+use crate::ops::OpsState;
 use crate::settings::Settings;
 use crate::telemetry::METRICS;
 
@@ -37,12 +38,14 @@ pub struct AppState {
     pub pool: PgPool,
     pub settings: Arc<Settings>,
     pub rate_limiter: Arc<RateLimiter>,
+    /// `/healthz`, `/readyz`, `/metrics`; `up` adds its processors to readiness.
+    pub ops: OpsState,
 }
 
 impl AppState {
-    pub fn new(settings: Settings, pool: PgPool) -> Self {
+    pub fn new(settings: Settings, pool: PgPool, ops: OpsState) -> Self {
         let rate_limiter = Arc::new(RateLimiter::new(settings.api.rate_limit_per_s, settings.api.rate_limit_burst));
-        Self { pool, settings: Arc::new(settings), rate_limiter }
+        Self { pool, settings: Arc::new(settings), rate_limiter, ops }
     }
 }
 
@@ -58,17 +61,15 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/orders", post(orders::create).get(orders::list))
         .route("/v1/orders/{id}", get(orders::get))
         .route("/v1/orders/{id}/cancel", post(orders::cancel))
-        .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(ops::openapi))
+        .with_state(state.clone())
+        .merge(crate::ops::router(state.ops.clone()))
         .fallback(|| async { ApiError::not_found("NOT_FOUND", "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED", "this route does not take that method")
         })
-        .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
+        .layer(axum::middleware::from_fn_with_state(state, observe))
         .layer(DefaultBodyLimit::max(max_body))
-        .with_state(state)
 }
 
 /// Serves `app` on `listener` until `cancel` fires, then finishes in-flight requests.
@@ -83,7 +84,8 @@ pub async fn run(settings: Settings, pool: PgPool, cancel: CancellationToken) ->
         .await
         .map_err(|e| anyhow::anyhow!("Failed to listen on {}: {e}", settings.api.listen))?;
     tracing::info!(address = %listener.local_addr()?, "HTTP API listening");
-    serve(listener, AppState::new(settings, pool), cancel).await
+    let ops = OpsState::new(&settings, pool.clone(), Vec::new())?;
+    serve(listener, AppState::new(settings, pool, ops), cancel).await
 }
 
 /// The request timeout, and the HTTP metrics (labelled by route template, never by id).

@@ -164,6 +164,8 @@ pub async fn run<H: Handler>(
 }
 
 struct Context {
+    /// The handler's name: the `processor` label of metrics.
+    name: &'static str,
     handle: Handle,
     pool: PgPool,
     group: String,
@@ -183,7 +185,10 @@ impl ConsumerContext for Context {
         err: RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
-        self.lock_partitions().clear();
+        for partition in self.lock_partitions().drain().map(|(p, _)| p) {
+            let _ = METRICS.consumer_lag.remove_label_values(&[self.name, &partition.to_string()]);
+        }
+        METRICS.assigned_partitions.with_label_values(&[self.name]).set(0);
         if err != RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS {
             if err != RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS {
                 tracing::error!(?err, "rebalance error; dropping the assignment");
@@ -222,6 +227,7 @@ impl ConsumerContext for Context {
             );
         }
         drop(states);
+        METRICS.assigned_partitions.with_label_values(&[self.name]).set(claimed.len() as i64);
         tracing::info!(
             partitions = ?claimed.iter().map(|c| (c.partition, c.next_offset, c.epoch)).collect::<Vec<_>>(),
             "partitions assigned and claimed (partition, stored offset, epoch)"
@@ -287,6 +293,7 @@ fn consume<H: Handler>(
         max: Duration::from_millis(settings.processor.retry_max_ms),
     };
     let context = Context {
+        name: handler.name(),
         handle: handle.clone(),
         pool: pool.clone(),
         group: config.group.clone(),
@@ -302,7 +309,12 @@ fn consume<H: Handler>(
     tracing::info!(processor = handler.name(), group = %config.group, topic = %config.topic, %owner, "worker started");
 
     let batch = BatchRunner { pool: &pool, handler: &handler, config: &config, retry, cancel: &cancel };
+    let mut lag_measured = Instant::now();
     while !cancel.is_cancelled() {
+        if lag_measured.elapsed() >= LAG_INTERVAL {
+            lag_measured = Instant::now();
+            measure_lag(&consumer, &config.topic, handler.name());
+        }
         let assigned = consumer.context().lock_partitions().len().max(1);
         let messages = poll_batch(&consumer, settings, settings.processor.batch_max * assigned);
         check_silent_partitions(&consumer, &config.topic);
@@ -421,6 +433,24 @@ fn rewind(consumer: &BaseConsumer<Context>, topic: &str, partition: i32, state: 
     tracing::info!(partition, stored = state.next_offset, seen, target, "fetch did not resume at the stored offset; rewinding");
     state.moved_at = Instant::now();
     seek(consumer, topic, partition, target);
+}
+
+/// How often each worker reports its consumer lag.
+const LAG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Sets the lag gauge of each assigned partition: high watermark minus stored offset. The
+/// watermark is the broker's word and only a measure here; positioning never relies on it.
+fn measure_lag(consumer: &BaseConsumer<Context>, topic: &str, name: &str) {
+    let stored: Vec<(i32, i64)> =
+        consumer.context().lock_partitions().iter().map(|(p, s)| (*p, s.next_offset)).collect();
+    for (partition, next_offset) in stored {
+        if let Ok((_, high)) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(1)) {
+            METRICS
+                .consumer_lag
+                .with_label_values(&[name, &partition.to_string()])
+                .set((high - next_offset).max(0));
+        }
+    }
 }
 
 /// How long an unverified partition may stay silent before its position is checked.
