@@ -6,11 +6,15 @@ cd "$(dirname "$0")/.."
 source scripts/env.sh
 
 scripts/pg.sh up
-# The `up` test pastes the curl session that `paystream up` prints into bash.
-if ! command -v curl >/dev/null 2>&1; then
-  log "installing curl (Debian package)"
+# The `up` test pastes the curl session that `paystream up` prints into bash (curl); the
+# deployment test checks the alert rules with promtool (Debian's prometheus package).
+missing=()
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+if [ "${#missing[@]}" -gt 0 ]; then
+  log "installing ${missing[*]} (Debian packages)"
   sudo_if_needed apt-get update -q
-  sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -q curl
+  sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 scripts/broker.sh up memory
 if ! cargo nextest --version >/dev/null 2>&1; then

@@ -392,11 +392,7 @@ fn spawn_account_processor(
     settings: &Settings,
     pool: &Pool,
 ) {
-    let (settings, pool) = (settings.clone(), pool.clone());
-    tracker.spawn(async move {
-        let result = account_processor::run(settings, pool, cancel.clone()).await;
-        fatal_if_err("account processor", result, &cancel);
-    });
+    spawn_part(tracker, cancel, settings, pool, "account processor", account_processor::run);
 }
 
 /// Serves /metrics, /healthz and /readyz of a worker on `metrics.listen`.
@@ -460,12 +456,10 @@ curl -s "$API/v1/accounts/$ACCOUNT/entries" -H "Authorization: Bearer $TOKEN"; e
     );
 }
 
+/// The relay, and the periodic audit next to it (one or two relays run per deployment).
 fn spawn_relay(tracker: &TaskTracker, cancel: CancellationToken, settings: &Settings, pool: &Pool) {
-    let (settings, pool) = (settings.clone(), pool.clone());
-    tracker.spawn(async move {
-        let result = relay::run(settings, pool, cancel.clone()).await;
-        fatal_if_err("relay", result, &cancel);
-    });
+    spawn_part(tracker, cancel.clone(), settings, pool, "periodic audit", paystream_processors::audit::run_periodically);
+    spawn_part(tracker, cancel, settings, pool, "relay", relay::run);
 }
 
 static FAILED: AtomicBool = AtomicBool::new(false);

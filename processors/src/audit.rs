@@ -192,3 +192,33 @@ pub async fn check(pool: &PgPool, limits: &Limits) -> Result<Vec<Violation>, sql
     }
     Ok(violations)
 }
+
+/// Runs the audit every `audit.interval_s` (0: never) until `cancel` fires, and exports the
+/// result (`paystream_audit_violations`, `paystream_audit_last_run_timestamp_seconds`).
+pub async fn run_periodically(
+    settings: Settings,
+    pool: PgPool,
+    cancel: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    if settings.audit.interval_s == 0 {
+        return Ok(());
+    }
+    let limits = Limits::running(&settings);
+    let mut every = tokio::time::interval(Duration::from_secs(settings.audit.interval_s));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = every.tick() => {}
+        }
+        match check(&pool, &limits).await {
+            Ok(violations) => {
+                crate::telemetry::METRICS.audit_violations.set(violations.len() as i64);
+                crate::telemetry::METRICS.audit_last_run.set(chrono::Utc::now().timestamp() as f64);
+                for v in &violations {
+                    tracing::error!(invariant = v.invariant, detail = %v.detail, "audit violation");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "periodic audit failed; will run again"),
+        }
+    }
+}

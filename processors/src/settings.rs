@@ -96,6 +96,7 @@ pub struct ApiSettings {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct AuditSettings {
+    pub interval_s: u64,
     pub settle_s: u64,
     pub outbox_max_age_s: u64,
 }

@@ -43,6 +43,8 @@ pub struct Metrics {
     pub oldest_pending_order_age: Gauge,
     pub assigned_partitions: IntGaugeVec,
     pub consumer_lag: IntGaugeVec,
+    pub audit_violations: IntGauge,
+    pub audit_last_run: Gauge,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -171,6 +173,21 @@ impl Metrics {
                         "Messages between the stored offset and the partition's high watermark, by processor and partition.",
                     ),
                     &["processor", "partition"],
+                )
+                .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            audit_violations: {
+                let g = IntGauge::new("paystream_audit_violations", "Violations found by the last periodic audit.")
+                    .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            audit_last_run: {
+                let g = Gauge::new(
+                    "paystream_audit_last_run_timestamp_seconds",
+                    "Unix time of the last completed periodic audit.",
                 )
                 .expect("valid metric");
                 registry.register(Box::new(g.clone())).expect("unique metric");
