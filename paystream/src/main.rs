@@ -356,8 +356,13 @@ async fn dlq(settings: &Settings, pool: &Pool, command: DlqCommand) -> anyhow::R
 
 async fn audit(settings: &Settings, pool: &Pool, json: bool) -> anyhow::Result<()> {
     let limits = paystream_processors::audit::Limits::running(settings);
-    let violations = paystream_processors::audit::check(pool, &limits).await.context("Failed to run the audit")?;
-    let checks = paystream_processors::audit::CHECK_COUNT;
+    let mut violations = paystream_processors::audit::check(pool, &limits).await.context("Failed to run the audit")?;
+    violations.extend(
+        paystream_processors::audit::check_offsets(pool, settings)
+            .await
+            .context("Failed to check stored offsets against the broker")?,
+    );
+    let checks = paystream_processors::audit::CHECK_COUNT + 1;
     if json {
         let report = serde_json::json!({
             "ok": violations.is_empty(),

@@ -392,6 +392,10 @@ async fn metrics_show_a_known_workload_through_both_processors() {
     assert_eq!(consumed("order", accounts, "applied"), 3.0);
     assert_eq!(consumed("order", accounts, "ignored"), 1.0);
     assert_eq!(sample(&page, "paystream_orders_pending"), 0.0);
+    paystream_processors::audit::count_orders(&env.pool).await.expect("count");
+    let page = api.send("GET", "/metrics", None, None, None).await.body.as_str().unwrap_or("").to_owned();
+    assert_eq!(sample_with(&page, "paystream_orders", &[("status", "PAID")]), 2.0);
+    assert_eq!(sample_with(&page, "paystream_orders", &[("status", "CANCELLED")]), 1.0);
     assert!(sample_with(&page, "paystream_relay_published_total", &[("topic", orders)]) >= 5.0, "3 created, 2 paid, 1 cancelled");
     api.send("GET", "/readyz", None, None, None).await.expect(200);
     system.stop().await;

@@ -97,7 +97,7 @@ async fn exec(env: &TestEnv, sql: &str) {
 async fn paystream_audit_passes_a_clean_ledger_and_names_each_injected_violation() {
     const UNLOCK: &str = "ALTER TABLE ledger_entries DISABLE TRIGGER ledger_entries_append_only;";
     const LAST_ENTRY: &str = "(SELECT max(id) FROM ledger_entries WHERE delta_fen > 0)";
-    let cases: [(&str, String, &str); 4] = [
+    let cases: [(&str, String, &str); 5] = [
         ("a balance changed directly", "UPDATE accounts SET balance_fen = balance_fen + 1 WHERE kind = 'USER';".into(), "balance_equals_sum_of_entries"),
         (
             "an entry altered, its balance fixed up to match",
@@ -118,6 +118,11 @@ async fn paystream_audit_passes_a_clean_ledger_and_names_each_injected_violation
              FROM orders o JOIN transfers t ON t.order_id = o.id AND t.kind = 'DEBIT';"
                 .into(),
             "order_state_matches_its_transfers",
+        ),
+        (
+            "a stored offset moved past the end of the log",
+            "UPDATE consumer_offsets SET next_offset = next_offset + 1000 WHERE partition = 0 AND consumer_group LIKE '%-account';".into(),
+            "stored_offsets_within_the_log",
         ),
     ];
     for (what, sql, invariant) in cases {

@@ -193,6 +193,40 @@ pub async fn check(pool: &PgPool, limits: &Limits) -> Result<Vec<Violation>, sql
     Ok(violations)
 }
 
+/// Stored consumer offsets must never be ahead of their topic's high watermark: an offset
+/// past the end of the log means positions were written for messages that do not exist (a
+/// restored database against a newer or recreated topic, or a bug). Asks the broker, so it
+/// runs in `paystream audit`, not in the database-only `check`.
+pub async fn check_offsets(pool: &PgPool, settings: &Settings) -> anyhow::Result<Vec<Violation>> {
+    let stored: Vec<(String, String, i32, i64)> = sqlx::query_as(
+        "SELECT consumer_group, topic, partition, next_offset FROM consumer_offsets ORDER BY 1, 2, 3",
+    )
+    .fetch_all(pool)
+    .await?;
+    if stored.is_empty() {
+        return Ok(Vec::new());
+    }
+    let kafka = settings.kafka.clone();
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let client: BaseConsumer = crate::kafka::base_config(&kafka).create()?;
+        let mut violations = Vec::new();
+        for (group, topic, partition, next_offset) in stored {
+            let (_, high) = client
+                .fetch_watermarks(&topic, partition, Duration::from_secs(10))
+                .map_err(|e| anyhow::anyhow!("Failed to read the watermarks of {topic}/{partition}: {e}"))?;
+            if next_offset > high {
+                violations.push(Violation {
+                    invariant: "stored_offsets_within_the_log",
+                    detail: format!("{group} {topic}/{partition}: stored offset {next_offset} is past the high watermark {high}"),
+                });
+            }
+        }
+        Ok(violations)
+    })
+    .await?
+}
+
 /// Runs the audit every `audit.interval_s` (0: never) until `cancel` fires, and exports the
 /// result (`paystream_audit_violations`, `paystream_audit_last_run_timestamp_seconds`).
 pub async fn run_periodically(
@@ -220,5 +254,18 @@ pub async fn run_periodically(
             }
             Err(e) => tracing::warn!(error = %e, "periodic audit failed; will run again"),
         }
+        if let Err(e) = count_orders(&pool).await {
+            tracing::warn!(error = %e, "counting orders by status failed; will run again");
+        }
     }
+}
+
+/// Sets `paystream_orders{status}`.
+pub async fn count_orders(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let counts: Vec<(String, i64)> = sqlx::query_as("SELECT status, count(*) FROM orders GROUP BY status").fetch_all(pool).await?;
+    for status in crate::orders::OrderStatus::ALL {
+        let n = counts.iter().find(|(s, _)| s == status.as_str()).map_or(0, |(_, n)| *n);
+        crate::telemetry::METRICS.orders_by_status.with_label_values(&[status.as_str()]).set(n);
+    }
+    Ok(())
 }

@@ -44,6 +44,7 @@ pub struct Metrics {
     pub assigned_partitions: IntGaugeVec,
     pub consumer_lag: IntGaugeVec,
     pub audit_violations: IntGauge,
+    pub orders_by_status: IntGaugeVec,
     pub audit_last_run: Gauge,
 }
 
@@ -173,6 +174,18 @@ impl Metrics {
                         "Messages between the stored offset and the partition's high watermark, by processor and partition.",
                     ),
                     &["processor", "partition"],
+                )
+                .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            orders_by_status: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "paystream_orders",
+                        "Orders by status, counted by the periodic audit (a full count is too costly per scrape).",
+                    ),
+                    &["status"],
                 )
                 .expect("valid metric");
                 registry.register(Box::new(g.clone())).expect("unique metric");
