@@ -199,7 +199,7 @@ async fn phase(
     tx.commit().await?;
 
     // Results: AccountDebited as received from the topic.
-    let received: Arc<Mutex<HashMap<i64, Instant>>> = Arc::default();
+    let received: Arc<Mutex<HashMap<i64, Received>>> = Arc::default();
     let results = results_consumer(&settings, received.clone())?;
 
     let cancel = CancellationToken::new();
@@ -218,6 +218,7 @@ async fn phase(
     let producer: FutureProducer = kafka::producer_config(&settings.kafka, Duration::from_secs(60)).create()?;
     let first_order = number * 100_000_000;
     let mut sent: HashMap<i64, Instant> = HashMap::with_capacity(events as usize);
+    let mut sent_wall_ms: HashMap<i64, i64> = HashMap::with_capacity(events as usize);
     let mut deliveries = Vec::with_capacity(events as usize);
     let started = Instant::now();
     let mut ticker = rate.map(|r| {
@@ -239,6 +240,7 @@ async fn phase(
             let value = order_created(order_id, user_id)?;
             let key = user_id.to_string();
             sent.insert(order_id, Instant::now());
+            sent_wall_ms.insert(order_id, chrono::Utc::now().timestamp_millis());
             let mut record = FutureRecord::to(&settings.topics.order_events).key(&key).payload(&value);
             loop {
                 match producer.send_result(record) {
@@ -289,11 +291,12 @@ async fn phase(
         relay_p99.unwrap_or(f64::NAN)
     );
 
-    let received = received.lock().map_err(|_| anyhow::anyhow!("results lock poisoned"))?;
-    let last = received.values().max().copied().unwrap_or(started);
+    let received = received.lock().map_err(|_| anyhow::anyhow!("results lock poisoned"))?.clone();
+    hops(pool, &settings.topics.account_events, &sent_wall_ms, &received).await?;
+    let last = received.values().map(|r| r.at).max().unwrap_or(started);
     let latencies = sent
         .iter()
-        .filter_map(|(order, at)| received.get(order).map(|done| done.saturating_duration_since(*at)))
+        .filter_map(|(order, at)| received.get(order).map(|done| done.at.saturating_duration_since(*at)))
         .collect();
     Ok(Phase { events, elapsed: last.saturating_duration_since(started), latencies })
 }
@@ -312,9 +315,67 @@ fn order_created(order_id: i64, user_id: i64) -> anyhow::Result<Vec<u8>> {
     Ok(Envelope::new(Uuid::new_v4(), chrono::Utc::now(), payload).to_bytes())
 }
 
+/// When the bench saw an order's `AccountDebited`, and when the relay produced it.
+#[derive(Debug, Clone, Copy)]
+struct Received {
+    at: Instant,
+    wall_ms: i64,
+    /// The record's CreateTime: when the relay's producer sent it.
+    produced_ms: Option<i64>,
+}
+
+/// Splits end-to-end latency into its hops (wall clocks of one host):
+/// produce -> batch transaction start (broker hop 1 and batching), transaction start -> relay
+/// send (commit, NOTIFY, relay), relay send -> bench receive (broker hop 2).
+async fn hops(
+    pool: &PgPool,
+    account_events: &str,
+    sent_wall_ms: &HashMap<i64, i64>,
+    received: &HashMap<i64, Received>,
+) -> anyhow::Result<()> {
+    let started: Vec<(i64, i64)> = sqlx::query_as(
+        r#"
+        SELECT (convert_from(payload, 'UTF8')::jsonb -> 'payload' ->> 'orderId')::bigint,
+               (extract(epoch FROM created_at) * 1000)::bigint
+        FROM outbox WHERE topic = $1 AND headers @> '[["eventType", "AccountDebited"]]'
+        "#,
+    )
+    .bind(account_events)
+    .fetch_all(pool)
+    .await?;
+    let mut hop1 = Vec::new();
+    let mut middle = Vec::new();
+    let mut hop2 = Vec::new();
+    for (order, txn_ms) in started {
+        let (Some(sent), Some(got)) = (sent_wall_ms.get(&order), received.get(&order)) else { continue };
+        hop1.push(txn_ms - sent);
+        if let Some(produced) = got.produced_ms {
+            middle.push(produced - txn_ms);
+            hop2.push(got.wall_ms - produced);
+        }
+    }
+    let pct = |v: &mut Vec<i64>, p: f64| -> i64 {
+        if v.is_empty() {
+            return -1;
+        }
+        v.sort_unstable();
+        v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
+    };
+    println!(
+        "  hops p50/p99 ms: produce -> txn start {}/{}, txn start -> relay send {}/{}, relay send -> received {}/{}",
+        pct(&mut hop1, 0.5),
+        pct(&mut hop1, 0.99),
+        pct(&mut middle, 0.5),
+        pct(&mut middle, 0.99),
+        pct(&mut hop2, 0.5),
+        pct(&mut hop2, 0.99)
+    );
+    Ok(())
+}
+
 fn results_consumer(
     settings: &Settings,
-    received: Arc<Mutex<HashMap<i64, Instant>>>,
+    received: Arc<Mutex<HashMap<i64, Received>>>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let mut config = kafka::base_config(&settings.kafka);
     config
@@ -327,7 +388,11 @@ fn results_consumer(
     Ok(tokio::spawn(async move {
         let mut stream = consumer.stream();
         while let Some(Ok(message)) = stream.next().await {
-            let now = Instant::now();
+            let now = Received {
+                at: Instant::now(),
+                wall_ms: chrono::Utc::now().timestamp_millis(),
+                produced_ms: message.timestamp().to_millis(),
+            };
             let Some(value) = message.payload() else { continue };
             let Ok(event) = serde_json::from_slice::<serde_json::Value>(value) else { continue };
             if event["eventType"] != "AccountDebited" {
