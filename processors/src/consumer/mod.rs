@@ -309,11 +309,17 @@ fn consume<H: Handler>(
     tracing::info!(processor = handler.name(), group = %config.group, topic = %config.topic, %owner, "worker started");
 
     let batch = BatchRunner { pool: &pool, handler: &handler, config: &config, retry, cancel: &cancel };
+    // Its own client, off this thread: a watermark request is a broker round trip, and the
+    // poll loop must not wait for it.
+    let lag_client: std::sync::Arc<BaseConsumer> = std::sync::Arc::new(crate::kafka::base_config(&settings.kafka).create()?);
     let mut lag_measured = Instant::now();
     while !cancel.is_cancelled() {
         if lag_measured.elapsed() >= LAG_INTERVAL {
             lag_measured = Instant::now();
-            measure_lag(&consumer, &config.topic, handler.name());
+            let stored: Vec<(i32, i64)> =
+                consumer.context().lock_partitions().iter().map(|(p, s)| (*p, s.next_offset)).collect();
+            let (client, topic, name) = (lag_client.clone(), config.topic.clone(), handler.name());
+            handle.spawn_blocking(move || measure_lag(&client, &topic, name, &stored));
         }
         let assigned = consumer.context().lock_partitions().len().max(1);
         let messages = poll_batch(&consumer, settings, settings.processor.batch_max * assigned);
@@ -440,11 +446,9 @@ const LAG_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Sets the lag gauge of each assigned partition: high watermark minus stored offset. The
 /// watermark is the broker's word and only a measure here; positioning never relies on it.
-fn measure_lag(consumer: &BaseConsumer<Context>, topic: &str, name: &str) {
-    let stored: Vec<(i32, i64)> =
-        consumer.context().lock_partitions().iter().map(|(p, s)| (*p, s.next_offset)).collect();
-    for (partition, next_offset) in stored {
-        if let Ok((_, high)) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(1)) {
+fn measure_lag(client: &BaseConsumer, topic: &str, name: &str, stored: &[(i32, i64)]) {
+    for &(partition, next_offset) in stored {
+        if let Ok((_, high)) = client.fetch_watermarks(topic, partition, Duration::from_secs(1)) {
             METRICS
                 .consumer_lag
                 .with_label_values(&[name, &partition.to_string()])
