@@ -454,9 +454,11 @@ export API={url} TOKEN={user} ADMIN={admin}
 ACCOUNT=$(curl -s -X POST $API/v1/accounts -H "Authorization: Bearer $TOKEN" -H "Idempotency-Key: acct-1" -d '{{"currency":"CNY"}}' | grep -o '"id":[0-9]*' | cut -d: -f2); echo "account $ACCOUNT"
 curl -s -X POST $API/v1/accounts/$ACCOUNT/deposits -H "Authorization: Bearer $ADMIN" -H "Idempotency-Key: dep-1" -d '{{"amountFen":10000}}'; echo
 ORDER=$(curl -s -X POST $API/v1/orders -H "Authorization: Bearer $TOKEN" -H "Idempotency-Key: order-1" -d '{{"amountFen":2500,"currency":"CNY","items":[{{"sku":"tea","qty":1,"priceFen":2500}}]}}' | grep -o '"id":[0-9]*' | cut -d: -f2); echo "order $ORDER"
-sleep 1; curl -s $API/v1/orders/$ORDER -H "Authorization: Bearer $TOKEN"; echo
+for i in $(seq 50); do curl -s $API/v1/orders/$ORDER -H "Authorization: Bearer $TOKEN" | grep -q '"status":"PAID"' && break; sleep 0.1; done
+curl -s $API/v1/orders/$ORDER -H "Authorization: Bearer $TOKEN"; echo
 curl -s -X POST $API/v1/orders/$ORDER/cancel -H "Authorization: Bearer $TOKEN" -H "Idempotency-Key: cancel-1"; echo
-sleep 1; curl -s $API/v1/orders/$ORDER -H "Authorization: Bearer $TOKEN"; echo
+for i in $(seq 50); do curl -s $API/v1/orders/$ORDER -H "Authorization: Bearer $TOKEN" | grep -q '"status":"REFUNDED"' && break; sleep 0.1; done
+curl -s $API/v1/orders/$ORDER -H "Authorization: Bearer $TOKEN"; echo
 curl -s "$API/v1/accounts/$ACCOUNT/entries" -H "Authorization: Bearer $TOKEN"; echo"#
     );
 }
