@@ -53,17 +53,34 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 impl Metrics {
     fn new() -> Self {
         let registry = Registry::new();
+        // Every metric is built from constant, valid names and registered once.
+        let register = |metric: Box<dyn prometheus::core::Collector>| registry.register(metric).expect("unique metric");
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            register(Box::new(c.clone()));
             c
         };
-        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
-            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &["processor"])
-                .expect("valid metric");
-            registry.register(Box::new(h.clone())).expect("unique metric");
+        let histogram = |name: &str, help: &str, labels: &[&str], buckets: Vec<f64>| {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels).expect("valid metric");
+            register(Box::new(h.clone()));
             h
         };
+        let gauge = |name: &str, help: &str| {
+            let g = Gauge::new(name, help).expect("valid metric");
+            register(Box::new(g.clone()));
+            g
+        };
+        let int_gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            register(Box::new(g.clone()));
+            g
+        };
+        let int_gauges = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            register(Box::new(g.clone()));
+            g
+        };
+        let seconds = || exponential_buckets(0.001, 2.0, 14).expect("valid buckets");
         Self {
             events_consumed: counter(
                 "paystream_events_consumed_total",
@@ -74,12 +91,14 @@ impl Metrics {
             batch_size: histogram(
                 "paystream_batch_size",
                 "Messages per partition batch transaction.",
+                &["processor"],
                 exponential_buckets(1.0, 2.0, 12).expect("valid buckets"),
             ),
             batch_duration: histogram(
                 "paystream_batch_transaction_duration_seconds",
                 "Wall time of one batch transaction, commit included.",
-                exponential_buckets(0.001, 2.0, 14).expect("valid buckets"),
+                &["processor"],
+                seconds(),
             ),
             retries: counter(
                 "paystream_retries_total",
@@ -106,19 +125,12 @@ impl Metrics {
                 "HTTP requests served, by method, route template and status code.",
                 &["method", "route", "status"],
             ),
-            http_duration: {
-                let h = HistogramVec::new(
-                    HistogramOpts::new(
-                        "paystream_http_request_duration_seconds",
-                        "HTTP request latency, by method and route template.",
-                    )
-                    .buckets(exponential_buckets(0.001, 2.0, 14).expect("valid buckets")),
-                    &["method", "route"],
-                )
-                .expect("valid metric");
-                registry.register(Box::new(h.clone())).expect("unique metric");
-                h
-            },
+            http_duration: histogram(
+                "paystream_http_request_duration_seconds",
+                "HTTP request latency, by method and route template.",
+                &["method", "route"],
+                seconds(),
+            ),
             idempotency: counter(
                 "paystream_idempotency_total",
                 "Requests with an Idempotency-Key that were not fresh, by result \
@@ -130,82 +142,36 @@ impl Metrics {
                 "Orders cancelled by the payment timeout sweeper.",
                 &["reason"],
             ),
-            outbox_backlog: {
-                let g = IntGauge::new("paystream_outbox_backlog", "Outbox rows not yet published.").expect("valid metric");
-                registry.register(Box::new(g.clone())).expect("unique metric");
-                g
-            },
-            outbox_oldest_age: {
-                let g = Gauge::new(
-                    "paystream_outbox_oldest_unpublished_age_seconds",
-                    "Age of the oldest unpublished outbox row (0 when none).",
-                )
-                .expect("valid metric");
-                registry.register(Box::new(g.clone())).expect("unique metric");
-                g
-            },
-            orders_pending: {
-                let g = IntGauge::new("paystream_orders_pending", "Orders in state PENDING.").expect("valid metric");
-                registry.register(Box::new(g.clone())).expect("unique metric");
-                g
-            },
-            oldest_pending_order_age: {
-                let g = Gauge::new(
-                    "paystream_oldest_pending_order_age_seconds",
-                    "Age of the oldest PENDING order (0 when none).",
-                )
-                .expect("valid metric");
-                registry.register(Box::new(g.clone())).expect("unique metric");
-                g
-            },
-            assigned_partitions: {
-                let g = IntGaugeVec::new(
-                    Opts::new("paystream_assigned_partitions", "Partitions this worker holds, by processor."),
-                    &["processor"],
-                )
-                .expect("valid metric");
-                registry.register(Box::new(g.clone())).expect("unique metric");
-                g
-            },
-            consumer_lag: {
-                let g = IntGaugeVec::new(
-                    Opts::new(
-                        "paystream_consumer_lag_messages",
-                        "Messages between the stored offset and the partition's high watermark, by processor and partition.",
-                    ),
-                    &["processor", "partition"],
-                )
-                .expect("valid metric");
-                registry.register(Box::new(g.clone())).expect("unique metric");
-                g
-            },
-            orders_by_status: {
-                let g = IntGaugeVec::new(
-                    Opts::new(
-                        "paystream_orders",
-                        "Orders by status, counted by the periodic audit (a full count is too costly per scrape).",
-                    ),
-                    &["status"],
-                )
-                .expect("valid metric");
-                registry.register(Box::new(g.clone())).expect("unique metric");
-                g
-            },
-            audit_violations: {
-                let g = IntGauge::new("paystream_audit_violations", "Violations found by the last periodic audit.")
-                    .expect("valid metric");
-                registry.register(Box::new(g.clone())).expect("unique metric");
-                g
-            },
-            audit_last_run: {
-                let g = Gauge::new(
-                    "paystream_audit_last_run_timestamp_seconds",
-                    "Unix time of the last completed periodic audit.",
-                )
-                .expect("valid metric");
-                registry.register(Box::new(g.clone())).expect("unique metric");
-                g
-            },
+            outbox_backlog: int_gauge("paystream_outbox_backlog", "Outbox rows not yet published."),
+            outbox_oldest_age: gauge(
+                "paystream_outbox_oldest_unpublished_age_seconds",
+                "Age of the oldest unpublished outbox row (0 when none).",
+            ),
+            orders_pending: int_gauge("paystream_orders_pending", "Orders in state PENDING."),
+            oldest_pending_order_age: gauge(
+                "paystream_oldest_pending_order_age_seconds",
+                "Age of the oldest PENDING order (0 when none).",
+            ),
+            assigned_partitions: int_gauges(
+                "paystream_assigned_partitions",
+                "Partitions this worker holds, by processor.",
+                &["processor"],
+            ),
+            consumer_lag: int_gauges(
+                "paystream_consumer_lag_messages",
+                "Messages between the stored offset and the partition's high watermark, by processor and partition.",
+                &["processor", "partition"],
+            ),
+            orders_by_status: int_gauges(
+                "paystream_orders",
+                "Orders by status, counted by the periodic audit (a full count is too costly per scrape).",
+                &["status"],
+            ),
+            audit_violations: int_gauge("paystream_audit_violations", "Violations found by the last periodic audit."),
+            audit_last_run: gauge(
+                "paystream_audit_last_run_timestamp_seconds",
+                "Unix time of the last completed periodic audit.",
+            ),
             registry,
         }
     }

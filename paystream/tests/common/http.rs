@@ -6,12 +6,12 @@ use std::time::Duration;
 use paystream_processors::api::{self, auth};
 use paystream_processors::orders::{processor as order_processor, sweeper};
 use paystream_processors::settings::Settings;
-use paystream_processors::{account_processor, db};
+use paystream_processors::account_processor;
 use reqwest::StatusCode;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::{wait_until, TestEnv, Worker};
+use super::{spawn_worker, wait_until, TestEnv, Worker};
 
 /// Which parts to run; the saga tests stop some of them to force an ordering.
 #[derive(Debug, Clone, Copy)]
@@ -48,16 +48,16 @@ impl System {
         let state = api::AppState::new(settings.clone(), env.pool.clone(), ops);
         workers.push(Worker { cancel: cancel.clone(), task: tokio::spawn(api::serve(listener, state, cancel)) });
         if parts.account_processor {
-            workers.push(spawn(settings, account_processor::run));
+            workers.push(spawn_worker(settings, account_processor::run));
         }
         if parts.order_processor {
-            workers.push(spawn(settings, order_processor::run));
+            workers.push(spawn_worker(settings, order_processor::run));
         }
         if parts.relay {
-            workers.push(spawn(settings, paystream_processors::outbox::relay::run));
+            workers.push(spawn_worker(settings, paystream_processors::outbox::relay::run));
         }
         if parts.sweeper {
-            workers.push(spawn(settings, sweeper::run));
+            workers.push(spawn_worker(settings, sweeper::run));
         }
         Self { api: Client::new(base, &settings.api.jwt_secret), workers }
     }
@@ -67,17 +67,6 @@ impl System {
             worker.stop().await;
         }
     }
-}
-
-pub fn spawn<F, Fut>(settings: &Settings, run: F) -> Worker
-where
-    F: FnOnce(Settings, sqlx::PgPool, CancellationToken) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
-{
-    let cancel = CancellationToken::new();
-    let pool = db::connect(&settings.database).expect("pool");
-    let task = tokio::spawn(run(settings.clone(), pool, cancel.clone()));
-    Worker { cancel, task }
 }
 
 /// A reply: status, body, and whether it was an idempotent replay.

@@ -39,10 +39,21 @@ pub fn brokers() -> String {
 }
 
 /// Polls `check` until it returns `Some`, or panics with `what` after `DEADLINE`.
-pub async fn wait_until<T, F, Fut>(what: &str, mut check: F) -> T
+pub async fn wait_until<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
+{
+    wait_until_or_explain(what, check, || async { String::new() }).await
+}
+
+/// Like `wait_until`; on timeout, `explain` says what the world looked like.
+pub async fn wait_until_or_explain<T, F, Fut, E, EFut>(what: &str, mut check: F, explain: E) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+    E: FnOnce() -> EFut,
+    EFut: Future<Output = String>,
 {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     let mut tick = tokio::time::interval(Duration::from_millis(50));
@@ -51,8 +62,22 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out waiting for: {what} {}", explain().await);
+        }
     }
+}
+
+/// Runs `run(settings, pool, cancel)` in this process, with its own pool, until stopped.
+pub fn spawn_worker<F, Fut>(settings: &Settings, run: F) -> Worker
+where
+    F: FnOnce(Settings, PgPool, CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let cancel = CancellationToken::new();
+    let pool = db::connect(&settings.database).expect("pool");
+    let task = tokio::spawn(run(settings.clone(), pool, cancel.clone()));
+    Worker { cancel, task }
 }
 
 pub struct TestEnv {
@@ -148,16 +173,11 @@ impl TestEnv {
 
     /// Runs an account processor worker in this process until the token is cancelled.
     pub fn spawn_account_processor(&self, settings: Settings) -> Worker {
-        let cancel = CancellationToken::new();
-        let pool = db::connect(&settings.database).expect("pool");
-        let task = tokio::spawn(account_processor::run(settings, pool, cancel.clone()));
-        Worker { cancel, task }
+        spawn_worker(&settings, account_processor::run)
     }
 
     pub fn spawn_relay(&self) -> Worker {
-        let cancel = CancellationToken::new();
-        let task = tokio::spawn(relay::run(self.settings.clone(), self.pool.clone(), cancel.clone()));
-        Worker { cancel, task }
+        spawn_worker(&self.settings, relay::run)
     }
 
     /// Opens a user account and deposits `balance` fen into it through the ledger.
@@ -195,26 +215,20 @@ impl TestEnv {
     }
 
     pub async fn wait_consumed(&self, n: i64) {
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        let mut tick = tokio::time::interval(Duration::from_millis(50));
-        loop {
-            tick.tick().await;
-            if self.consumed().await >= n {
-                return;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                // Say where each partition is stuck, to tell a stalled worker from a slow broker.
-                let offsets: Vec<(i32, i64, i64, String)> = sqlx::query_as(
-                    "SELECT partition, next_offset, epoch, owner FROM consumer_offsets \
-                     WHERE consumer_group = $1 ORDER BY partition",
-                )
-                .bind(&self.settings.processor.account_group)
-                .fetch_all(&self.pool)
-                .await
-                .unwrap_or_default();
-                panic!("timed out waiting for {n} messages consumed; stored (partition, offset, epoch, owner): {offsets:?}");
-            }
-        }
+        let check = || async { (self.consumed().await >= n).then_some(()) };
+        // Say where each partition is stuck, to tell a stalled worker from a slow broker.
+        let explain = || async {
+            let offsets: Vec<(i32, i64, i64, String)> = sqlx::query_as(
+                "SELECT partition, next_offset, epoch, owner FROM consumer_offsets \
+                 WHERE consumer_group = $1 ORDER BY partition",
+            )
+            .bind(&self.settings.processor.account_group)
+            .fetch_all(&self.pool)
+            .await
+            .unwrap_or_default();
+            format!("; stored (partition, offset, epoch, owner): {offsets:?}")
+        };
+        wait_until_or_explain(&format!("{n} messages consumed"), check, explain).await;
     }
 
     pub async fn scalar(&self, sql: &str) -> i64 {

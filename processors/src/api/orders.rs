@@ -27,11 +27,10 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let request = IdempotentRequest::new(&headers, caller.user_id, "POST", "/v1/orders", &body)?;
     let new = parse_order(&state.settings.api, caller.user_id, &body, &request.key)?;
-    let tx = match begin(&state, &request).await? {
+    let mut tx = match begin(&state, &request).await? {
         Begun::Replay(response) => return Ok(response),
         Begun::Fresh(tx) => tx,
     };
-    let mut tx = tx;
     let order = store::create(&mut tx, &new, &state.settings.topics.order_events).await?;
     finish(&state, &request, tx, StatusCode::CREATED, json!(order)).await
 }

@@ -33,9 +33,27 @@ pub struct DeadLetter {
     pub key: Option<Vec<u8>>,
     pub payload: Vec<u8>,
     pub headers: Vec<(String, Vec<u8>)>,
+    /// `eventType` and `eventId` of the payload when it is a JSON envelope, read once.
+    event_type: Option<String>,
+    event_id: Option<Uuid>,
 }
 
 impl DeadLetter {
+    pub fn new(
+        partition: i32,
+        offset: i64,
+        timestamp: Option<DateTime<Utc>>,
+        key: Option<Vec<u8>>,
+        payload: Vec<u8>,
+        headers: Vec<(String, Vec<u8>)>,
+    ) -> Self {
+        let envelope: Option<Value> = serde_json::from_slice(&payload).ok();
+        let field = |name: &str| envelope.as_ref().and_then(|e| e.get(name)).and_then(Value::as_str);
+        let event_type = field("eventType").map(str::to_owned);
+        let event_id = field("eventId").and_then(|id| id.parse().ok());
+        Self { partition, offset, timestamp, key, payload, headers, event_type, event_id }
+    }
+
     /// `partition:offset` on the dead-letter topic: how the commands name a dead letter.
     pub fn id(&self) -> String {
         format!("{}:{}", self.partition, self.offset)
@@ -65,17 +83,13 @@ impl DeadLetter {
         self.header(PARKED).as_deref() == Some("true")
     }
 
-    fn envelope(&self) -> Option<Value> {
-        serde_json::from_slice(&self.payload).ok()
-    }
-
     /// The `eventType` of the payload, when the payload is a JSON envelope.
     pub fn event_type(&self) -> Option<String> {
-        self.envelope()?.get("eventType")?.as_str().map(str::to_owned)
+        self.event_type.clone()
     }
 
     pub fn event_id(&self) -> Option<Uuid> {
-        self.envelope()?.get("eventId")?.as_str()?.parse().ok()
+        self.event_id
     }
 
     /// A summary line's worth of fields, for `list --json`.
@@ -205,17 +219,16 @@ pub fn read_all(settings: &Settings) -> anyhow::Result<Vec<DeadLetter>> {
             Some(Ok(m)) => {
                 last_message = Instant::now();
                 next.insert(m.partition(), m.offset() + 1);
-                letters.push(DeadLetter {
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    timestamp: m.timestamp().to_millis().and_then(DateTime::from_timestamp_millis),
-                    key: m.key().map(<[u8]>::to_vec),
-                    payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                    headers: m
-                        .headers()
+                letters.push(DeadLetter::new(
+                    m.partition(),
+                    m.offset(),
+                    m.timestamp().to_millis().and_then(DateTime::from_timestamp_millis),
+                    m.key().map(<[u8]>::to_vec),
+                    m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                    m.headers()
                         .map(|hs| hs.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec).unwrap_or_default())).collect())
                         .unwrap_or_default(),
-                });
+                ));
             }
         }
     }
@@ -258,10 +271,20 @@ pub async fn replay(
     mut progress: impl FnMut(usize, usize),
 ) -> anyhow::Result<ReplayReport> {
     let mut report = ReplayReport { selected: letters.len(), dry_run: options.dry_run, ..ReplayReport::default() };
+    let partitions: Vec<i32> = letters.iter().map(|dl| dl.partition).collect();
+    let offsets: Vec<i64> = letters.iter().map(|dl| dl.offset).collect();
     let replayed_before: std::collections::HashSet<(i32, i64)> = sqlx::query_as::<_, (i32, i64)>(
-        "SELECT DISTINCT dlq_partition, dlq_offset FROM dlq_replays WHERE dlq_topic = $1",
+        r#"
+        SELECT DISTINCT r.dlq_partition, r.dlq_offset
+        FROM dlq_replays r
+        JOIN unnest($2::int[], $3::bigint[]) AS s(dlq_partition, dlq_offset)
+          ON s.dlq_partition = r.dlq_partition AND s.dlq_offset = r.dlq_offset
+        WHERE r.dlq_topic = $1
+        "#,
     )
     .bind(&settings.topics.dead_letter)
+    .bind(&partitions)
+    .bind(&offsets)
     .fetch_all(pool)
     .await?
     .into_iter()
@@ -329,14 +352,14 @@ mod tests {
     use super::*;
 
     fn letter(headers: &[(&str, &str)], payload: &str) -> DeadLetter {
-        DeadLetter {
-            partition: 1,
-            offset: 7,
-            timestamp: DateTime::from_timestamp_millis(1_000_000),
-            key: Some(b"42".to_vec()),
-            payload: payload.as_bytes().to_vec(),
-            headers: headers.iter().map(|(k, v)| ((*k).to_owned(), v.as_bytes().to_vec())).collect(),
-        }
+        DeadLetter::new(
+            1,
+            7,
+            DateTime::from_timestamp_millis(1_000_000),
+            Some(b"42".to_vec()),
+            payload.as_bytes().to_vec(),
+            headers.iter().map(|(k, v)| ((*k).to_owned(), v.as_bytes().to_vec())).collect(),
+        )
     }
 
     #[test]
