@@ -22,9 +22,9 @@ use paystream_processors::outbox::relay;
 use paystream_processors::settings::Settings;
 use paystream_processors::{db, kafka, ledger};
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 use serde::Serialize;
@@ -86,7 +86,10 @@ impl Phase {
 }
 
 pub async fn run(base: Settings, args: BenchArgs) -> anyhow::Result<Report> {
-    anyhow::ensure!(args.events > 0 && args.users > 0 && args.rate > 0, "--events, --users and --rate must be positive");
+    anyhow::ensure!(
+        args.events > 0 && args.users > 0 && args.rate > 0,
+        "--events, --users and --rate must be positive"
+    );
     let id = Uuid::new_v4().simple().to_string()[..8].to_owned();
     let db_name = format!("paystream_bench_{id}");
     let admin = db::connect(&base.database)?;
@@ -95,31 +98,60 @@ pub async fn run(base: Settings, args: BenchArgs) -> anyhow::Result<Report> {
         .await
         .context("Failed to create the bench database (the role needs CREATEDB)")?;
     let mut settings = base.clone();
-    let (prefix, _) = base.database.url.rsplit_once('/').context("database.url has no database name")?;
-    let query = base.database.url.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
+    let (prefix, _) = base
+        .database
+        .url
+        .rsplit_once('/')
+        .context("database.url has no database name")?;
+    let query = base
+        .database
+        .url
+        .split_once('?')
+        .map(|(_, q)| format!("?{q}"))
+        .unwrap_or_default();
     settings.database.url = format!("{prefix}/{db_name}{query}");
     settings.database.max_connections = settings.database.max_connections.max(16);
 
     let pool = db::connect(&settings.database)?;
     let result = phases(&settings, &pool, &id, &args).await;
     pool.close().await;
-    if let Err(e) = sqlx::query(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")).execute(&admin).await {
+    if let Err(e) = sqlx::query(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
+        .execute(&admin)
+        .await
+    {
         tracing::warn!(error = %e, database = %db_name, "could not drop the bench database");
     }
     result
 }
 
-async fn phases(settings: &Settings, pool: &PgPool, id: &str, args: &BenchArgs) -> anyhow::Result<Report> {
+async fn phases(
+    settings: &Settings,
+    pool: &PgPool,
+    id: &str,
+    args: &BenchArgs,
+) -> anyhow::Result<Report> {
     db::migrate(pool).await?;
     println!(
         "bench: {} partitions, batch_max {}, {} users, synchronous_commit={}",
         settings.kafka.partitions,
         settings.processor.batch_max,
         args.users,
-        sqlx::query_scalar::<_, String>("SHOW synchronous_commit").fetch_one(pool).await?
+        sqlx::query_scalar::<_, String>("SHOW synchronous_commit")
+            .fetch_one(pool)
+            .await?
     );
 
-    let throughput = phase(settings, pool, id, 1, args, args.events, None, settings.processor.batch_max).await?;
+    let throughput = phase(
+        settings,
+        pool,
+        id,
+        1,
+        args,
+        args.events,
+        None,
+        settings.processor.batch_max,
+    )
+    .await?;
     println!(
         "throughput: {} debits in {:.2} s = {:.0} debits/s (p50 {:.1} ms, p99 {:.1} ms under backlog)",
         throughput.events,
@@ -129,7 +161,17 @@ async fn phases(settings: &Settings, pool: &PgPool, id: &str, args: &BenchArgs) 
         throughput.percentile_ms(0.99)
     );
     let steady_events = args.rate * args.seconds;
-    let latency = phase(settings, pool, id, 2, args, steady_events, Some(args.rate), settings.processor.batch_max).await?;
+    let latency = phase(
+        settings,
+        pool,
+        id,
+        2,
+        args,
+        steady_events,
+        Some(args.rate),
+        settings.processor.batch_max,
+    )
+    .await?;
     println!(
         "latency at {}/s: p50 {:.1} ms, p99 {:.1} ms over {} events",
         args.rate,
@@ -192,9 +234,15 @@ async fn phase(
     for user in first_user..first_user + args.users {
         let account = ledger::open_account(&mut tx, user, Currency::CNY).await?;
         let amount = Amount::new(1_000_000_000).context("amount")?;
-        ledger::deposit(&mut tx, account, amount, "bench", &settings.topics.account_events)
-            .await?
-            .map_err(|e| anyhow::anyhow!("bench deposit failed: {e:?}"))?;
+        ledger::deposit(
+            &mut tx,
+            account,
+            amount,
+            "bench",
+            &settings.topics.account_events,
+        )
+        .await?
+        .map_err(|e| anyhow::anyhow!("bench deposit failed: {e:?}"))?;
     }
     tx.commit().await?;
 
@@ -203,19 +251,30 @@ async fn phase(
     let results = results_consumer(&settings, received.clone())?;
 
     let cancel = CancellationToken::new();
-    let processor = tokio::spawn(account_processor::run(settings.clone(), pool.clone(), cancel.clone()));
+    let processor = tokio::spawn(account_processor::run(
+        settings.clone(),
+        pool.clone(),
+        cancel.clone(),
+    ));
     let relay = tokio::spawn(relay::run(settings.clone(), pool.clone(), cancel.clone()));
-    wait_for(Duration::from_secs(120), "the processor to claim its partitions", || async {
-        let claimed: i64 = sqlx::query_scalar("SELECT count(*) FROM consumer_offsets WHERE consumer_group = $1")
+    wait_for(
+        Duration::from_secs(120),
+        "the processor to claim its partitions",
+        || async {
+            let claimed: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM consumer_offsets WHERE consumer_group = $1",
+            )
             .bind(&name)
             .fetch_one(pool)
             .await
             .unwrap_or(0);
-        claimed >= i64::from(settings.kafka.partitions)
-    })
+            claimed >= i64::from(settings.kafka.partitions)
+        },
+    )
     .await?;
 
-    let producer: FutureProducer = kafka::producer_config(&settings.kafka, Duration::from_secs(60)).create()?;
+    let producer: FutureProducer =
+        kafka::producer_config(&settings.kafka, Duration::from_secs(60)).create()?;
     let first_order = number * 100_000_000;
     let mut sent: HashMap<i64, Instant> = HashMap::with_capacity(events as usize);
     let mut sent_wall_ms: HashMap<i64, i64> = HashMap::with_capacity(events as usize);
@@ -223,7 +282,10 @@ async fn phase(
     let started = Instant::now();
     let mut ticker = rate.map(|r| {
         let per_tick = (r / 100).max(1);
-        (tokio::time::interval(Duration::from_secs_f64(per_tick as f64 / r as f64)), per_tick)
+        (
+            tokio::time::interval(Duration::from_secs_f64(per_tick as f64 / r as f64)),
+            per_tick,
+        )
     });
     let mut i = 0;
     while i < events {
@@ -241,7 +303,9 @@ async fn phase(
             let key = user_id.to_string();
             sent.insert(order_id, Instant::now());
             sent_wall_ms.insert(order_id, chrono::Utc::now().timestamp_millis());
-            let mut record = FutureRecord::to(&settings.topics.order_events).key(&key).payload(&value);
+            let mut record = FutureRecord::to(&settings.topics.order_events)
+                .key(&key)
+                .payload(&value);
             loop {
                 match producer.send_result(record) {
                     Ok(delivery) => break deliveries.push(delivery),
@@ -265,7 +329,10 @@ async fn phase(
 
     let deadline = Duration::from_secs(600 + events / 100);
     wait_for(deadline, "every AccountDebited to be published", || async {
-        received.lock().map(|r| r.len() as u64 >= events).unwrap_or(false)
+        received
+            .lock()
+            .map(|r| r.len() as u64 >= events)
+            .unwrap_or(false)
     })
     .await?;
     cancel.cancel();
@@ -291,14 +358,31 @@ async fn phase(
         relay_p99.unwrap_or(f64::NAN)
     );
 
-    let received = received.lock().map_err(|_| anyhow::anyhow!("results lock poisoned"))?.clone();
-    hops(pool, &settings.topics.account_events, &sent_wall_ms, &received).await?;
+    let received = received
+        .lock()
+        .map_err(|_| anyhow::anyhow!("results lock poisoned"))?
+        .clone();
+    hops(
+        pool,
+        &settings.topics.account_events,
+        &sent_wall_ms,
+        &received,
+    )
+    .await?;
     let last = received.values().map(|r| r.at).max().unwrap_or(started);
     let latencies = sent
         .iter()
-        .filter_map(|(order, at)| received.get(order).map(|done| done.at.saturating_duration_since(*at)))
+        .filter_map(|(order, at)| {
+            received
+                .get(order)
+                .map(|done| done.at.saturating_duration_since(*at))
+        })
         .collect();
-    Ok(Phase { events, elapsed: last.saturating_duration_since(started), latencies })
+    Ok(Phase {
+        events,
+        elapsed: last.saturating_duration_since(started),
+        latencies,
+    })
 }
 
 fn order_created(order_id: i64, user_id: i64) -> anyhow::Result<Vec<u8>> {
@@ -309,7 +393,11 @@ fn order_created(order_id: i64, user_id: i64) -> anyhow::Result<Vec<u8>> {
         user_id,
         amount_fen: amount,
         currency: Currency::CNY,
-        items: vec![OrderItem { sku: "BENCH".into(), qty: 1, price_fen: amount }],
+        items: vec![OrderItem {
+            sku: "BENCH".into(),
+            qty: 1,
+            price_fen: amount,
+        }],
         idempotency_key: format!("bench-{order_id}"),
     };
     Ok(Envelope::new(Uuid::new_v4(), chrono::Utc::now(), payload).to_bytes())
@@ -347,7 +435,9 @@ async fn hops(
     let mut middle = Vec::new();
     let mut hop2 = Vec::new();
     for (order, txn_ms) in started {
-        let (Some(sent), Some(got)) = (sent_wall_ms.get(&order), received.get(&order)) else { continue };
+        let (Some(sent), Some(got)) = (sent_wall_ms.get(&order), received.get(&order)) else {
+            continue;
+        };
         hop1.push(txn_ms - sent);
         if let Some(produced) = got.produced_ms {
             middle.push(produced - txn_ms);
@@ -379,7 +469,10 @@ fn results_consumer(
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let mut config = kafka::base_config(&settings.kafka);
     config
-        .set("group.id", format!("{}-results", settings.processor.account_group))
+        .set(
+            "group.id",
+            format!("{}-results", settings.processor.account_group),
+        )
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "10");
@@ -393,12 +486,18 @@ fn results_consumer(
                 wall_ms: chrono::Utc::now().timestamp_millis(),
                 produced_ms: message.timestamp().to_millis(),
             };
-            let Some(value) = message.payload() else { continue };
-            let Ok(event) = serde_json::from_slice::<serde_json::Value>(value) else { continue };
+            let Some(value) = message.payload() else {
+                continue;
+            };
+            let Ok(event) = serde_json::from_slice::<serde_json::Value>(value) else {
+                continue;
+            };
             if event["eventType"] != "AccountDebited" {
                 continue;
             }
-            if let (Some(order), Ok(mut map)) = (event["payload"]["orderId"].as_i64(), received.lock()) {
+            if let (Some(order), Ok(mut map)) =
+                (event["payload"]["orderId"].as_i64(), received.lock())
+            {
                 map.entry(order).or_insert(now);
             }
         }
@@ -417,6 +516,9 @@ where
         if done().await {
             return Ok(());
         }
-        anyhow::ensure!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
     }
 }

@@ -11,18 +11,22 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use paystream_processors::account_processor;
 use paystream_processors::api;
+use paystream_processors::db::{self, Pool};
 use paystream_processors::dlq::tool as dlq_tool;
 use paystream_processors::ops::OpsState;
 use paystream_processors::orders::{processor as order_processor, sweeper};
 use paystream_processors::outbox::relay;
 use paystream_processors::settings::Settings;
-use paystream_processors::db::{self, Pool};
 use paystream_processors::{kafka, telemetry};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 #[derive(Parser)]
-#[command(name = "paystream", version, about = "Exactly-once funds and orders on PostgreSQL and Kafka")]
+#[command(
+    name = "paystream",
+    version,
+    about = "Exactly-once funds and orders on PostgreSQL and Kafka"
+)]
 struct Cli {
     /// Extra TOML configuration file, layered over the built-in defaults
     /// (PAYSTREAM__* environment variables override both).
@@ -160,7 +164,10 @@ impl DlqFilterArgs {
         let ids = self
             .ids
             .iter()
-            .map(|id| dlq_tool::parse_id(id).with_context(|| format!("--id {id:?} is not partition:offset")))
+            .map(|id| {
+                dlq_tool::parse_id(id)
+                    .with_context(|| format!("--id {id:?} is not partition:offset"))
+            })
             .collect::<anyhow::Result<_>>()?;
         Ok(dlq_tool::Filter {
             ids,
@@ -193,7 +200,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let mut settings = Settings::load(cli.config.as_deref()).context("Failed to load configuration")?;
+    let mut settings =
+        Settings::load(cli.config.as_deref()).context("Failed to load configuration")?;
     if cli.json_logs {
         settings.log.format = paystream_processors::settings::LogFormat::Json;
     }
@@ -209,10 +217,12 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
     let pool = db::connect(&settings.database).context("Invalid database configuration")?;
     match command {
         Command::Migrate => migrate(&pool).await,
-        Command::Topics { command: TopicsCommand::Create } => {
-            kafka::create_topics(&settings.kafka, &settings.topics).await
-        }
-        Command::Process { processor: ProcessorKind::Account } => {
+        Command::Topics {
+            command: TopicsCommand::Create,
+        } => kafka::create_topics(&settings.kafka, &settings.topics).await,
+        Command::Process {
+            processor: ProcessorKind::Account,
+        } => {
             let ops = OpsState::new(&settings, pool.clone(), vec!["account"])?;
             serve(|tracker, cancel| {
                 spawn_ops(tracker, cancel.clone(), &settings, ops);
@@ -220,7 +230,9 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             })
             .await
         }
-        Command::Process { processor: ProcessorKind::Order } => {
+        Command::Process {
+            processor: ProcessorKind::Order,
+        } => {
             let ops = OpsState::new(&settings, pool.clone(), vec!["order"])?;
             serve(|tracker, cancel| {
                 spawn_ops(tracker, cancel.clone(), &settings, ops);
@@ -236,7 +248,10 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             })
             .await
         }
-        Command::Api => serve(|tracker, cancel| spawn_part(tracker, cancel, &settings, &pool, "api", api::run)).await,
+        Command::Api => {
+            serve(|tracker, cancel| spawn_part(tracker, cancel, &settings, &pool, "api", api::run))
+                .await
+        }
         Command::Audit { json } => audit(&settings, &pool, json).await,
         Command::Dlq { command } => dlq(&settings, &pool, command).await,
         Command::Token(args) => {
@@ -244,7 +259,10 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                 anyhow::bail!("--user must be a positive user id");
             }
             let ttl = Duration::from_secs(args.ttl_hours.saturating_mul(3600));
-            println!("{}", api::auth::mint(&settings.api.jwt_secret, args.user, args.admin, ttl)?);
+            println!(
+                "{}",
+                api::auth::mint(&settings.api.jwt_secret, args.user, args.admin, ttl)?
+            );
             Ok(())
         }
         Command::Bench(args) => {
@@ -276,7 +294,10 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
     }
 }
 
-async fn read_dead_letters(settings: &Settings, filter: &dlq_tool::Filter) -> anyhow::Result<Vec<dlq_tool::DeadLetter>> {
+async fn read_dead_letters(
+    settings: &Settings,
+    filter: &dlq_tool::Filter,
+) -> anyhow::Result<Vec<dlq_tool::DeadLetter>> {
     let reader_settings = settings.clone();
     let all = tokio::task::spawn_blocking(move || dlq_tool::read_all(&reader_settings))
         .await
@@ -295,23 +316,36 @@ async fn dlq(settings: &Settings, pool: &Pool, command: DlqCommand) -> anyhow::R
                 }
                 return Ok(());
             }
-            println!("{} dead letter(s) on {}", letters.len(), settings.topics.dead_letter);
-            let mut groups: std::collections::BTreeMap<(String, String), usize> = Default::default();
+            println!(
+                "{} dead letter(s) on {}",
+                letters.len(),
+                settings.topics.dead_letter
+            );
+            let mut groups: std::collections::BTreeMap<(String, String), usize> =
+                Default::default();
             for dl in &letters {
-                let key = (dl.original_topic().unwrap_or_default(), dl.error_class().unwrap_or_default());
+                let key = (
+                    dl.original_topic().unwrap_or_default(),
+                    dl.error_class().unwrap_or_default(),
+                );
                 *groups.entry(key).or_default() += 1;
             }
             for ((topic, class), n) in &groups {
                 println!("  {topic:<24} {class:<28} {n}");
             }
             if !letters.is_empty() {
-                println!("\n{:<10} {:<26} {:<24} {:<28} {:<20} ATTEMPTS", "ID", "DEAD-LETTERED AT", "ORIGINAL TOPIC", "ERROR CLASS", "EVENT TYPE");
+                println!(
+                    "\n{:<10} {:<26} {:<24} {:<28} {:<20} ATTEMPTS",
+                    "ID", "DEAD-LETTERED AT", "ORIGINAL TOPIC", "ERROR CLASS", "EVENT TYPE"
+                );
             }
             for dl in &letters {
                 println!(
                     "{:<10} {:<26} {:<24} {:<28} {:<20} {}{}",
                     dl.id(),
-                    dl.timestamp.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)).unwrap_or_default(),
+                    dl.timestamp
+                        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+                        .unwrap_or_default(),
                     dl.original_topic().unwrap_or_default(),
                     dl.error_class().unwrap_or_default(),
                     dl.event_type().unwrap_or_else(|| "-".into()),
@@ -322,17 +356,32 @@ async fn dlq(settings: &Settings, pool: &Pool, command: DlqCommand) -> anyhow::R
             Ok(())
         }
         DlqCommand::Show { id } => {
-            let (partition, offset) = dlq_tool::parse_id(&id).with_context(|| format!("{id:?} is not partition:offset"))?;
-            let filter = dlq_tool::Filter { ids: vec![(partition, offset)], ..Default::default() };
+            let (partition, offset) = dlq_tool::parse_id(&id)
+                .with_context(|| format!("{id:?} is not partition:offset"))?;
+            let filter = dlq_tool::Filter {
+                ids: vec![(partition, offset)],
+                ..Default::default()
+            };
             let letters = read_dead_letters(settings, &filter).await?;
-            let dl = letters.first().with_context(|| format!("no dead letter {id} on {}", settings.topics.dead_letter))?;
+            let dl = letters.first().with_context(|| {
+                format!("no dead letter {id} on {}", settings.topics.dead_letter)
+            })?;
             println!("{}", serde_json::to_string_pretty(&dl.detail())?);
             Ok(())
         }
-        DlqCommand::Replay { filter, all, dry_run, force, rate, operator } => {
+        DlqCommand::Replay {
+            filter,
+            all,
+            dry_run,
+            force,
+            rate,
+            operator,
+        } => {
             let filter = filter.to_filter()?;
             if filter.is_empty() && !all {
-                anyhow::bail!("say which dead letters to replay (--id, --error-class, ...) or pass --all");
+                anyhow::bail!(
+                    "say which dead letters to replay (--id, --error-class, ...) or pass --all"
+                );
             }
             let letters = read_dead_letters(settings, &filter).await?;
             let options = dlq_tool::ReplayOptions {
@@ -356,7 +405,9 @@ async fn dlq(settings: &Settings, pool: &Pool, command: DlqCommand) -> anyhow::R
 
 async fn audit(settings: &Settings, pool: &Pool, json: bool) -> anyhow::Result<()> {
     let limits = paystream_processors::audit::Limits::running(settings);
-    let mut violations = paystream_processors::audit::check(pool, &limits).await.context("Failed to run the audit")?;
+    let mut violations = paystream_processors::audit::check(pool, &limits)
+        .await
+        .context("Failed to run the audit")?;
     violations.extend(
         paystream_processors::audit::check_offsets(pool, settings)
             .await
@@ -374,7 +425,10 @@ async fn audit(settings: &Settings, pool: &Pool, json: bool) -> anyhow::Result<(
     } else if violations.is_empty() {
         println!("audit: all {checks} checks hold");
     } else {
-        println!("audit: {} violation(s) across {checks} checks", violations.len());
+        println!(
+            "audit: {} violation(s) across {checks} checks",
+            violations.len()
+        );
         for v in &violations {
             println!("  [{}] {}", v.invariant, v.detail);
         }
@@ -386,7 +440,9 @@ async fn audit(settings: &Settings, pool: &Pool, json: bool) -> anyhow::Result<(
 }
 
 async fn migrate(pool: &Pool) -> anyhow::Result<()> {
-    db::migrate(pool).await.context("Failed to apply migrations")?;
+    db::migrate(pool)
+        .await
+        .context("Failed to apply migrations")?;
     tracing::info!("migrations applied");
     Ok(())
 }
@@ -397,7 +453,14 @@ fn spawn_account_processor(
     settings: &Settings,
     pool: &Pool,
 ) {
-    spawn_part(tracker, cancel, settings, pool, "account processor", account_processor::run);
+    spawn_part(
+        tracker,
+        cancel,
+        settings,
+        pool,
+        "account processor",
+        account_processor::run,
+    );
 }
 
 /// Serves /metrics, /healthz and /readyz of a worker on `metrics.listen`.
@@ -415,13 +478,33 @@ fn spawn_order_processor(
     settings: &Settings,
     pool: &Pool,
 ) {
-    spawn_part(tracker, cancel.clone(), settings, pool, "order processor", order_processor::run);
-    spawn_part(tracker, cancel, settings, pool, "payment timeout sweeper", sweeper::run);
+    spawn_part(
+        tracker,
+        cancel.clone(),
+        settings,
+        pool,
+        "order processor",
+        order_processor::run,
+    );
+    spawn_part(
+        tracker,
+        cancel,
+        settings,
+        pool,
+        "payment timeout sweeper",
+        sweeper::run,
+    );
 }
 
 /// Spawns a long-running part `run(settings, pool, cancel)`; its failure stops the process.
-fn spawn_part<F, Fut>(tracker: &TaskTracker, cancel: CancellationToken, settings: &Settings, pool: &Pool, part: &'static str, run: F)
-where
+fn spawn_part<F, Fut>(
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+    settings: &Settings,
+    pool: &Pool,
+    part: &'static str,
+    run: F,
+) where
     F: FnOnce(Settings, Pool, CancellationToken) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
 {
@@ -465,7 +548,14 @@ curl -s "$API/v1/accounts/$ACCOUNT/entries" -H "Authorization: Bearer $TOKEN"; e
 
 /// The relay, and the periodic audit next to it (one or two relays run per deployment).
 fn spawn_relay(tracker: &TaskTracker, cancel: CancellationToken, settings: &Settings, pool: &Pool) {
-    spawn_part(tracker, cancel.clone(), settings, pool, "periodic audit", paystream_processors::audit::run_periodically);
+    spawn_part(
+        tracker,
+        cancel.clone(),
+        settings,
+        pool,
+        "periodic audit",
+        paystream_processors::audit::run_periodically,
+    );
     spawn_part(tracker, cancel, settings, pool, "relay", relay::run);
 }
 
@@ -493,7 +583,10 @@ async fn serve(start: impl FnOnce(&TaskTracker, CancellationToken)) -> anyhow::R
         _ = cancel.cancelled() => {}
     }
     cancel.cancel();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("parts did not stop within the grace period; exiting anyway");
     }
     if FAILED.load(Ordering::SeqCst) {
@@ -506,10 +599,11 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(_) => return std::future::pending().await,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => return std::future::pending().await,
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

@@ -15,19 +15,29 @@ async fn the_same_order_created_delivered_twice_at_different_offsets_is_applied_
     let account = env.funded_account(1, 1_000).await;
     let producer = env.producer();
     let event_id = Uuid::new_v4();
-    env.produce(&producer, "1", &order_created(event_id, 10, 1, 100)).await;
-    env.produce(&producer, "1", &order_created(Uuid::new_v4(), 11, 1, 1)).await;
-    env.produce(&producer, "1", &order_created(event_id, 10, 1, 100)).await;
+    env.produce(&producer, "1", &order_created(event_id, 10, 1, 100))
+        .await;
+    env.produce(&producer, "1", &order_created(Uuid::new_v4(), 11, 1, 1))
+        .await;
+    env.produce(&producer, "1", &order_created(event_id, 10, 1, 100))
+        .await;
 
     let worker = env.spawn_account_processor(env.settings.clone());
     env.wait_consumed(3).await;
     worker.stop().await;
 
     assert_eq!(env.balance(account).await, 1_000 - 100 - 1);
-    assert_eq!(env.scalar("SELECT count(*) FROM transfers WHERE kind = 'DEBIT' AND order_id = 10").await, 1);
+    assert_eq!(
+        env.scalar("SELECT count(*) FROM transfers WHERE kind = 'DEBIT' AND order_id = 10")
+            .await,
+        1
+    );
     assert_eq!(env.scalar("SELECT count(*) FROM processed_events").await, 2);
     assert_eq!(
-        env.scalar("SELECT count(*) FROM outbox WHERE headers @> '[[\"eventType\", \"AccountDebited\"]]'").await,
+        env.scalar(
+            "SELECT count(*) FROM outbox WHERE headers @> '[[\"eventType\", \"AccountDebited\"]]'"
+        )
+        .await,
         2
     );
     env.assert_invariants().await;
@@ -37,13 +47,15 @@ async fn the_same_order_created_delivered_twice_at_different_offsets_is_applied_
 async fn insufficient_balance_emits_debit_failed_and_leaves_every_balance_unchanged() {
     let env = TestEnv::new(1).await;
     let account = env.funded_account(2, 100).await;
-    let before: Vec<(i64, i64)> = sqlx::query_as("SELECT id, balance_fen FROM accounts ORDER BY id")
-        .fetch_all(&env.pool)
-        .await
-        .expect("balances");
+    let before: Vec<(i64, i64)> =
+        sqlx::query_as("SELECT id, balance_fen FROM accounts ORDER BY id")
+            .fetch_all(&env.pool)
+            .await
+            .expect("balances");
     let events = env.collect(&env.settings.topics.account_events);
     let producer = env.producer();
-    env.produce(&producer, "2", &order_created(Uuid::new_v4(), 20, 2, 500)).await;
+    env.produce(&producer, "2", &order_created(Uuid::new_v4(), 20, 2, 500))
+        .await;
 
     let worker = env.spawn_account_processor(env.settings.clone());
     let relay = env.spawn_relay();
@@ -52,18 +64,27 @@ async fn insufficient_balance_emits_debit_failed_and_leaves_every_balance_unchan
     worker.stop().await;
     relay.stop().await;
 
-    let failed: Vec<Value> =
-        received.iter().map(Received::json).filter(|e| e["eventType"] == "AccountDebitFailed").collect();
+    let failed: Vec<Value> = received
+        .iter()
+        .map(Received::json)
+        .filter(|e| e["eventType"] == "AccountDebitFailed")
+        .collect();
     assert_eq!(failed.len(), 1, "{received:?}");
     assert_eq!(failed[0]["payload"]["reason"], "INSUFFICIENT_BALANCE");
     assert_eq!(failed[0]["payload"]["orderId"], 20);
-    let after: Vec<(i64, i64)> = sqlx::query_as("SELECT id, balance_fen FROM accounts WHERE kind <> 'SETTLEMENT' ORDER BY id")
-        .fetch_all(&env.pool)
-        .await
-        .expect("balances");
+    let after: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT id, balance_fen FROM accounts WHERE kind <> 'SETTLEMENT' ORDER BY id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .expect("balances");
     assert_eq!(after, before);
     assert_eq!(env.balance(account).await, 100);
-    assert_eq!(env.scalar("SELECT count(*) FROM transfers WHERE kind = 'DEBIT'").await, 0);
+    assert_eq!(
+        env.scalar("SELECT count(*) FROM transfers WHERE kind = 'DEBIT'")
+            .await,
+        0
+    );
     env.assert_invariants().await;
 }
 
@@ -91,7 +112,11 @@ async fn a_hundred_concurrent_orders_of_10_against_500_give_exactly_50_debits() 
     b.stop().await;
 
     assert_eq!(env.balance(account).await, 0);
-    assert_eq!(env.scalar("SELECT count(*) FROM transfers WHERE kind = 'DEBIT'").await, 50);
+    assert_eq!(
+        env.scalar("SELECT count(*) FROM transfers WHERE kind = 'DEBIT'")
+            .await,
+        50
+    );
     assert_eq!(
         env.scalar("SELECT count(*) FROM outbox WHERE headers @> '[[\"eventType\", \"AccountDebitFailed\"]]'").await,
         50
@@ -105,19 +130,43 @@ async fn a_cancelled_order_is_refunded_once_and_only_after_a_debit() {
     let account = env.funded_account(4, 1_000).await;
     let producer = env.producer();
     // Refund asked for an order never debited: nothing happens.
-    env.produce(&producer, "4", &order_cancelled(Uuid::new_v4(), 40, 4, true)).await;
-    env.produce(&producer, "4", &order_created(Uuid::new_v4(), 41, 4, 300)).await;
-    env.produce(&producer, "4", &order_cancelled(Uuid::new_v4(), 41, 4, true)).await;
+    env.produce(
+        &producer,
+        "4",
+        &order_cancelled(Uuid::new_v4(), 40, 4, true),
+    )
+    .await;
+    env.produce(&producer, "4", &order_created(Uuid::new_v4(), 41, 4, 300))
+        .await;
+    env.produce(
+        &producer,
+        "4",
+        &order_cancelled(Uuid::new_v4(), 41, 4, true),
+    )
+    .await;
     // A second cancellation with another event id must not refund twice.
-    env.produce(&producer, "4", &order_cancelled(Uuid::new_v4(), 41, 4, true)).await;
+    env.produce(
+        &producer,
+        "4",
+        &order_cancelled(Uuid::new_v4(), 41, 4, true),
+    )
+    .await;
 
     let worker = env.spawn_account_processor(env.settings.clone());
     env.wait_consumed(4).await;
     worker.stop().await;
 
     assert_eq!(env.balance(account).await, 1_000);
-    assert_eq!(env.scalar("SELECT count(*) FROM transfers WHERE kind = 'REFUND'").await, 1);
-    assert_eq!(env.scalar("SELECT count(*) FROM transfers WHERE order_id = 40").await, 0);
+    assert_eq!(
+        env.scalar("SELECT count(*) FROM transfers WHERE kind = 'REFUND'")
+            .await,
+        1
+    );
+    assert_eq!(
+        env.scalar("SELECT count(*) FROM transfers WHERE order_id = 40")
+            .await,
+        0
+    );
     env.assert_invariants().await;
 }
 
@@ -151,11 +200,22 @@ async fn every_event_the_code_emits_validates_against_its_json_schema() {
         assert_valid(&schemas, &event_type, &event);
         *seen.entry(event_type).or_default() += 1;
     }
-    for expected in ["AccountCredited", "AccountDebited", "AccountDebitFailed", "AccountRefunded"] {
-        assert!(seen.contains_key(expected), "no {expected} emitted: {seen:?}");
+    for expected in [
+        "AccountCredited",
+        "AccountDebited",
+        "AccountDebitFailed",
+        "AccountRefunded",
+    ] {
+        assert!(
+            seen.contains_key(expected),
+            "no {expected} emitted: {seen:?}"
+        );
     }
     // The inputs the tests produce follow the contract too.
-    for input in [order_created(Uuid::new_v4(), 1, 1, 1), order_cancelled(Uuid::new_v4(), 1, 1, false)] {
+    for input in [
+        order_created(Uuid::new_v4(), 1, 1, 1),
+        order_cancelled(Uuid::new_v4(), 1, 1, false),
+    ] {
         let event: Value = serde_json::from_slice(&input).expect("json");
         assert_valid(&schemas, event["eventType"].as_str().expect("type"), &event);
     }

@@ -9,7 +9,12 @@ use common::http::{order_body, Parts, System};
 use common::*;
 use serde_json::json;
 
-const NO_WORKERS: Parts = Parts { account_processor: false, order_processor: false, relay: false, sweeper: false };
+const NO_WORKERS: Parts = Parts {
+    account_processor: false,
+    order_processor: false,
+    relay: false,
+    sweeper: false,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_idempotency_key_with_the_same_body_replays_the_first_response() {
@@ -20,7 +25,16 @@ async fn the_same_idempotency_key_with_the_same_body_replays_the_first_response(
     assert!(!first.replayed);
     // Same body with its fields in another order and other whitespace: the same request.
     let body = r#"{ "items": [{"priceFen": 500, "qty": 1, "sku": "SKU-1"}], "currency": "CNY", "amountFen": 500 }"#;
-    let second = api.send("POST", "/v1/orders", Some(&api.token(1)), Some("k-1"), Some(body.to_owned())).await.expect(201);
+    let second = api
+        .send(
+            "POST",
+            "/v1/orders",
+            Some(&api.token(1)),
+            Some("k-1"),
+            Some(body.to_owned()),
+        )
+        .await
+        .expect(201);
     assert!(second.replayed);
     assert_eq!(second.body, first.body);
     assert_eq!(env.scalar("SELECT count(*) FROM orders").await, 1);
@@ -28,7 +42,16 @@ async fn the_same_idempotency_key_with_the_same_body_replays_the_first_response(
 
     let other = api.place_order(1, "k-1", 600).await.expect(422);
     assert_eq!(other.code(), "IDEMPOTENCY_KEY_REUSED");
-    let missing = api.send("POST", "/v1/orders", Some(&api.token(1)), None, Some(order_body(1).to_string())).await.expect(400);
+    let missing = api
+        .send(
+            "POST",
+            "/v1/orders",
+            Some(&api.token(1)),
+            None,
+            Some(order_body(1).to_string()),
+        )
+        .await
+        .expect(400);
     assert_eq!(missing.code(), "IDEMPOTENCY_KEY_REQUIRED");
     assert_eq!(env.scalar("SELECT count(*) FROM orders").await, 1);
     system.stop().await;
@@ -57,7 +80,56 @@ async fn fifty_concurrent_requests_with_one_key_create_exactly_one_order() {
     assert_eq!(env.scalar("SELECT count(*) FROM orders").await, 1);
     assert_eq!(env.scalar("SELECT count(*) FROM outbox").await, 1);
     // Once the first finished, the key replays.
-    assert!(system.api.place_order(3, "one-key", 700).await.expect(201).replayed);
+    assert!(
+        system
+            .api
+            .place_order(3, "one-key", 700)
+            .await
+            .expect(201)
+            .replayed
+    );
+    system.stop().await;
+}
+
+/// A client that retries at once, with the same key, after any answer — a replay or a refusal
+/// made after the key was claimed — is answered again, never told the key is still in use: the
+/// transaction that held the key is over before the answer leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_right_after_an_answer_is_never_told_the_key_is_in_use() {
+    let env = TestEnv::new(1).await;
+    let system = System::start(&env, &env.settings, NO_WORKERS).await;
+    let api = &system.api;
+    let token = api.token(4);
+    // Eight clients at once, each with its own keys, keep the server busy, which is when a
+    // rollback left for later shows. No key is ever used by two requests at the same time.
+    futures::future::join_all((0..8).map(|client| {
+        let token = &token;
+        async move {
+            let key = format!("retry-{client}");
+            let order = api.place_order(4, &key, 400).await.expect(201).id();
+            let cancel = format!("/v1/orders/{order}/cancel");
+            api.post(&cancel, token, &format!("cancel-{client}"), &json!({}))
+                .await
+                .expect(200);
+            for _ in 0..25 {
+                assert!(api.place_order(4, &key, 400).await.expect(201).replayed);
+                // Refused after the claim: the order is already final, so nothing is stored
+                // and the retry runs again.
+                let refused = api
+                    .post(
+                        &cancel,
+                        token,
+                        &format!("cancel-again-{client}"),
+                        &json!({}),
+                    )
+                    .await
+                    .expect(409);
+                assert_eq!(refused.code(), "ORDER_NOT_CANCELLABLE");
+            }
+        }
+    }))
+    .await;
+    assert_eq!(env.scalar("SELECT count(*) FROM orders").await, 8);
     system.stop().await;
 }
 
@@ -96,24 +168,61 @@ async fn users_see_and_touch_only_their_own_orders_and_accounts() {
     let system = System::start(&env, &env.settings, NO_WORKERS).await;
     let api = &system.api;
     let (alice, bob) = (api.token(20), api.token(21));
-    let account = api.post("/v1/accounts", &alice, "open", &json!({"currency": "CNY"})).await.expect(201).id();
+    let account = api
+        .post("/v1/accounts", &alice, "open", &json!({"currency": "CNY"}))
+        .await
+        .expect(201)
+        .id();
     let order = api.place_order(20, "o", 100).await.expect(201).id();
 
-    for path in [format!("/v1/orders/{order}"), format!("/v1/accounts/{account}"), format!("/v1/accounts/{account}/entries")] {
+    for path in [
+        format!("/v1/orders/{order}"),
+        format!("/v1/accounts/{account}"),
+        format!("/v1/accounts/{account}/entries"),
+    ] {
         let reply = api.get(&path, &bob).await.expect(404);
-        assert!(!reply.body.to_string().contains("\"userId\":20"), "{reply:?}");
+        assert!(
+            !reply.body.to_string().contains("\"userId\":20"),
+            "{reply:?}"
+        );
         api.get(&path, &alice).await.expect(200);
     }
     let listed = api.get("/v1/orders", &bob).await.expect(200);
     assert_eq!(listed.body["items"], json!([]));
-    api.post(&format!("/v1/orders/{order}/cancel"), &bob, "c", &json!({})).await.expect(404);
-    assert_eq!(env.scalar("SELECT count(*) FROM orders WHERE status = 'PENDING'").await, 1);
+    api.post(&format!("/v1/orders/{order}/cancel"), &bob, "c", &json!({}))
+        .await
+        .expect(404);
+    assert_eq!(
+        env.scalar("SELECT count(*) FROM orders WHERE status = 'PENDING'")
+            .await,
+        1
+    );
 
-    let anonymous = api.send("GET", &format!("/v1/orders/{order}"), None, None, None).await.expect(401);
+    let anonymous = api
+        .send("GET", &format!("/v1/orders/{order}"), None, None, None)
+        .await
+        .expect(401);
     assert_eq!(anonymous.code(), "UNAUTHENTICATED");
-    let forged = api.send("GET", "/v1/orders", Some("eyJhbGciOiJub25lIn0.e30."), None, None).await.expect(401);
+    let forged = api
+        .send(
+            "GET",
+            "/v1/orders",
+            Some("eyJhbGciOiJub25lIn0.e30."),
+            None,
+            None,
+        )
+        .await
+        .expect(401);
     assert_eq!(forged.code(), "INVALID_TOKEN");
-    let deposit = api.post(&format!("/v1/accounts/{account}/deposits"), &alice, "d", &json!({"amountFen": 100})).await.expect(403);
+    let deposit = api
+        .post(
+            &format!("/v1/accounts/{account}/deposits"),
+            &alice,
+            "d",
+            &json!({"amountFen": 100}),
+        )
+        .await
+        .expect(403);
     assert_eq!(deposit.code(), "FORBIDDEN");
     assert_eq!(env.scalar("SELECT count(*) FROM transfers").await, 0);
     system.stop().await;
@@ -149,23 +258,84 @@ async fn bad_requests_get_a_stable_code_and_change_nothing() {
         (format!("{{\"amountFen\": 1, \"items\": [{{\"sku\": \"{}\", \"qty\": 1, \"priceFen\": 1}}]}}", "x".repeat(5000)), 413, "PAYLOAD_TOO_LARGE"),
     ];
     for (i, (body, status, code)) in cases.iter().enumerate() {
-        let reply = api.send("POST", "/v1/orders", Some(&token), Some(&format!("bad-{i}")), Some(body.clone())).await;
-        assert_eq!((reply.status.as_u16(), reply.code()), (*status, *code), "body {body}: {reply:?}");
-        assert!(reply.body["message"].as_str().is_some_and(|m| !m.is_empty()), "{reply:?}");
+        let reply = api
+            .send(
+                "POST",
+                "/v1/orders",
+                Some(&token),
+                Some(&format!("bad-{i}")),
+                Some(body.clone()),
+            )
+            .await;
+        assert_eq!(
+            (reply.status.as_u16(), reply.code()),
+            (*status, *code),
+            "body {body}: {reply:?}"
+        );
+        assert!(
+            reply.body["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{reply:?}"
+        );
     }
     // Accounts and deposits refuse the same way.
     let admin = api.admin_token();
-    let account = api.post("/v1/accounts", &token, "open", &json!({"currency": "CNY"})).await.expect(201).id();
+    let account = api
+        .post("/v1/accounts", &token, "open", &json!({"currency": "CNY"}))
+        .await
+        .expect(201)
+        .id();
     for (path, tok, body, status, code) in [
-        ("/v1/accounts".to_owned(), &token, json!({"currency": "CNY"}), 409, "ACCOUNT_EXISTS"),
-        ("/v1/accounts".to_owned(), &token, json!({"currency": "CNY", "balanceFen": 1_000_000}), 422, "UNKNOWN_FIELD"),
-        ("/v1/accounts".to_owned(), &token, json!({"currency": "cny"}), 422, "UNSUPPORTED_CURRENCY"),
-        (format!("/v1/accounts/{account}/deposits"), &admin, json!({"amountFen": 0}), 422, "INVALID_AMOUNT"),
-        (format!("/v1/accounts/{account}/deposits"), &admin, json!({"amountFen": 10, "accountId": 1}), 422, "UNKNOWN_FIELD"),
-        ("/v1/accounts/999999/deposits".to_owned(), &admin, json!({"amountFen": 10}), 404, "ACCOUNT_NOT_FOUND"),
+        (
+            "/v1/accounts".to_owned(),
+            &token,
+            json!({"currency": "CNY"}),
+            409,
+            "ACCOUNT_EXISTS",
+        ),
+        (
+            "/v1/accounts".to_owned(),
+            &token,
+            json!({"currency": "CNY", "balanceFen": 1_000_000}),
+            422,
+            "UNKNOWN_FIELD",
+        ),
+        (
+            "/v1/accounts".to_owned(),
+            &token,
+            json!({"currency": "cny"}),
+            422,
+            "UNSUPPORTED_CURRENCY",
+        ),
+        (
+            format!("/v1/accounts/{account}/deposits"),
+            &admin,
+            json!({"amountFen": 0}),
+            422,
+            "INVALID_AMOUNT",
+        ),
+        (
+            format!("/v1/accounts/{account}/deposits"),
+            &admin,
+            json!({"amountFen": 10, "accountId": 1}),
+            422,
+            "UNKNOWN_FIELD",
+        ),
+        (
+            "/v1/accounts/999999/deposits".to_owned(),
+            &admin,
+            json!({"amountFen": 10}),
+            404,
+            "ACCOUNT_NOT_FOUND",
+        ),
     ] {
         let reply = api.post(&path, tok, &format!("{path}-{body}"), &body).await;
-        assert_eq!((reply.status.as_u16(), reply.code()), (status, code), "{path} {body}: {reply:?}");
+        assert_eq!(
+            (reply.status.as_u16(), reply.code()),
+            (status, code),
+            "{path} {body}: {reply:?}"
+        );
     }
     for (method, path, status, code) in [
         ("GET", "/v1/orders/abc", 404, "ORDER_NOT_FOUND"),
@@ -175,7 +345,11 @@ async fn bad_requests_get_a_stable_code_and_change_nothing() {
         ("DELETE", "/v1/orders", 405, "METHOD_NOT_ALLOWED"),
     ] {
         let reply = api.send(method, path, Some(&token), None, None).await;
-        assert_eq!((reply.status.as_u16(), reply.code()), (status, code), "{method} {path}: {reply:?}");
+        assert_eq!(
+            (reply.status.as_u16(), reply.code()),
+            (status, code),
+            "{method} {path}: {reply:?}"
+        );
     }
     assert_eq!(env.scalar("SELECT count(*) FROM orders").await, 0);
     assert_eq!(env.scalar("SELECT count(*) FROM transfers").await, 0);
@@ -192,15 +366,33 @@ async fn orders_are_listed_newest_first_in_pages_and_filtered_by_status() {
     let token = api.token(40);
     let mut ids = Vec::new();
     for i in 0..5 {
-        ids.push(api.place_order(40, &format!("o-{i}"), 100 + i).await.expect(201).id());
+        ids.push(
+            api.place_order(40, &format!("o-{i}"), 100 + i)
+                .await
+                .expect(201)
+                .id(),
+        );
     }
-    api.post(&format!("/v1/orders/{}/cancel", ids[1]), &token, "c", &json!({})).await.expect(200);
+    api.post(
+        &format!("/v1/orders/{}/cancel", ids[1]),
+        &token,
+        "c",
+        &json!({}),
+    )
+    .await
+    .expect(200);
 
     let mut seen = Vec::new();
     let mut path = "/v1/orders?limit=2".to_owned();
     loop {
         let page = api.get(&path, &token).await.expect(200).body;
-        seen.extend(page["items"].as_array().expect("items").iter().map(|o| o["id"].as_i64().expect("id")));
+        seen.extend(
+            page["items"]
+                .as_array()
+                .expect("items")
+                .iter()
+                .map(|o| o["id"].as_i64().expect("id")),
+        );
         match page["nextCursor"].as_str() {
             Some(cursor) => path = format!("/v1/orders?limit=2&cursor={cursor}"),
             None => break,
@@ -208,7 +400,11 @@ async fn orders_are_listed_newest_first_in_pages_and_filtered_by_status() {
     }
     ids.reverse();
     assert_eq!(seen, ids);
-    let cancelled = api.get("/v1/orders?status=CANCELLED", &token).await.expect(200).body;
+    let cancelled = api
+        .get("/v1/orders?status=CANCELLED", &token)
+        .await
+        .expect(200)
+        .body;
     assert_eq!(cancelled["items"].as_array().map(Vec::len), Some(1));
     assert_eq!(cancelled["items"][0]["cancelReason"], "USER_REQUESTED");
     system.stop().await;
@@ -225,7 +421,13 @@ async fn a_user_over_the_rate_limit_gets_429_and_other_users_do_not() {
     for _ in 0..3 {
         api.get("/v1/orders", &api.token(50)).await.expect(200);
     }
-    assert_eq!(api.get("/v1/orders", &api.token(50)).await.expect(429).code(), "RATE_LIMITED");
+    assert_eq!(
+        api.get("/v1/orders", &api.token(50))
+            .await
+            .expect(429)
+            .code(),
+        "RATE_LIMITED"
+    );
     api.get("/v1/orders", &api.token(51)).await.expect(200);
     system.stop().await;
 }
@@ -234,13 +436,24 @@ async fn a_user_over_the_rate_limit_gets_429_and_other_users_do_not() {
 async fn the_served_openapi_document_is_the_committed_one_and_covers_every_route() {
     let env = TestEnv::new(1).await;
     let system = System::start(&env, &env.settings, NO_WORKERS).await;
-    let served = system.api.send("GET", "/openapi.json", None, None, None).await.expect(200).body;
+    let served = system
+        .api
+        .send("GET", "/openapi.json", None, None, None)
+        .await
+        .expect(200)
+        .body;
     let committed: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi.json")).expect("read"),
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi.json"),
+        )
+        .expect("read"),
     )
     .expect("committed document is JSON");
     assert_eq!(served, committed);
-    assert_eq!(served["openapi"].as_str().map(|v| v.starts_with("3.")), Some(true));
+    assert_eq!(
+        served["openapi"].as_str().map(|v| v.starts_with("3.")),
+        Some(true)
+    );
     for (path, method) in [
         ("/v1/accounts", "post"),
         ("/v1/accounts/{id}", "get"),
@@ -254,7 +467,10 @@ async fn the_served_openapi_document_is_the_committed_one_and_covers_every_route
         ("/readyz", "get"),
         ("/metrics", "get"),
     ] {
-        assert!(served["paths"][path][method].is_object(), "{method} {path} is not documented");
+        assert!(
+            served["paths"][path][method].is_object(),
+            "{method} {path} is not documented"
+        );
     }
     system.stop().await;
 }
@@ -272,16 +488,38 @@ async fn a_request_past_the_timeout_is_abandoned_and_leaves_nothing_behind() {
 
     // Another transaction holds the order row, so the cancel waits on it past the timeout.
     let mut blocker = env.pool.begin().await.expect("begin");
-    sqlx::query("SELECT id FROM orders WHERE id = $1 FOR UPDATE").bind(id).execute(&mut *blocker).await.expect("lock");
+    sqlx::query("SELECT id FROM orders WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .execute(&mut *blocker)
+        .await
+        .expect("lock");
     let path = format!("/v1/orders/{id}/cancel");
-    let timed_out = api.post(&path, &api.token(60), "cancel", &json!({})).await.expect(503);
+    let timed_out = api
+        .post(&path, &api.token(60), "cancel", &json!({}))
+        .await
+        .expect(503);
     assert_eq!(timed_out.code(), "REQUEST_TIMEOUT");
     blocker.rollback().await.expect("release");
 
-    assert_eq!(env.scalar("SELECT count(*) FROM orders WHERE status = 'PENDING'").await, 1);
-    assert_eq!(env.scalar("SELECT count(*) FROM idempotency_keys WHERE key = 'cancel'").await, 0);
-    assert_eq!(env.scalar("SELECT count(*) FROM outbox").await, 1, "only the OrderCreated");
-    let retried = api.post(&path, &api.token(60), "cancel", &json!({})).await.expect(200);
+    assert_eq!(
+        env.scalar("SELECT count(*) FROM orders WHERE status = 'PENDING'")
+            .await,
+        1
+    );
+    assert_eq!(
+        env.scalar("SELECT count(*) FROM idempotency_keys WHERE key = 'cancel'")
+            .await,
+        0
+    );
+    assert_eq!(
+        env.scalar("SELECT count(*) FROM outbox").await,
+        1,
+        "only the OrderCreated"
+    );
+    let retried = api
+        .post(&path, &api.token(60), "cancel", &json!({}))
+        .await
+        .expect(200);
     assert!(!retried.replayed);
     assert_eq!(retried.body["status"], "CANCELLED");
     system.stop().await;
@@ -290,7 +528,10 @@ async fn a_request_past_the_timeout_is_abandoned_and_leaves_nothing_behind() {
 /// Reads one sample (`name` with exactly these labels) from a Prometheus text page.
 fn sample(page: &str, series: &str) -> f64 {
     page.lines()
-        .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse::<f64>().ok()))
+        .find_map(|line| {
+            line.strip_prefix(series)
+                .and_then(|rest| rest.trim().parse::<f64>().ok())
+        })
         .unwrap_or(0.0)
 }
 
@@ -298,7 +539,11 @@ fn sample(page: &str, series: &str) -> f64 {
 fn sample_with(page: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     page.lines()
         .filter(|line| line.starts_with(&format!("{name}{{")))
-        .find(|line| labels.iter().all(|(k, v)| line.contains(&format!("{k}=\"{v}\""))))
+        .find(|line| {
+            labels
+                .iter()
+                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
+        })
         .and_then(|line| line.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
@@ -313,13 +558,20 @@ async fn metrics_count_requests_by_route_and_show_the_outbox_and_pending_orders(
     api.place_order(80, "b", 200).await.expect(201);
     api.place_order(80, "b", 200).await.expect(201);
     api.place_order(80, "c", 0).await.expect(422);
-    let page = api.send("GET", "/metrics", None, None, None).await.expect(200).body;
+    let page = api
+        .send("GET", "/metrics", None, None, None)
+        .await
+        .expect(200)
+        .body;
     let page = page.as_str().expect("text");
     let created = r#"paystream_http_requests_total{method="POST",route="/v1/orders",status="201"}"#;
     assert_eq!(sample(page, created), 3.0, "{page}");
     let refused = r#"paystream_http_requests_total{method="POST",route="/v1/orders",status="422"}"#;
     assert_eq!(sample(page, refused), 1.0);
-    assert_eq!(sample(page, r#"paystream_idempotency_total{result="replayed"}"#), 1.0);
+    assert_eq!(
+        sample(page, r#"paystream_idempotency_total{result="replayed"}"#),
+        1.0
+    );
     // Two orders, nothing relayed or paid: two unpublished OrderCreated, two PENDING orders.
     assert_eq!(sample(page, "paystream_outbox_backlog"), 2.0);
     assert_eq!(sample(page, "paystream_orders_pending"), 2.0);
@@ -333,25 +585,69 @@ async fn readyz_fails_while_the_database_is_down_and_recovers_after() {
     let env = TestEnv::new(1).await;
     let system = System::start(&env, &env.settings, NO_WORKERS).await;
     let api = &system.api;
-    api.send("GET", "/readyz", None, None, None).await.expect(200);
-    assert_eq!(api.send("GET", "/healthz", None, None, None).await.expect(200).body["status"], "ok");
+    api.send("GET", "/readyz", None, None, None)
+        .await
+        .expect(200);
+    assert_eq!(
+        api.send("GET", "/healthz", None, None, None)
+            .await
+            .expect(200)
+            .body["status"],
+        "ok"
+    );
 
     // Take this test's database away: no new connections, existing ones killed.
-    let db = env.database_url.rsplit('/').next().expect("db name").to_owned();
-    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url()).await.expect("admin");
-    sqlx::query(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false")).execute(&mut admin).await.expect("close db");
+    let db = env
+        .database_url
+        .rsplit('/')
+        .next()
+        .expect("db name")
+        .to_owned();
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url())
+        .await
+        .expect("admin");
+    sqlx::query(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false"))
+        .execute(&mut admin)
+        .await
+        .expect("close db");
     sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()")
         .bind(&db)
         .execute(&mut admin)
         .await
         .expect("terminate");
-    let down = api.send("GET", "/readyz", None, None, None).await.expect(503);
+    let down = api
+        .send("GET", "/readyz", None, None, None)
+        .await
+        .expect(503);
     assert_eq!(down.code(), "NOT_READY");
-    assert!(down.body["message"].as_str().is_some_and(|m| m.contains("database")), "{down:?}");
-    assert_eq!(api.send("GET", "/healthz", None, None, None).await.status.as_u16(), 200, "alive even so");
+    assert!(
+        down.body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("database")),
+        "{down:?}"
+    );
+    assert_eq!(
+        api.send("GET", "/healthz", None, None, None)
+            .await
+            .status
+            .as_u16(),
+        200,
+        "alive even so"
+    );
 
-    sqlx::query(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true")).execute(&mut admin).await.expect("reopen db");
-    wait_until("ready again", || async { (api.send("GET", "/readyz", None, None, None).await.status.as_u16() == 200).then_some(()) }).await;
+    sqlx::query(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"))
+        .execute(&mut admin)
+        .await
+        .expect("reopen db");
+    wait_until("ready again", || async {
+        (api.send("GET", "/readyz", None, None, None)
+            .await
+            .status
+            .as_u16()
+            == 200)
+            .then_some(())
+    })
+    .await;
     system.stop().await;
 }
 
@@ -371,19 +667,52 @@ async fn metrics_show_a_known_workload_through_both_processors() {
         api.wait_order(90, id, "PAID").await;
     }
     api.wait_order(90, refused, "CANCELLED").await;
-    wait_until("the workers to hold their partitions and report no lag", || async {
-        let page = api.send("GET", "/metrics", None, None, None).await.body.as_str().unwrap_or("").to_owned();
-        let held = sample_with(&page, "paystream_assigned_partitions", &[("processor", "account")]) == 2.0
-            && sample_with(&page, "paystream_assigned_partitions", &[("processor", "order")]) == 2.0;
-        let lagging = page.lines().any(|l| l.starts_with("paystream_consumer_lag_messages{") && !l.ends_with(" 0"));
-        (held && !lagging && page.contains("paystream_consumer_lag_messages{")).then_some(())
-    })
+    wait_until(
+        "the workers to hold their partitions and report no lag",
+        || async {
+            let page = api
+                .send("GET", "/metrics", None, None, None)
+                .await
+                .body
+                .as_str()
+                .unwrap_or("")
+                .to_owned();
+            let held = sample_with(
+                &page,
+                "paystream_assigned_partitions",
+                &[("processor", "account")],
+            ) == 2.0
+                && sample_with(
+                    &page,
+                    "paystream_assigned_partitions",
+                    &[("processor", "order")],
+                ) == 2.0;
+            let lagging = page
+                .lines()
+                .any(|l| l.starts_with("paystream_consumer_lag_messages{") && !l.ends_with(" 0"));
+            (held && !lagging && page.contains("paystream_consumer_lag_messages{")).then_some(())
+        },
+    )
     .await;
-    let page = api.send("GET", "/metrics", None, None, None).await.body.as_str().unwrap_or("").to_owned();
+    let page = api
+        .send("GET", "/metrics", None, None, None)
+        .await
+        .body
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
     let orders = env.settings.topics.order_events.as_str();
     let accounts = env.settings.topics.account_events.as_str();
     let consumed = |processor: &str, topic: &str, outcome: &str| {
-        sample_with(&page, "paystream_events_consumed_total", &[("processor", processor), ("topic", topic), ("outcome", outcome)])
+        sample_with(
+            &page,
+            "paystream_events_consumed_total",
+            &[
+                ("processor", processor),
+                ("topic", topic),
+                ("outcome", outcome),
+            ],
+        )
     };
     assert_eq!(consumed("account", orders, "applied"), 2.0, "{page}");
     assert_eq!(consumed("account", orders, "business_failure"), 1.0);
@@ -392,11 +721,34 @@ async fn metrics_show_a_known_workload_through_both_processors() {
     assert_eq!(consumed("order", accounts, "applied"), 3.0);
     assert_eq!(consumed("order", accounts, "ignored"), 1.0);
     assert_eq!(sample(&page, "paystream_orders_pending"), 0.0);
-    paystream_processors::audit::count_orders(&env.pool).await.expect("count");
-    let page = api.send("GET", "/metrics", None, None, None).await.body.as_str().unwrap_or("").to_owned();
-    assert_eq!(sample_with(&page, "paystream_orders", &[("status", "PAID")]), 2.0);
-    assert_eq!(sample_with(&page, "paystream_orders", &[("status", "CANCELLED")]), 1.0);
-    assert!(sample_with(&page, "paystream_relay_published_total", &[("topic", orders)]) >= 5.0, "3 created, 2 paid, 1 cancelled");
-    api.send("GET", "/readyz", None, None, None).await.expect(200);
+    paystream_processors::audit::count_orders(&env.pool)
+        .await
+        .expect("count");
+    let page = api
+        .send("GET", "/metrics", None, None, None)
+        .await
+        .body
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert_eq!(
+        sample_with(&page, "paystream_orders", &[("status", "PAID")]),
+        2.0
+    );
+    assert_eq!(
+        sample_with(&page, "paystream_orders", &[("status", "CANCELLED")]),
+        1.0
+    );
+    assert!(
+        sample_with(
+            &page,
+            "paystream_relay_published_total",
+            &[("topic", orders)]
+        ) >= 5.0,
+        "3 created, 2 paid, 1 cancelled"
+    );
+    api.send("GET", "/readyz", None, None, None)
+        .await
+        .expect(200);
     system.stop().await;
 }

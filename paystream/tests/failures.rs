@@ -30,29 +30,50 @@ async fn fund_users(env: &TestEnv) {
 }
 
 async fn assert_each_order_debited_once(env: &TestEnv, orders: i64) {
-    assert_eq!(env.scalar("SELECT count(*) FROM transfers WHERE kind = 'DEBIT'").await, orders);
-    assert_eq!(env.scalar("SELECT count(DISTINCT order_id) FROM transfers WHERE kind = 'DEBIT'").await, orders);
-    assert_eq!(env.scalar("SELECT count(*) FROM processed_events").await, orders);
+    assert_eq!(
+        env.scalar("SELECT count(*) FROM transfers WHERE kind = 'DEBIT'")
+            .await,
+        orders
+    );
+    assert_eq!(
+        env.scalar("SELECT count(DISTINCT order_id) FROM transfers WHERE kind = 'DEBIT'")
+            .await,
+        orders
+    );
+    assert_eq!(
+        env.scalar("SELECT count(*) FROM processed_events").await,
+        orders
+    );
     assert_eq!(env.scalar("SELECT sum(-delta_fen)::bigint FROM ledger_entries e JOIN accounts a ON a.id = e.account_id WHERE a.kind = 'USER' AND delta_fen < 0").await, orders * 3);
     assert_eq!(
-        env.scalar("SELECT count(*) FROM outbox WHERE headers @> '[[\"eventType\", \"AccountDebited\"]]'").await,
+        env.scalar(
+            "SELECT count(*) FROM outbox WHERE headers @> '[[\"eventType\", \"AccountDebited\"]]'"
+        )
+        .await,
         orders
     );
     env.assert_invariants().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_processor_killed_with_sigkill_mid_stream_and_restarted_applies_every_event_exactly_once() {
+async fn a_processor_killed_with_sigkill_mid_stream_and_restarted_applies_every_event_exactly_once()
+{
     let env = TestEnv::new(3).await;
     fund_users(&env).await;
     produce_orders(&env, 0..1_200).await;
 
     let small_batches = [("PAYSTREAM__PROCESSOR__BATCH_MAX", "40")];
     let mut child = env.spawn_child(&["process", "account"], &small_batches);
-    wait_until("the processor to make progress", || async { (env.consumed().await >= 300).then_some(()) }).await;
+    wait_until("the processor to make progress", || async {
+        (env.consumed().await >= 300).then_some(())
+    })
+    .await;
     child.kill().await.expect("SIGKILL the processor");
     let at_kill = env.consumed().await;
-    assert!(at_kill < 2_500, "the kill must land mid-stream (consumed {at_kill})");
+    assert!(
+        at_kill < 2_500,
+        "the kill must land mid-stream (consumed {at_kill})"
+    );
 
     produce_orders(&env, 1_200..2_500).await;
     let mut child = env.spawn_child(&["process", "account"], &small_batches);
@@ -88,20 +109,32 @@ async fn a_relay_killed_with_sigkill_mid_publish_loses_no_row_and_duplicates_are
     let small_batches = [("PAYSTREAM__RELAY__BATCH_MAX", "50")];
     let mut relay = env.spawn_child(&["relay"], &small_batches);
     wait_until("the relay to publish some rows", || async {
-        (env.scalar("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL").await >= 500).then_some(())
+        (env.scalar("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL")
+            .await
+            >= 500)
+            .then_some(())
     })
     .await;
     relay.kill().await.expect("SIGKILL the relay");
-    let marked = env.scalar("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL").await;
-    assert!(marked < total, "the kill must land mid-publish ({marked} of {total} marked)");
+    let marked = env
+        .scalar("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL")
+        .await;
+    assert!(
+        marked < total,
+        "the kill must land mid-publish ({marked} of {total} marked)"
+    );
 
     let mut relay = env.spawn_child(&["relay"], &small_batches);
     wait_until("every outbox row published", || async {
-        (env.scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL").await == 0).then_some(())
+        (env.scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+            .await
+            == 0)
+            .then_some(())
     })
     .await;
     let on_wire = wire.wait_for(total as usize).await;
-    let distinct: std::collections::HashSet<Vec<u8>> = on_wire.iter().map(|m| m.value.clone()).collect();
+    let distinct: std::collections::HashSet<Vec<u8>> =
+        on_wire.iter().map(|m| m.value.clone()).collect();
     assert_eq!(distinct.len() as i64, total, "every row reached the topic");
 
     // Downstream, whatever was duplicated on the wire is applied once.
@@ -127,12 +160,17 @@ async fn database_connections_killed_mid_batch_are_retried_and_nothing_is_skippe
     let worker = env.spawn_account_processor(settings);
 
     // Keep terminating the processor's backends until everything is consumed.
-    let admin = sqlx::PgPool::connect(&env.database_url).await.expect("admin pool");
+    let admin = sqlx::PgPool::connect(&env.database_url)
+        .await
+        .expect("admin pool");
     let mut killed = 0_i64;
     let mut tick = tokio::time::interval(Duration::from_millis(30));
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while env.consumed().await < 1_500 {
-        assert!(tokio::time::Instant::now() < deadline, "processing did not finish");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "processing did not finish"
+        );
         tick.tick().await;
         if killed < 40 {
             let n: i64 = sqlx::query_scalar(
@@ -150,7 +188,10 @@ async fn database_connections_killed_mid_batch_are_retried_and_nothing_is_skippe
     }
     worker.stop().await;
 
-    assert!(killed > 0, "no connection was killed mid-batch; the test proved nothing");
+    assert!(
+        killed > 0,
+        "no connection was killed mid-batch; the test proved nothing"
+    );
     let retried: u64 = ["transient", "unexpected"]
         .iter()
         .map(|class| METRICS.retries.with_label_values(&["account", class]).get())
@@ -172,7 +213,12 @@ async fn a_zombie_worker_cannot_commit_after_a_rebalance() {
     stalled.kafka.max_poll_interval_ms = 3_000;
     stalled.processor.stall_before_commit_ms = 10_000;
     let zombie = env.spawn_account_processor(stalled);
-    env.produce(&env.producer(), "9", &order_created(Uuid::new_v4(), 90, 9, 100)).await;
+    env.produce(
+        &env.producer(),
+        "9",
+        &order_created(Uuid::new_v4(), 90, 9, 100),
+    )
+    .await;
     wait_until("worker A to sit inside its batch transaction", || async {
         (env.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'idle in transaction'").await > 0).then_some(())
     })
@@ -180,7 +226,10 @@ async fn a_zombie_worker_cannot_commit_after_a_rebalance() {
 
     let successor = env.spawn_account_processor(env.settings.clone());
     wait_until("worker B to apply the event", || async {
-        (env.scalar("SELECT count(*) FROM transfers WHERE kind = 'DEBIT'").await == 1).then_some(())
+        (env.scalar("SELECT count(*) FROM transfers WHERE kind = 'DEBIT'")
+            .await
+            == 1)
+            .then_some(())
     })
     .await;
     wait_until("worker A's commit to be fenced", || async {
@@ -191,7 +240,11 @@ async fn a_zombie_worker_cannot_commit_after_a_rebalance() {
     successor.stop().await;
 
     assert_eq!(env.balance(account).await, 900);
-    assert_eq!(env.scalar("SELECT count(*) FROM transfers WHERE kind = 'DEBIT'").await, 1);
+    assert_eq!(
+        env.scalar("SELECT count(*) FROM transfers WHERE kind = 'DEBIT'")
+            .await,
+        1
+    );
     assert!(env.scalar("SELECT max(epoch) FROM consumer_offsets").await >= 2);
     env.assert_invariants().await;
 }
@@ -203,13 +256,29 @@ async fn sigterm_stops_a_worker_cleanly_and_a_successor_carries_on() {
     let env = TestEnv::new(3).await;
     fund_users(&env).await;
     produce_orders(&env, 0..1_000).await;
-    let mut child = env.spawn_child(&["process", "account"], &[("PAYSTREAM__PROCESSOR__BATCH_MAX", "20")]);
-    wait_until("the processor to make progress", || async { (env.consumed().await >= 100).then_some(()) }).await;
+    let mut child = env.spawn_child(
+        &["process", "account"],
+        &[("PAYSTREAM__PROCESSOR__BATCH_MAX", "20")],
+    );
+    wait_until("the processor to make progress", || async {
+        (env.consumed().await >= 100).then_some(())
+    })
+    .await;
     let pid = child.id().expect("child pid").to_string();
-    let status = tokio::process::Command::new("kill").args(["-TERM", &pid]).status().await.expect("kill");
+    let status = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .expect("kill");
     assert!(status.success());
-    let exit = tokio::time::timeout(DEADLINE, child.wait()).await.expect("exits in time").expect("wait");
-    assert!(exit.success(), "graceful shutdown must exit 0, got {exit:?}");
+    let exit = tokio::time::timeout(DEADLINE, child.wait())
+        .await
+        .expect("exits in time")
+        .expect("wait");
+    assert!(
+        exit.success(),
+        "graceful shutdown must exit 0, got {exit:?}"
+    );
     env.assert_invariants().await;
 
     let successor = env.spawn_account_processor(env.settings.clone());

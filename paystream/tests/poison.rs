@@ -21,14 +21,28 @@ async fn each_kind_of_poison_message_lands_on_the_dead_letter_topic_and_the_stre
     };
     let mut huge = created(json!(1));
     huge.extend(std::iter::repeat_n(b' ', 2 * 1024 * 1024));
-    let mut unknown_version: serde_json::Value = serde_json::from_slice(&created(json!(5))).expect("json");
+    let mut unknown_version: serde_json::Value =
+        serde_json::from_slice(&created(json!(5))).expect("json");
     unknown_version["schemaVersion"] = json!(7);
     let poison: Vec<(&str, Vec<u8>)> = vec![
         ("NOT_JSON", b"this is not json".to_vec()),
         ("INVALID_UTF8", b"{\"eventId\": \"\xff\xfe\"}".to_vec()),
-        ("SCHEMA_VIOLATION", envelope(Uuid::new_v4(), "OrderCreated", json!({"orderId": "seventy"}))),
-        ("UNKNOWN_EVENT_TYPE", envelope(Uuid::new_v4(), "OrderTeleported", json!({}))),
-        ("UNSUPPORTED_SCHEMA_VERSION", serde_json::to_vec(&unknown_version).expect("json")),
+        (
+            "SCHEMA_VIOLATION",
+            envelope(
+                Uuid::new_v4(),
+                "OrderCreated",
+                json!({"orderId": "seventy"}),
+            ),
+        ),
+        (
+            "UNKNOWN_EVENT_TYPE",
+            envelope(Uuid::new_v4(), "OrderTeleported", json!({})),
+        ),
+        (
+            "UNSUPPORTED_SCHEMA_VERSION",
+            serde_json::to_vec(&unknown_version).expect("json"),
+        ),
         ("INVALID_AMOUNT", created(json!(0))),
         ("INVALID_AMOUNT", created(json!(-100))),
         ("INVALID_AMOUNT", created(json!(9223372036854775808u64))),
@@ -38,7 +52,8 @@ async fn each_kind_of_poison_message_lands_on_the_dead_letter_topic_and_the_stre
     for (_, value) in &poison {
         env.produce(&producer, "7", value).await;
     }
-    env.produce(&producer, "7", &order_created(Uuid::new_v4(), 71, 7, 250)).await;
+    env.produce(&producer, "7", &order_created(Uuid::new_v4(), 71, 7, 250))
+        .await;
 
     let dead = env.collect(&env.settings.topics.dead_letter);
     let worker = env.spawn_account_processor(env.settings.clone());
@@ -48,25 +63,56 @@ async fn each_kind_of_poison_message_lands_on_the_dead_letter_topic_and_the_stre
     worker.stop().await;
     relay.stop().await;
 
-    assert_eq!(letters.len(), poison.len(), "exactly one dead letter per poison message");
+    assert_eq!(
+        letters.len(),
+        poison.len(),
+        "exactly one dead letter per poison message"
+    );
     for (offset, (class, value)) in poison.iter().enumerate() {
         let letter = letters
             .iter()
-            .find(|l| l.headers.get("x-dlq-original-offset").map(String::as_str) == Some(&offset.to_string()))
+            .find(|l| {
+                l.headers.get("x-dlq-original-offset").map(String::as_str)
+                    == Some(&offset.to_string())
+            })
             .unwrap_or_else(|| panic!("no dead letter for offset {offset} ({class})"));
-        assert_eq!(&letter.value, value, "dead letter keeps the original bytes ({class})");
+        assert_eq!(
+            &letter.value, value,
+            "dead letter keeps the original bytes ({class})"
+        );
         assert_eq!(letter.key.as_deref(), Some(&b"7"[..]));
         let h = &letter.headers;
-        assert_eq!(h.get("x-dlq-error-class").map(String::as_str), Some(*class), "offset {offset}");
-        assert_eq!(h.get("x-dlq-original-topic"), Some(&env.settings.topics.order_events));
-        assert_eq!(h.get("x-dlq-original-partition").map(String::as_str), Some("0"));
-        assert_eq!(h.get("x-dlq-consumer-group"), Some(&env.settings.processor.account_group));
+        assert_eq!(
+            h.get("x-dlq-error-class").map(String::as_str),
+            Some(*class),
+            "offset {offset}"
+        );
+        assert_eq!(
+            h.get("x-dlq-original-topic"),
+            Some(&env.settings.topics.order_events)
+        );
+        assert_eq!(
+            h.get("x-dlq-original-partition").map(String::as_str),
+            Some("0")
+        );
+        assert_eq!(
+            h.get("x-dlq-consumer-group"),
+            Some(&env.settings.processor.account_group)
+        );
         assert_eq!(h.get("x-dlq-attempts").map(String::as_str), Some("1"));
-        assert!(h.get("x-dlq-error-message").is_some_and(|m| !m.is_empty() && m.len() <= 1000));
-        assert!(h.get("x-dlq-first-failed-at").is_some_and(|t| chrono::DateTime::parse_from_rfc3339(t).is_ok()));
+        assert!(h
+            .get("x-dlq-error-message")
+            .is_some_and(|m| !m.is_empty() && m.len() <= 1000));
+        assert!(h
+            .get("x-dlq-first-failed-at")
+            .is_some_and(|t| chrono::DateTime::parse_from_rfc3339(t).is_ok()));
     }
     // The valid order behind them all was applied.
     assert_eq!(env.balance(account).await, 750);
-    assert_eq!(env.scalar("SELECT count(*) FROM transfers WHERE kind = 'DEBIT'").await, 1);
+    assert_eq!(
+        env.scalar("SELECT count(*) FROM transfers WHERE kind = 'DEBIT'")
+            .await,
+        1
+    );
     env.assert_invariants().await;
 }

@@ -28,9 +28,13 @@ async fn an_outbox_row_that_commits_late_is_published_not_skipped() {
     let relay = env.spawn_relay();
 
     let mut slow = env.pool.begin().await.expect("begin slow");
-    outbox::insert(&mut slow, &[row(&env, "late")]).await.expect("late row");
+    outbox::insert(&mut slow, &[row(&env, "late")])
+        .await
+        .expect("late row");
     let mut fast = env.pool.begin().await.expect("begin fast");
-    outbox::insert(&mut fast, &[row(&env, "early")]).await.expect("early row");
+    outbox::insert(&mut fast, &[row(&env, "early")])
+        .await
+        .expect("early row");
     fast.commit().await.expect("commit fast");
 
     let late_id: i64 = sqlx::query_scalar("SELECT id FROM outbox WHERE payload = 'late'")
@@ -43,15 +47,25 @@ async fn an_outbox_row_that_commits_late_is_published_not_skipped() {
     // The relay marks a row after the broker acknowledged it, so the mark may commit a
     // moment after the message is readable.
     wait_until("the early row marked published", || async {
-        (env.scalar("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL").await == 1).then_some(())
+        (env.scalar("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL")
+            .await
+            == 1)
+            .then_some(())
     })
     .await;
-    assert_eq!(wire.snapshot().len(), 1, "the late row must not be published before it commits");
+    assert_eq!(
+        wire.snapshot().len(),
+        1,
+        "the late row must not be published before it commits"
+    );
 
     slow.commit().await.expect("commit slow");
     let messages = wire.wait_for(2).await;
     wait_until("both rows marked published", || async {
-        (env.scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL").await == 0).then_some(())
+        (env.scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+            .await
+            == 0)
+            .then_some(())
     })
     .await;
     relay.stop().await;
@@ -60,7 +74,10 @@ async fn an_outbox_row_that_commits_late_is_published_not_skipped() {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 struct Broker {
@@ -71,10 +88,17 @@ impl Broker {
     /// Starts tansu with durable sqlite storage in `dir` (tansu resolves the sqlite URL's path
     /// against its working directory, so it runs there with a relative one).
     async fn start(port: u16, dir: &std::path::Path) -> Self {
-        let bin = std::env::var("PAYSTREAM_TANSU_BIN").expect("PAYSTREAM_TANSU_BIN (set by scripts/test.sh)");
+        let bin = std::env::var("PAYSTREAM_TANSU_BIN")
+            .expect("PAYSTREAM_TANSU_BIN (set by scripts/test.sh)");
         let url = format!("tcp://127.0.0.1:{port}");
         let child = tokio::process::Command::new(bin)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
             .args(["--storage-engine", "sqlite://broker.db"])
             .current_dir(dir)
             .stdout(Stdio::null())
@@ -83,7 +107,10 @@ impl Broker {
             .spawn()
             .expect("start tansu");
         wait_until("the broker to listen", || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok().map(|_| ())
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+                .map(|_| ())
         })
         .await;
         Self { child }
@@ -107,7 +134,12 @@ async fn the_processor_and_relay_recover_by_themselves_when_the_broker_restarts(
     let relay = env.spawn_relay();
     let producer = env.producer();
     for i in 0..20 {
-        env.produce(&producer, "11", &order_created(Uuid::new_v4(), 110 + i, 11, 10)).await;
+        env.produce(
+            &producer,
+            "11",
+            &order_created(Uuid::new_v4(), 110 + i, 11, 10),
+        )
+        .await;
     }
     env.wait_consumed(20).await;
     drop(producer);
@@ -116,11 +148,19 @@ async fn the_processor_and_relay_recover_by_themselves_when_the_broker_restarts(
     let broker = Broker::start(port, &dir).await;
     let producer = env.producer();
     for i in 20..40 {
-        env.produce(&producer, "11", &order_created(Uuid::new_v4(), 110 + i, 11, 10)).await;
+        env.produce(
+            &producer,
+            "11",
+            &order_created(Uuid::new_v4(), 110 + i, 11, 10),
+        )
+        .await;
     }
     env.wait_consumed(40).await;
     wait_until("every outbox row published after the restart", || async {
-        (env.scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL").await == 0).then_some(())
+        (env.scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+            .await
+            == 0)
+            .then_some(())
     })
     .await;
     worker.stop().await;
@@ -129,7 +169,11 @@ async fn the_processor_and_relay_recover_by_themselves_when_the_broker_restarts(
     let _ = std::fs::remove_dir_all(&dir);
 
     assert_eq!(env.balance(account).await, 10_000 - 40 * 10);
-    assert_eq!(env.scalar("SELECT count(*) FROM transfers WHERE kind = 'DEBIT'").await, 40);
+    assert_eq!(
+        env.scalar("SELECT count(*) FROM transfers WHERE kind = 'DEBIT'")
+            .await,
+        40
+    );
     env.assert_invariants().await;
 }
 
@@ -170,7 +214,9 @@ async fn two_relays_running_at_once_neither_reorder_a_key_nor_lose_a_row() {
     let received = wire.wait_for((keys * per_key) as usize).await;
     for (cancel, task) in relays {
         cancel.cancel();
-        task.await.expect("relay task").expect("relay stops cleanly");
+        task.await
+            .expect("relay task")
+            .expect("relay stops cleanly");
     }
 
     let mut next_seq = vec![0_u32; keys as usize];

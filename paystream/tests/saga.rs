@@ -23,8 +23,17 @@ async fn an_order_is_paid_within_seconds_and_the_ledger_agrees_with_the_balance(
     assert!(paid["paidAt"].is_string(), "{paid}");
     assert_eq!(api.balance(USER, account).await, 7_500);
 
-    let entries = api.get(&format!("/v1/accounts/{account}/entries"), &api.token(USER)).await.expect(200).body;
-    let kinds: Vec<&str> = entries["items"].as_array().expect("items").iter().filter_map(|e| e["kind"].as_str()).collect();
+    let entries = api
+        .get(&format!("/v1/accounts/{account}/entries"), &api.token(USER))
+        .await
+        .expect(200)
+        .body;
+    let kinds: Vec<&str> = entries["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
     assert_eq!(kinds, ["DEBIT", "DEPOSIT"], "{entries}");
     assert_eq!(entries["items"][0]["balanceAfterFen"], 7_500);
     assert_eq!(entries["items"][0]["deltaFen"], -2_500);
@@ -33,12 +42,19 @@ async fn an_order_is_paid_within_seconds_and_the_ledger_agrees_with_the_balance(
     // OrderCreated, then OrderPaid, both keyed by the user.
     let events = wait_until("OrderPaid on order.events", || async {
         let all = order_events.snapshot();
-        all.iter().any(|m| m.json()["eventType"] == "OrderPaid").then_some(all)
+        all.iter()
+            .any(|m| m.json()["eventType"] == "OrderPaid")
+            .then_some(all)
     })
     .await;
-    let types: Vec<String> = events.iter().map(|m| m.json()["eventType"].as_str().unwrap_or("").to_owned()).collect();
+    let types: Vec<String> = events
+        .iter()
+        .map(|m| m.json()["eventType"].as_str().unwrap_or("").to_owned())
+        .collect();
     assert_eq!(types, ["OrderCreated", "OrderPaid"]);
-    assert!(events.iter().all(|m| m.key.as_deref() == Some(USER.to_string().as_bytes())));
+    assert!(events
+        .iter()
+        .all(|m| m.key.as_deref() == Some(USER.to_string().as_bytes())));
     system.stop().await;
     env.assert_invariants().await;
 }
@@ -54,7 +70,11 @@ async fn insufficient_balance_cancels_the_order_with_the_reason_and_leaves_the_b
     let cancelled = api.wait_order(USER, placed.id(), "CANCELLED").await;
     assert_eq!(cancelled["cancelReason"], "INSUFFICIENT_BALANCE");
     assert_eq!(api.balance(USER, account).await, 1_000);
-    assert_eq!(env.scalar("SELECT count(*) FROM transfers WHERE kind <> 'DEPOSIT'").await, 0);
+    assert_eq!(
+        env.scalar("SELECT count(*) FROM transfers WHERE kind <> 'DEPOSIT'")
+            .await,
+        0
+    );
     system.stop().await;
     env.assert_invariants().await;
 }
@@ -69,21 +89,41 @@ async fn cancelling_a_paid_order_refunds_it_exactly_once() {
     api.wait_order(USER, id, "PAID").await;
 
     let path = format!("/v1/orders/{id}/cancel");
-    let accepted = api.post(&path, &api.token(USER), "cancel", &json!({})).await.expect(202);
+    let accepted = api
+        .post(&path, &api.token(USER), "cancel", &json!({}))
+        .await
+        .expect(202);
     assert_eq!(accepted.body["status"], "PAID");
     assert!(accepted.body["refundRequestedAt"].is_string());
     // The same request again is a replay; a new cancel request is refused.
-    assert!(api.post(&path, &api.token(USER), "cancel", &json!({})).await.expect(202).replayed);
-    let again = api.post(&path, &api.token(USER), "cancel-again", &json!({})).await.expect(409);
+    assert!(
+        api.post(&path, &api.token(USER), "cancel", &json!({}))
+            .await
+            .expect(202)
+            .replayed
+    );
+    let again = api
+        .post(&path, &api.token(USER), "cancel-again", &json!({}))
+        .await
+        .expect(409);
     assert_eq!(again.code(), "REFUND_ALREADY_REQUESTED");
 
     let refunded = api.wait_order(USER, id, "REFUNDED").await;
     assert!(refunded["refundedAt"].is_string());
     assert_eq!(api.balance(USER, account).await, 10_000);
-    let final_cancel = api.post(&path, &api.token(USER), "cancel-3", &json!({})).await.expect(409);
+    let final_cancel = api
+        .post(&path, &api.token(USER), "cancel-3", &json!({}))
+        .await
+        .expect(409);
     assert_eq!(final_cancel.code(), "ORDER_NOT_CANCELLABLE");
     system.stop().await;
-    assert_eq!(env.scalar(&format!("SELECT count(*) FROM transfers WHERE order_id = {id} AND kind = 'REFUND'")).await, 1);
+    assert_eq!(
+        env.scalar(&format!(
+            "SELECT count(*) FROM transfers WHERE order_id = {id} AND kind = 'REFUND'"
+        ))
+        .await,
+        1
+    );
     env.assert_invariants().await;
 }
 
@@ -95,7 +135,10 @@ async fn an_order_past_its_payment_timeout_is_cancelled_and_a_late_debit_is_refu
     let mut settings = env.settings.clone();
     settings.orders.payment_timeout_s = 1;
     settings.orders.sweep_interval_ms = 100;
-    let parts = Parts { account_processor: false, ..Parts::ALL };
+    let parts = Parts {
+        account_processor: false,
+        ..Parts::ALL
+    };
     let system = System::start(&env, &settings, parts).await;
     let api = &system.api;
     let account = api.funded_account(USER, 10_000).await;
@@ -111,11 +154,20 @@ async fn an_order_past_its_payment_timeout_is_cancelled_and_a_late_debit_is_refu
     })
     .await;
     assert_eq!(settled["status"], "CANCELLED");
-    assert!(settled["paidAt"].is_null(), "a cancelled order must never be PAID: {settled}");
+    assert!(
+        settled["paidAt"].is_null(),
+        "a cancelled order must never be PAID: {settled}"
+    );
     assert_eq!(api.balance(USER, account).await, 10_000);
     late.stop().await;
     system.stop().await;
-    assert_eq!(env.scalar(&format!("SELECT count(*) FROM transfers WHERE order_id = {id}")).await, 2);
+    assert_eq!(
+        env.scalar(&format!(
+            "SELECT count(*) FROM transfers WHERE order_id = {id}"
+        ))
+        .await,
+        2
+    );
     env.assert_invariants().await;
 }
 
@@ -132,11 +184,21 @@ async fn a_debit_that_lands_after_the_cancel_was_settled_is_refunded_by_compensa
     let id = api.place_order(USER, "order", 2_000).await.expect(201).id();
     api.wait_order(USER, id, "CANCELLED").await;
     // Money arrives, and the old OrderCreated is delivered again under a new event id.
-    api.post(&format!("/v1/accounts/{account}/deposits"), &api.admin_token(), "top-up", &json!({"amountFen": 5_000}))
-        .await
-        .expect(201);
+    api.post(
+        &format!("/v1/accounts/{account}/deposits"),
+        &api.admin_token(),
+        "top-up",
+        &json!({"amountFen": 5_000}),
+    )
+    .await
+    .expect(201);
     let producer = env.producer();
-    env.produce(&producer, &USER.to_string(), &common::order_created(Uuid::new_v4(), id, USER, 2_000)).await;
+    env.produce(
+        &producer,
+        &USER.to_string(),
+        &common::order_created(Uuid::new_v4(), id, USER, 2_000),
+    )
+    .await;
 
     let settled = wait_until("the compensating refund", || async {
         let order = api.order(USER, id).await;
@@ -147,8 +209,20 @@ async fn a_debit_that_lands_after_the_cancel_was_settled_is_refunded_by_compensa
     assert_eq!(settled["cancelReason"], "INSUFFICIENT_BALANCE");
     assert_eq!(api.balance(USER, account).await, 6_000);
     system.stop().await;
-    assert_eq!(env.scalar(&format!("SELECT count(*) FROM transfers WHERE order_id = {id} AND kind = 'DEBIT'")).await, 1);
-    assert_eq!(env.scalar(&format!("SELECT count(*) FROM transfers WHERE order_id = {id} AND kind = 'REFUND'")).await, 1);
+    assert_eq!(
+        env.scalar(&format!(
+            "SELECT count(*) FROM transfers WHERE order_id = {id} AND kind = 'DEBIT'"
+        ))
+        .await,
+        1
+    );
+    assert_eq!(
+        env.scalar(&format!(
+            "SELECT count(*) FROM transfers WHERE order_id = {id} AND kind = 'REFUND'"
+        ))
+        .await,
+        1
+    );
     env.assert_invariants().await;
 }
 
@@ -165,19 +239,37 @@ async fn cancel_racing_with_payment_ends_in_exactly_one_consistent_outcome() {
 
     let mut ids = Vec::new();
     for i in 0..40 {
-        let id = api.place_order(USER, &format!("race-{i}"), 1_000 + i).await.expect(201).id();
+        let id = api
+            .place_order(USER, &format!("race-{i}"), 1_000 + i)
+            .await
+            .expect(201)
+            .id();
         // Spread the cancels over the payment's progress.
         if i % 4 == 1 {
             api.wait_order(USER, id, "PAID").await;
         }
-        let cancel = api.post(&format!("/v1/orders/{id}/cancel"), &token, &format!("cancel-{i}"), &json!({})).await;
+        let cancel = api
+            .post(
+                &format!("/v1/orders/{id}/cancel"),
+                &token,
+                &format!("cancel-{i}"),
+                &json!({}),
+            )
+            .await;
         assert!(matches!(cancel.status.as_u16(), 200 | 202), "{cancel:?}");
         ids.push((id, cancel.status.as_u16()));
     }
     for &(id, status) in &ids {
-        let expected = if status == 200 { "CANCELLED" } else { "REFUNDED" };
+        let expected = if status == 200 {
+            "CANCELLED"
+        } else {
+            "REFUNDED"
+        };
         let order = api.wait_order(USER, id, expected).await;
-        assert!(order["paidAt"].is_null() || expected == "REFUNDED", "{order}");
+        assert!(
+            order["paidAt"].is_null() || expected == "REFUNDED",
+            "{order}"
+        );
     }
     // Every debit that slipped in before a cancel has been given back.
     wait_until("every debit refunded", || async {

@@ -30,9 +30,19 @@ impl Rng {
 }
 
 async fn cancel(api: &common::http::Client, user: i64, id: i64) {
-    let reply = api.post(&format!("/v1/orders/{id}/cancel"), &api.token(user), &format!("cancel-{id}"), &json!({})).await;
+    let reply = api
+        .post(
+            &format!("/v1/orders/{id}/cancel"),
+            &api.token(user),
+            &format!("cancel-{id}"),
+            &json!({}),
+        )
+        .await;
     assert!(
-        matches!((reply.status.as_u16(), reply.code()), (200 | 202, _) | (409, "ORDER_NOT_CANCELLABLE")),
+        matches!(
+            (reply.status.as_u16(), reply.code()),
+            (200 | 202, _) | (409, "ORDER_NOT_CANCELLABLE")
+        ),
         "{reply:?}"
     );
 }
@@ -113,23 +123,42 @@ async fn two_thousand_orders_from_concurrent_clients_with_random_cancels_all_set
     .await;
     system.stop().await;
 
-    let statuses: HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>("SELECT status, count(*) FROM orders GROUP BY status")
-        .fetch_all(&env.pool)
-        .await
-        .expect("statuses")
-        .into_iter()
-        .collect();
-    assert_eq!(statuses.values().sum::<i64>(), ORDERS as i64, "{statuses:?}");
+    let statuses: HashMap<String, i64> =
+        sqlx::query_as::<_, (String, i64)>("SELECT status, count(*) FROM orders GROUP BY status")
+            .fetch_all(&env.pool)
+            .await
+            .expect("statuses")
+            .into_iter()
+            .collect();
+    assert_eq!(
+        statuses.values().sum::<i64>(),
+        ORDERS as i64,
+        "{statuses:?}"
+    );
     for status in ["PAID", "CANCELLED", "REFUNDED"] {
-        assert!(statuses.get(status).copied().unwrap_or(0) > 0, "no {status} order: {statuses:?}");
+        assert!(
+            statuses.get(status).copied().unwrap_or(0) > 0,
+            "no {status} order: {statuses:?}"
+        );
     }
-    let paid = env.scalar("SELECT sum(amount_fen)::bigint FROM orders WHERE status = 'PAID'").await;
-    let held = env.scalar("SELECT sum(balance_fen)::bigint FROM accounts WHERE kind = 'USER'").await;
-    assert_eq!(held, deposited - paid, "users hold what they deposited minus what they paid");
+    let paid = env
+        .scalar("SELECT sum(amount_fen)::bigint FROM orders WHERE status = 'PAID'")
+        .await;
+    let held = env
+        .scalar("SELECT sum(balance_fen)::bigint FROM accounts WHERE kind = 'USER'")
+        .await;
+    assert_eq!(
+        held,
+        deposited - paid,
+        "users hold what they deposited minus what they paid"
+    );
     env.assert_invariants().await;
 
     // Everything the code emitted during the soak matches its schema.
-    let payloads: Vec<Vec<u8>> = sqlx::query_scalar("SELECT payload FROM outbox").fetch_all(&env.pool).await.expect("outbox");
+    let payloads: Vec<Vec<u8>> = sqlx::query_scalar("SELECT payload FROM outbox")
+        .fetch_all(&env.pool)
+        .await
+        .expect("outbox");
     let mut seen: HashMap<String, usize> = HashMap::new();
     for payload in payloads {
         let event: Value = serde_json::from_slice(&payload).expect("JSON");
@@ -138,9 +167,17 @@ async fn two_thousand_orders_from_concurrent_clients_with_random_cancels_all_set
         *seen.entry(event_type).or_default() += 1;
     }
     for expected in [
-        "OrderCreated", "OrderPaid", "OrderCancelled", "AccountCredited", "AccountDebited", "AccountDebitFailed",
+        "OrderCreated",
+        "OrderPaid",
+        "OrderCancelled",
+        "AccountCredited",
+        "AccountDebited",
+        "AccountDebitFailed",
         "AccountRefunded",
     ] {
-        assert!(seen.contains_key(expected), "no {expected} emitted: {seen:?}");
+        assert!(
+            seen.contains_key(expected),
+            "no {expected} emitted: {seen:?}"
+        );
     }
 }

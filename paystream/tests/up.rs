@@ -19,7 +19,13 @@ async fn paystream_up_runs_everything_and_its_printed_curl_session_works() {
     };
     let url = format!("http://127.0.0.1:{port}");
     let listen = format!("127.0.0.1:{port}");
-    let mut child = env.spawn_child_piped(&["up"], &[("PAYSTREAM__API__LISTEN", &listen), ("PAYSTREAM__API__PUBLIC_URL", &url)]);
+    let mut child = env.spawn_child_piped(
+        &["up"],
+        &[
+            ("PAYSTREAM__API__LISTEN", &listen),
+            ("PAYSTREAM__API__PUBLIC_URL", &url),
+        ],
+    );
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
 
@@ -34,11 +40,18 @@ async fn paystream_up_runs_everything_and_its_printed_curl_session_works() {
             }
         }
     };
-    tokio::time::timeout(DEADLINE, read).await.expect("paystream up printed its session");
+    tokio::time::timeout(DEADLINE, read)
+        .await
+        .expect("paystream up printed its session");
     let text = printed.join("\n");
     assert!(text.contains("paystream is up"), "{text}");
     assert!(text.contains(&format!("{url}/metrics")), "{text}");
-    let session: String = printed.iter().skip_while(|l| !l.starts_with("export API=")).cloned().collect::<Vec<_>>().join("\n");
+    let session: String = printed
+        .iter()
+        .skip_while(|l| !l.starts_with("export API="))
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("\n");
     assert!(!session.is_empty(), "no curl session in:\n{text}");
 
     let output = tokio::process::Command::new("bash")
@@ -50,22 +63,38 @@ async fn paystream_up_runs_everything_and_its_printed_curl_session_works() {
         .expect("run the session");
     let out = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "session failed: {out}");
-    assert!(out.contains("account 1") && out.contains("order 1"), "{out}");
+    assert!(
+        out.contains("account 1") && out.contains("order 1"),
+        "{out}"
+    );
 
     // The session deposited 10000, ordered 2500 and cancelled: the money comes back.
     let api = Client::new(url.clone(), &env.settings.api.jwt_secret);
     wait_until("the cancelled order's money back", || async {
         let order = api.order(1001, 1).await;
-        let settled = order["status"] == "REFUNDED" || (order["status"] == "CANCELLED" && order["paidAt"].is_null());
+        let settled = order["status"] == "REFUNDED"
+            || (order["status"] == "CANCELLED" && order["paidAt"].is_null());
         (settled && api.balance(1001, 1).await == 10_000).then_some(())
     })
     .await;
-    assert!(api.send("GET", "/metrics", None, None, None).await.body.as_str().is_some_and(|m| m.contains("paystream_http_requests_total")));
+    assert!(api
+        .send("GET", "/metrics", None, None, None)
+        .await
+        .body
+        .as_str()
+        .is_some_and(|m| m.contains("paystream_http_requests_total")));
 
     let pid = child.id().expect("pid").to_string();
-    let killed = tokio::process::Command::new("kill").args(["-TERM", &pid]).status().await.expect("kill");
+    let killed = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .expect("kill");
     assert!(killed.success());
-    let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await.expect("exits").expect("wait");
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .expect("exits")
+        .expect("wait");
     assert!(status.success(), "paystream up exited with {status}");
     env.assert_invariants().await;
 }
@@ -89,7 +118,10 @@ async fn audit(env: &TestEnv) -> (Option<i32>, Vec<String>) {
 }
 
 async fn exec(env: &TestEnv, sql: &str) {
-    sqlx::raw_sql(sql).execute(&env.pool).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    sqlx::raw_sql(sql)
+        .execute(&env.pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
 /// Edits made behind the application's back, each on a clean ledger of its own.
@@ -130,14 +162,26 @@ async fn paystream_audit_passes_a_clean_ledger_and_names_each_injected_violation
         let parts = common::http::Parts::ALL;
         let system = common::http::System::start(&env, &env.settings, parts).await;
         system.api.funded_account(70, 5_000).await;
-        let id = system.api.place_order(70, "o", 1_200).await.expect(201).id();
+        let id = system
+            .api
+            .place_order(70, "o", 1_200)
+            .await
+            .expect(201)
+            .id();
         system.api.wait_order(70, id, "PAID").await;
         system.stop().await;
-        assert_eq!(audit(&env).await, (Some(0), vec![]), "clean ledger before: {what}");
+        assert_eq!(
+            audit(&env).await,
+            (Some(0), vec![]),
+            "clean ledger before: {what}"
+        );
 
         exec(&env, &sql).await;
         let (code, named) = audit(&env).await;
         assert_eq!(code, Some(2), "{what}");
-        assert!(named.iter().any(|n| n == invariant), "{what}: expected {invariant}, got {named:?}");
+        assert!(
+            named.iter().any(|n| n == invariant),
+            "{what}: expected {invariant}, got {named:?}"
+        );
     }
 }

@@ -30,7 +30,11 @@ use crate::settings::Settings;
 
 /// Runs one account-processor worker (a member of `processor.account_group` consuming
 /// `topics.order_events`) until `cancel` fires.
-pub async fn run(settings: Settings, pool: PgPool, cancel: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    settings: Settings,
+    pool: PgPool,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
     let handler = AccountProcessor {
         account_events_topic: settings.topics.account_events.clone(),
         settlement_shards: settings.processor.settlement_shards,
@@ -113,8 +117,14 @@ impl Handler for AccountProcessor {
             .collect();
         currencies.sort_unstable();
         currencies.dedup();
-        let system =
-            ledger::lock_system_accounts(conn, AccountKind::Settlement, &currencies, shard, &refund_to).await?;
+        let system = ledger::lock_system_accounts(
+            conn,
+            AccountKind::Settlement,
+            &currencies,
+            shard,
+            &refund_to,
+        )
+        .await?;
         let settlement: HashMap<String, i64> = system
             .iter()
             .filter(|a| a.kind == AccountKind::Settlement)
@@ -148,7 +158,11 @@ impl Handler for AccountProcessor {
                             currency: order.currency,
                         };
                         let id = derived_event_id(fresh.event_id, "AccountDebitFailed");
-                        OutboxRow::event(&self.account_events_topic, order.user_id, &Envelope::new(id, now, payload))
+                        OutboxRow::event(
+                            &self.account_events_topic,
+                            order.user_id,
+                            &Envelope::new(id, now, payload),
+                        )
                     };
                     let Some(&from) = user_accounts.get(&(order.user_id, currency.clone())) else {
                         let reason = if users_with_accounts.contains(&order.user_id) {
@@ -183,7 +197,12 @@ impl Handler for AccountProcessor {
                         Ok(posted) => {
                             debits.insert(
                                 order.order_id,
-                                Debit { from, to, amount: order.amount_fen, currency: order.currency },
+                                Debit {
+                                    from,
+                                    to,
+                                    amount: order.amount_fen,
+                                    currency: order.currency,
+                                },
                             );
                             let payload = AccountDebited {
                                 account_id: from,
@@ -208,7 +227,10 @@ impl Handler for AccountProcessor {
                         Err(e @ (PostError::Overflow | PostError::UnknownAccount)) => {
                             Outcome::DeadLettered(Poison::new(
                                 PoisonClass::BalanceOverflow,
-                                format!("debit of order {} cannot be posted: {e:?}", order.order_id),
+                                format!(
+                                    "debit of order {} cannot be posted: {e:?}",
+                                    order.order_id
+                                ),
                             ))
                         }
                     }
@@ -236,8 +258,10 @@ impl Handler for AccountProcessor {
                     match postings.post(transfer) {
                         Ok(posted) => {
                             refunded.insert(cancel.order_id);
-                            let user_id =
-                                postings.account(debit.from).and_then(|a| a.user_id).unwrap_or(cancel.user_id);
+                            let user_id = postings
+                                .account(debit.from)
+                                .and_then(|a| a.user_id)
+                                .unwrap_or(cancel.user_id);
                             let payload = AccountRefunded {
                                 account_id: debit.from,
                                 user_id,
@@ -256,7 +280,10 @@ impl Handler for AccountProcessor {
                         }
                         Err(e) => Outcome::DeadLettered(Poison::new(
                             PoisonClass::BalanceOverflow,
-                            format!("refund of order {} cannot be posted: {e:?}", cancel.order_id),
+                            format!(
+                                "refund of order {} cannot be posted: {e:?}",
+                                cancel.order_id
+                            ),
                         )),
                     }
                 }
@@ -297,7 +324,15 @@ async fn existing_transfers(
         }
         // Rows written by us always satisfy these; anything else is not a debit we can refund.
         if let (Some(amount), Some(currency)) = (Amount::new(amount), Currency::parse(&currency)) {
-            debits.insert(order_id, Debit { from, to, amount, currency });
+            debits.insert(
+                order_id,
+                Debit {
+                    from,
+                    to,
+                    amount,
+                    currency,
+                },
+            );
         }
     }
     Ok((debits, refunded))

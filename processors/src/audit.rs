@@ -188,7 +188,10 @@ pub async fn check(pool: &PgPool, limits: &Limits) -> Result<Vec<Violation>, sql
             query = query.bind(value.as_secs_f64());
         }
         let rows: Vec<String> = query.fetch_all(pool).await?;
-        violations.extend(rows.into_iter().map(|detail| Violation { invariant, detail }));
+        violations.extend(
+            rows.into_iter()
+                .map(|detail| Violation { invariant, detail }),
+        );
     }
     Ok(violations)
 }
@@ -246,8 +249,12 @@ pub async fn run_periodically(
         }
         match check(&pool, &limits).await {
             Ok(violations) => {
-                crate::telemetry::METRICS.audit_violations.set(violations.len() as i64);
-                crate::telemetry::METRICS.audit_last_run.set(chrono::Utc::now().timestamp() as f64);
+                crate::telemetry::METRICS
+                    .audit_violations
+                    .set(violations.len() as i64);
+                crate::telemetry::METRICS
+                    .audit_last_run
+                    .set(chrono::Utc::now().timestamp() as f64);
                 for v in &violations {
                     tracing::error!(invariant = v.invariant, detail = %v.detail, "audit violation");
                 }
@@ -262,10 +269,19 @@ pub async fn run_periodically(
 
 /// Sets `paystream_orders{status}`.
 pub async fn count_orders(pool: &PgPool) -> Result<(), sqlx::Error> {
-    let counts: Vec<(String, i64)> = sqlx::query_as("SELECT status, count(*) FROM orders GROUP BY status").fetch_all(pool).await?;
+    let counts: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, count(*) FROM orders GROUP BY status")
+            .fetch_all(pool)
+            .await?;
     for status in crate::orders::OrderStatus::ALL {
-        let n = counts.iter().find(|(s, _)| s == status.as_str()).map_or(0, |(_, n)| *n);
-        crate::telemetry::METRICS.orders_by_status.with_label_values(&[status.as_str()]).set(n);
+        let n = counts
+            .iter()
+            .find(|(s, _)| s == status.as_str())
+            .map_or(0, |(_, n)| *n);
+        crate::telemetry::METRICS
+            .orders_by_status
+            .with_label_values(&[status.as_str()])
+            .set(n);
     }
     Ok(())
 }

@@ -35,7 +35,10 @@ impl Currency {
 
     pub fn parse(code: &str) -> Option<Self> {
         let bytes: [u8; 3] = code.as_bytes().try_into().ok()?;
-        bytes.iter().all(u8::is_ascii_uppercase).then_some(Self(bytes))
+        bytes
+            .iter()
+            .all(u8::is_ascii_uppercase)
+            .then_some(Self(bytes))
     }
 
     pub fn as_str(&self) -> &str {
@@ -78,8 +81,18 @@ mod tests {
     #[test]
     fn amount_accepts_only_positive_integers_that_fit_i64() {
         assert_eq!(Amount::from_json(&json!(1)).map(Amount::fen), Some(1));
-        assert_eq!(Amount::from_json(&json!(i64::MAX)).map(Amount::fen), Some(i64::MAX));
-        for bad in [json!(0), json!(-5), json!(1.5), json!("10"), json!(u64::MAX), json!(null)] {
+        assert_eq!(
+            Amount::from_json(&json!(i64::MAX)).map(Amount::fen),
+            Some(i64::MAX)
+        );
+        for bad in [
+            json!(0),
+            json!(-5),
+            json!(1.5),
+            json!("10"),
+            json!(u64::MAX),
+            json!(null),
+        ] {
             assert_eq!(Amount::from_json(&bad), None, "{bad} must be rejected");
         }
     }

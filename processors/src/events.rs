@@ -35,7 +35,13 @@ fn rfc3339<S: serde::Serializer>(at: &DateTime<Utc>, s: S) -> Result<S::Ok, S::E
 
 impl<P: EventPayload> Envelope<P> {
     pub fn new(event_id: Uuid, occurred_at: DateTime<Utc>, payload: P) -> Self {
-        Self { event_id, event_type: P::TYPE, schema_version: P::VERSION, occurred_at, payload }
+        Self {
+            event_id,
+            event_type: P::TYPE,
+            schema_version: P::VERSION,
+            occurred_at,
+            payload,
+        }
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -114,9 +120,14 @@ pub enum DebitFailure {
 
 impl DebitFailure {
     pub fn parse(reason: &str) -> Option<Self> {
-        [Self::InsufficientBalance, Self::AccountNotFound, Self::CurrencyMismatch, Self::AccountFrozen]
-            .into_iter()
-            .find(|r| r.as_str() == reason)
+        [
+            Self::InsufficientBalance,
+            Self::AccountNotFound,
+            Self::CurrencyMismatch,
+            Self::AccountFrozen,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == reason)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -223,7 +234,10 @@ pub struct Poison {
 
 impl Poison {
     pub fn new(class: PoisonClass, message: impl Into<String>) -> Self {
-        Self { class, message: message.into() }
+        Self {
+            class,
+            message: message.into(),
+        }
     }
 }
 
@@ -326,9 +340,21 @@ impl OrderEvent {
 /// (deposits) is part of the topic but not of the saga.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AccountEvent {
-    Debited { order_id: i64, user_id: i64, delta_fen: i64 },
-    DebitFailed { order_id: i64, user_id: i64, reason: DebitFailure },
-    Refunded { order_id: i64, user_id: i64, delta_fen: i64 },
+    Debited {
+        order_id: i64,
+        user_id: i64,
+        delta_fen: i64,
+    },
+    DebitFailed {
+        order_id: i64,
+        user_id: i64,
+        reason: DebitFailure,
+    },
+    Refunded {
+        order_id: i64,
+        user_id: i64,
+        delta_fen: i64,
+    },
     Credited,
 }
 
@@ -339,31 +365,52 @@ impl AccountEvent {
             ("AccountDebited", 1) => {
                 let delta_fen = p.integer("deltaFen")?;
                 if delta_fen >= 0 {
-                    return Err(Poison::new(PoisonClass::InvalidAmount, "deltaFen of a debit must be negative"));
+                    return Err(Poison::new(
+                        PoisonClass::InvalidAmount,
+                        "deltaFen of a debit must be negative",
+                    ));
                 }
                 p.id("accountId")?;
                 p.integer("balanceAfterFen")?;
                 p.currency("currency")?;
-                Ok(Self::Debited { order_id: p.id("orderId")?, user_id: p.id("userId")?, delta_fen })
+                Ok(Self::Debited {
+                    order_id: p.id("orderId")?,
+                    user_id: p.id("userId")?,
+                    delta_fen,
+                })
             }
             ("AccountDebitFailed", 1) => {
                 let reason = p.field("reason")?.as_str().and_then(DebitFailure::parse).ok_or_else(|| {
                     Payload::violation("reason", "one of INSUFFICIENT_BALANCE, ACCOUNT_NOT_FOUND, CURRENCY_MISMATCH, ACCOUNT_FROZEN")
                 })?;
-                Ok(Self::DebitFailed { order_id: p.id("orderId")?, user_id: p.id("userId")?, reason })
+                Ok(Self::DebitFailed {
+                    order_id: p.id("orderId")?,
+                    user_id: p.id("userId")?,
+                    reason,
+                })
             }
             ("AccountRefunded", 1) => {
                 let delta_fen = p.integer("deltaFen")?;
                 if delta_fen <= 0 {
-                    return Err(Poison::new(PoisonClass::InvalidAmount, "deltaFen of a refund must be positive"));
+                    return Err(Poison::new(
+                        PoisonClass::InvalidAmount,
+                        "deltaFen of a refund must be positive",
+                    ));
                 }
                 p.id("accountId")?;
                 p.integer("balanceAfterFen")?;
                 p.currency("currency")?;
-                Ok(Self::Refunded { order_id: p.id("orderId")?, user_id: p.id("userId")?, delta_fen })
+                Ok(Self::Refunded {
+                    order_id: p.id("orderId")?,
+                    user_id: p.id("userId")?,
+                    delta_fen,
+                })
             }
             ("AccountCredited", 1) => Ok(Self::Credited),
-            ("AccountDebited" | "AccountDebitFailed" | "AccountRefunded" | "AccountCredited", v) => Err(Poison::new(
+            (
+                "AccountDebited" | "AccountDebitFailed" | "AccountRefunded" | "AccountCredited",
+                v,
+            ) => Err(Poison::new(
                 PoisonClass::UnsupportedSchemaVersion,
                 format!("{} schemaVersion {v} is not supported", raw.event_type),
             )),
@@ -376,9 +423,9 @@ impl AccountEvent {
 
     pub fn order_id(&self) -> Option<i64> {
         match self {
-            Self::Debited { order_id, .. } | Self::DebitFailed { order_id, .. } | Self::Refunded { order_id, .. } => {
-                Some(*order_id)
-            }
+            Self::Debited { order_id, .. }
+            | Self::DebitFailed { order_id, .. }
+            | Self::Refunded { order_id, .. } => Some(*order_id),
             Self::Credited => None,
         }
     }
@@ -396,7 +443,10 @@ impl Payload<'_> {
     }
 
     fn violation(name: &str, expected: &str) -> Poison {
-        Poison::new(PoisonClass::SchemaViolation, format!("{name} must be {expected}"))
+        Poison::new(
+            PoisonClass::SchemaViolation,
+            format!("{name} must be {expected}"),
+        )
     }
 
     fn id(&self, name: &str) -> Result<i64, Poison> {
@@ -407,14 +457,19 @@ impl Payload<'_> {
     }
 
     fn integer(&self, name: &str) -> Result<i64, Poison> {
-        self.field(name)?.as_i64().ok_or_else(|| Self::violation(name, "an integer"))
+        self.field(name)?
+            .as_i64()
+            .ok_or_else(|| Self::violation(name, "an integer"))
     }
 
     fn amount(&self, name: &str) -> Result<Amount, Poison> {
         Amount::from_json(self.field(name)?).ok_or_else(|| {
             Poison::new(
                 PoisonClass::InvalidAmount,
-                format!("{name} must be an integer number of minor units in 1..={}", i64::MAX),
+                format!(
+                    "{name} must be an integer number of minor units in 1..={}",
+                    i64::MAX
+                ),
             )
         })
     }
@@ -435,7 +490,9 @@ impl Payload<'_> {
     }
 
     fn boolean(&self, name: &str) -> Result<bool, Poison> {
-        self.field(name)?.as_bool().ok_or_else(|| Self::violation(name, "a boolean"))
+        self.field(name)?
+            .as_bool()
+            .ok_or_else(|| Self::violation(name, "a boolean"))
     }
 
     fn items(&self, name: &str) -> Result<Vec<OrderItem>, Poison> {
@@ -493,8 +550,11 @@ mod tests {
 
     #[test]
     fn a_valid_order_created_decodes() {
-        let raw = decode_envelope(Some(&envelope("OrderCreated", 1, created(json!(100)))), 1 << 20)
-            .expect("envelope");
+        let raw = decode_envelope(
+            Some(&envelope("OrderCreated", 1, created(json!(100)))),
+            1 << 20,
+        )
+        .expect("envelope");
         let OrderEvent::Created(c) = OrderEvent::decode(&raw).expect("decodes") else {
             panic!("wrong variant")
         };
@@ -504,14 +564,26 @@ mod tests {
     #[test]
     fn each_kind_of_poison_is_named() {
         assert_eq!(class_of(b"not json"), PoisonClass::NotJson);
-        assert_eq!(class_of(b"{\"eventId\": \"\xff\"}"), PoisonClass::InvalidUtf8);
+        assert_eq!(
+            class_of(b"{\"eventId\": \"\xff\"}"),
+            PoisonClass::InvalidUtf8
+        );
         assert_eq!(class_of(b"{\"eventId\": 1}"), PoisonClass::SchemaViolation);
-        assert_eq!(class_of(&envelope("Bogus", 1, json!({}))), PoisonClass::UnknownEventType);
+        assert_eq!(
+            class_of(&envelope("Bogus", 1, json!({}))),
+            PoisonClass::UnknownEventType
+        );
         assert_eq!(
             class_of(&envelope("OrderCreated", 9, created(json!(1)))),
             PoisonClass::UnsupportedSchemaVersion
         );
-        for amount in [json!(0), json!(-1), json!(1.5), json!("1"), json!(9223372036854775808u64)] {
+        for amount in [
+            json!(0),
+            json!(-1),
+            json!(1.5),
+            json!("1"),
+            json!(9223372036854775808u64),
+        ] {
             assert_eq!(
                 class_of(&envelope("OrderCreated", 1, created(amount.clone()))),
                 PoisonClass::InvalidAmount,
@@ -520,31 +592,67 @@ mod tests {
         }
         let mut missing = created(json!(1));
         missing.as_object_mut().map(|m| m.remove("userId"));
-        assert_eq!(class_of(&envelope("OrderCreated", 1, missing)), PoisonClass::SchemaViolation);
-        assert_eq!(decode_envelope(Some(&[b' '; 100]), 10).err().map(|p| p.class), Some(PoisonClass::TooLarge));
-        assert_eq!(decode_envelope(None, 10).err().map(|p| p.class), Some(PoisonClass::Empty));
+        assert_eq!(
+            class_of(&envelope("OrderCreated", 1, missing)),
+            PoisonClass::SchemaViolation
+        );
+        assert_eq!(
+            decode_envelope(Some(&[b' '; 100]), 10)
+                .err()
+                .map(|p| p.class),
+            Some(PoisonClass::TooLarge)
+        );
+        assert_eq!(
+            decode_envelope(None, 10).err().map(|p| p.class),
+            Some(PoisonClass::Empty)
+        );
     }
 
     #[test]
     fn account_events_decode_for_the_order_processor_and_bad_ones_are_named() {
         let decode = |event_type: &str, payload: Value| {
-            let raw = decode_envelope(Some(&envelope(event_type, 1, payload)), 1 << 20).expect("envelope");
+            let raw = decode_envelope(Some(&envelope(event_type, 1, payload)), 1 << 20)
+                .expect("envelope");
             AccountEvent::decode(&raw)
         };
         let debited = json!({"accountId": 3, "userId": 42, "orderId": 7, "deltaFen": -100,
                              "balanceAfterFen": 900, "currency": "CNY"});
-        assert_eq!(decode("AccountDebited", debited.clone()), Ok(AccountEvent::Debited { order_id: 7, user_id: 42, delta_fen: -100 }));
+        assert_eq!(
+            decode("AccountDebited", debited.clone()),
+            Ok(AccountEvent::Debited {
+                order_id: 7,
+                user_id: 42,
+                delta_fen: -100
+            })
+        );
         let mut positive = debited;
         positive["deltaFen"] = json!(100);
-        assert_eq!(decode("AccountDebited", positive).map_err(|p| p.class), Err(PoisonClass::InvalidAmount));
         assert_eq!(
-            decode("AccountDebitFailed", json!({"userId": 42, "orderId": 7, "reason": "INSUFFICIENT_BALANCE"})),
-            Ok(AccountEvent::DebitFailed { order_id: 7, user_id: 42, reason: DebitFailure::InsufficientBalance })
+            decode("AccountDebited", positive).map_err(|p| p.class),
+            Err(PoisonClass::InvalidAmount)
         );
         assert_eq!(
-            decode("AccountDebitFailed", json!({"userId": 42, "orderId": 7, "reason": "BORED"})).map_err(|p| p.class),
+            decode(
+                "AccountDebitFailed",
+                json!({"userId": 42, "orderId": 7, "reason": "INSUFFICIENT_BALANCE"})
+            ),
+            Ok(AccountEvent::DebitFailed {
+                order_id: 7,
+                user_id: 42,
+                reason: DebitFailure::InsufficientBalance
+            })
+        );
+        assert_eq!(
+            decode(
+                "AccountDebitFailed",
+                json!({"userId": 42, "orderId": 7, "reason": "BORED"})
+            )
+            .map_err(|p| p.class),
             Err(PoisonClass::SchemaViolation)
         );
-        assert_eq!(decode("OrderCreated", json!({})).map_err(|p| p.class), Err(PoisonClass::UnknownEventType));
+        assert_eq!(
+            decode("OrderCreated", json!({})).map_err(|p| p.class),
+            Err(PoisonClass::UnknownEventType)
+        );
     }
 }

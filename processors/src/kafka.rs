@@ -28,7 +28,10 @@ pub fn producer_config(kafka: &KafkaSettings, delivery_timeout: Duration) -> Cli
         .set("linger.ms", "5")
         .set("compression.type", "lz4")
         .set("message.max.bytes", kafka.message_max_bytes.to_string())
-        .set("message.timeout.ms", delivery_timeout.as_millis().to_string());
+        .set(
+            "message.timeout.ms",
+            delivery_timeout.as_millis().to_string(),
+        );
     config
 }
 
@@ -43,10 +46,16 @@ pub fn consumer_config(kafka: &KafkaSettings, group: &str) -> ClientConfig {
         .set("auto.offset.reset", "earliest")
         .set("partition.assignment.strategy", "roundrobin")
         .set("session.timeout.ms", kafka.session_timeout_ms.to_string())
-        .set("max.poll.interval.ms", kafka.max_poll_interval_ms.to_string())
+        .set(
+            "max.poll.interval.ms",
+            kafka.max_poll_interval_ms.to_string(),
+        )
         .set("fetch.wait.max.ms", kafka.fetch_wait_max_ms.to_string())
         .set("fetch.max.bytes", (kafka.message_max_bytes * 2).to_string())
-        .set("max.partition.fetch.bytes", kafka.message_max_bytes.to_string());
+        .set(
+            "max.partition.fetch.bytes",
+            kafka.message_max_bytes.to_string(),
+        );
     config
 }
 
@@ -54,24 +63,33 @@ pub fn consumer_config(kafka: &KafkaSettings, group: &str) -> ClientConfig {
 pub async fn create_topics(kafka: &KafkaSettings, topics: &TopicSettings) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = base_config(kafka).create()?;
     let max_bytes = kafka.message_max_bytes.to_string();
-    let new_topics: Vec<NewTopic<'_>> = [&topics.order_events, &topics.account_events, &topics.dead_letter]
-        .into_iter()
-        .map(|name| {
-            NewTopic::new(name, kafka.partitions, TopicReplication::Fixed(kafka.replication_factor))
-                .set("max.message.bytes", &max_bytes)
-        })
-        .collect();
+    let new_topics: Vec<NewTopic<'_>> = [
+        &topics.order_events,
+        &topics.account_events,
+        &topics.dead_letter,
+    ]
+    .into_iter()
+    .map(|name| {
+        NewTopic::new(
+            name,
+            kafka.partitions,
+            TopicReplication::Fixed(kafka.replication_factor),
+        )
+        .set("max.message.bytes", &max_bytes)
+    })
+    .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     for result in admin.create_topics(&new_topics, &options).await? {
         match result {
-            Ok(name) => tracing::info!(topic = %name, partitions = kafka.partitions, "topic created"),
+            Ok(name) => {
+                tracing::info!(topic = %name, partitions = kafka.partitions, "topic created")
+            }
             Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => {
                 tracing::info!(topic = %name, "topic already exists")
             }
             Err((name, code)) => {
-                return Err(KafkaError::AdminOp(code)).map_err(|e| {
-                    anyhow::anyhow!("Failed to create topic {name}: {e}")
-                })
+                return Err(KafkaError::AdminOp(code))
+                    .map_err(|e| anyhow::anyhow!("Failed to create topic {name}: {e}"))
             }
         }
     }

@@ -62,7 +62,13 @@ type AccountRow = (i64, String, Option<i64>, String, String, i64, Vec<u8>);
 
 /// The hash of a ledger entry, chained to the previous entry of its account. The same
 /// formula is in `migrations/0003_ledger_hash_chain.sql` and in the audit's SQL.
-pub fn chain_hash(previous: &[u8; 32], account_id: i64, transfer_id: i64, delta_fen: i64, balance_after_fen: i64) -> [u8; 32] {
+pub fn chain_hash(
+    previous: &[u8; 32],
+    account_id: i64,
+    transfer_id: i64,
+    delta_fen: i64,
+    balance_after_fen: i64,
+) -> [u8; 32] {
     let mut hasher = Sha256::new();
     hasher.update(previous);
     for field in [account_id, transfer_id, delta_fen, balance_after_fen] {
@@ -100,7 +106,11 @@ pub async fn lock_user_accounts(
         "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE kind = 'USER' AND (user_id = ANY($1) OR id = ANY($2)) \
          ORDER BY id FOR UPDATE"
     );
-    let rows: Vec<AccountRow> = sqlx::query_as(&sql).bind(user_ids).bind(ids).fetch_all(conn).await?;
+    let rows: Vec<AccountRow> = sqlx::query_as(&sql)
+        .bind(user_ids)
+        .bind(ids)
+        .fetch_all(conn)
+        .await?;
     Ok(rows.into_iter().map(Account::from).collect())
 }
 
@@ -134,8 +144,13 @@ pub async fn lock_system_accounts(
          WHERE (kind = $1 AND shard = $3 AND currency = ANY($2)) OR (kind <> 'USER' AND id = ANY($4)) \
          ORDER BY id FOR UPDATE"
     );
-    let rows: Vec<AccountRow> =
-        sqlx::query_as(&sql).bind(kind).bind(currencies).bind(shard).bind(ids).fetch_all(conn).await?;
+    let rows: Vec<AccountRow> = sqlx::query_as(&sql)
+        .bind(kind)
+        .bind(currencies)
+        .bind(shard)
+        .bind(ids)
+        .fetch_all(conn)
+        .await?;
     Ok(rows.into_iter().map(Account::from).collect())
 }
 
@@ -180,7 +195,10 @@ pub struct Postings {
 
 impl Postings {
     pub fn new(accounts: impl IntoIterator<Item = Account>) -> Self {
-        Self { accounts: accounts.into_iter().map(|a| (a.id, a)).collect(), ..Self::default() }
+        Self {
+            accounts: accounts.into_iter().map(|a| (a.id, a)).collect(),
+            ..Self::default()
+        }
     }
 
     pub fn account(&self, id: i64) -> Option<&Account> {
@@ -191,12 +209,20 @@ impl Postings {
     /// changes.
     pub fn post(&mut self, transfer: NewTransfer) -> Result<Posted, PostError> {
         let amount = transfer.amount.fen();
-        let (Some(from), Some(to)) = (self.accounts.get(&transfer.from), self.accounts.get(&transfer.to))
-        else {
+        let (Some(from), Some(to)) = (
+            self.accounts.get(&transfer.from),
+            self.accounts.get(&transfer.to),
+        ) else {
             return Err(PostError::UnknownAccount);
         };
-        let from_after = from.balance_fen.checked_sub(amount).ok_or(PostError::Overflow)?;
-        let to_after = to.balance_fen.checked_add(amount).ok_or(PostError::Overflow)?;
+        let from_after = from
+            .balance_fen
+            .checked_sub(amount)
+            .ok_or(PostError::Overflow)?;
+        let to_after = to
+            .balance_fen
+            .checked_add(amount)
+            .ok_or(PostError::Overflow)?;
         if from.kind == AccountKind::User && from_after < 0 {
             return Err(PostError::InsufficientBalance);
         }
@@ -207,7 +233,10 @@ impl Postings {
         }
         self.transfers.push(transfer);
         self.balances_after.push((from_after, to_after));
-        Ok(Posted { from_balance_after: from_after, to_balance_after: to_after })
+        Ok(Posted {
+            from_balance_after: from_after,
+            to_balance_after: to_after,
+        })
     }
 
     /// Writes transfers, entries (hash-chained per account) and new balances and chain heads:
@@ -237,12 +266,18 @@ impl Postings {
         let mut e_delta = Vec::with_capacity(2 * n);
         let mut e_after = Vec::with_capacity(2 * n);
         let mut e_hash: Vec<Vec<u8>> = Vec::with_capacity(2 * n);
-        for ((t, id), (from_after, to_after)) in self.transfers.iter().zip(&ids).zip(&self.balances_after) {
-            for (account_id, delta, after) in [(t.from, -t.amount.fen(), *from_after), (t.to, t.amount.fen(), *to_after)] {
+        for ((t, id), (from_after, to_after)) in
+            self.transfers.iter().zip(&ids).zip(&self.balances_after)
+        {
+            for (account_id, delta, after) in [
+                (t.from, -t.amount.fen(), *from_after),
+                (t.to, t.amount.fen(), *to_after),
+            ] {
                 // `post` only accepts transfers between loaded accounts.
                 let hash = match self.accounts.get_mut(&account_id) {
                     Some(account) => {
-                        account.chain_head = chain_hash(&account.chain_head, account_id, *id, delta, after);
+                        account.chain_head =
+                            chain_hash(&account.chain_head, account_id, *id, delta, after);
                         account.chain_head
                     }
                     None => chain_hash(&[0; 32], account_id, *id, delta, after),
@@ -301,12 +336,24 @@ impl Postings {
         .await?;
 
         let mut seen = std::collections::HashSet::new();
-        let touched: Vec<i64> =
-            self.transfers.iter().flat_map(|t| [t.from, t.to]).filter(|id| seen.insert(*id)).collect();
-        let balances: Vec<i64> =
-            touched.iter().map(|id| self.accounts.get(id).map_or(0, |a| a.balance_fen)).collect();
-        let heads: Vec<Vec<u8>> =
-            touched.iter().map(|id| self.accounts.get(id).map_or_else(Vec::new, |a| a.chain_head.to_vec())).collect();
+        let touched: Vec<i64> = self
+            .transfers
+            .iter()
+            .flat_map(|t| [t.from, t.to])
+            .filter(|id| seen.insert(*id))
+            .collect();
+        let balances: Vec<i64> = touched
+            .iter()
+            .map(|id| self.accounts.get(id).map_or(0, |a| a.balance_fen))
+            .collect();
+        let heads: Vec<Vec<u8>> = touched
+            .iter()
+            .map(|id| {
+                self.accounts
+                    .get(id)
+                    .map_or_else(Vec::new, |a| a.chain_head.to_vec())
+            })
+            .collect();
         sqlx::query(
             r#"
             UPDATE accounts
@@ -329,7 +376,15 @@ mod tests {
     use super::*;
 
     fn account(id: i64, kind: AccountKind, balance_fen: i64) -> Account {
-        Account { id, kind, user_id: None, currency: "CNY".into(), frozen: false, balance_fen, chain_head: [0; 32] }
+        Account {
+            id,
+            kind,
+            user_id: None,
+            currency: "CNY".into(),
+            frozen: false,
+            balance_fen,
+            chain_head: [0; 32],
+        }
     }
 
     #[test]
@@ -362,26 +417,42 @@ mod tests {
 
     #[test]
     fn a_user_account_never_goes_negative_and_a_refused_post_changes_nothing() {
-        let mut p = Postings::new([account(1, AccountKind::User, 500), account(2, AccountKind::Settlement, 0)]);
+        let mut p = Postings::new([
+            account(1, AccountKind::User, 500),
+            account(2, AccountKind::Settlement, 0),
+        ]);
         for _ in 0..50 {
             assert!(p.post(transfer(1, 2, 10)).is_ok());
         }
-        assert_eq!(p.post(transfer(1, 2, 10)).err(), Some(PostError::InsufficientBalance));
+        assert_eq!(
+            p.post(transfer(1, 2, 10)).err(),
+            Some(PostError::InsufficientBalance)
+        );
         assert_eq!(p.account(1).map(|a| a.balance_fen), Some(0));
         assert_eq!(p.account(2).map(|a| a.balance_fen), Some(500));
     }
 
     #[test]
     fn overflow_is_refused_and_system_accounts_may_go_negative() {
-        let mut p = Postings::new([account(1, AccountKind::Funding, 0), account(2, AccountKind::User, i64::MAX - 5)]);
+        let mut p = Postings::new([
+            account(1, AccountKind::Funding, 0),
+            account(2, AccountKind::User, i64::MAX - 5),
+        ]);
         assert_eq!(p.post(transfer(1, 2, 6)).err(), Some(PostError::Overflow));
         let posted = p.post(transfer(1, 2, 5)).expect("fits");
-        assert_eq!((posted.from_balance_after, posted.to_balance_after), (-5, i64::MAX));
+        assert_eq!(
+            (posted.from_balance_after, posted.to_balance_after),
+            (-5, i64::MAX)
+        );
     }
 }
 
 /// Opens the USER account of `user_id` in `currency`, or returns the existing one.
-pub async fn open_account(conn: &mut PgConnection, user_id: i64, currency: Currency) -> Result<i64, sqlx::Error> {
+pub async fn open_account(
+    conn: &mut PgConnection,
+    user_id: i64,
+    currency: Currency,
+) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
         r#"
         WITH inserted AS (
@@ -425,7 +496,14 @@ pub async fn deposit(
     let Some(currency) = Currency::parse(&user.currency) else {
         return Ok(Err(PostError::UnknownAccount));
     };
-    let funding = lock_system_accounts(conn, AccountKind::Funding, std::slice::from_ref(&user.currency), 0, &[]).await?;
+    let funding = lock_system_accounts(
+        conn,
+        AccountKind::Funding,
+        std::slice::from_ref(&user.currency),
+        0,
+        &[],
+    )
+    .await?;
     let Some(funding_id) = funding.first().map(|a| a.id) else {
         return Err(sqlx::Error::RowNotFound);
     };
@@ -454,7 +532,18 @@ pub async fn deposit(
         reference: reference.to_owned(),
     };
     let envelope = crate::events::Envelope::new(Uuid::new_v4(), chrono::Utc::now(), payload);
-    crate::outbox::insert(conn, &[crate::outbox::OutboxRow::event(account_events_topic, user_id, &envelope)])
-        .await?;
-    Ok(Ok(Deposited { account_id, user_id, balance_after_fen: posted.to_balance_after }))
+    crate::outbox::insert(
+        conn,
+        &[crate::outbox::OutboxRow::event(
+            account_events_topic,
+            user_id,
+            &envelope,
+        )],
+    )
+    .await?;
+    Ok(Ok(Deposited {
+        account_id,
+        user_id,
+        balance_after_fen: posted.to_balance_after,
+    }))
 }

@@ -30,9 +30,17 @@ pub struct OpsState {
 }
 
 impl OpsState {
-    pub fn new(settings: &Settings, pool: PgPool, processors: Vec<&'static str>) -> anyhow::Result<Self> {
+    pub fn new(
+        settings: &Settings,
+        pool: PgPool,
+        processors: Vec<&'static str>,
+    ) -> anyhow::Result<Self> {
         let broker: BaseConsumer = crate::kafka::base_config(&settings.kafka).create()?;
-        Ok(Self { pool, broker: Arc::new(broker), processors: Arc::new(processors) })
+        Ok(Self {
+            pool,
+            broker: Arc::new(broker),
+            processors: Arc::new(processors),
+        })
     }
 }
 
@@ -46,9 +54,13 @@ pub fn router(state: OpsState) -> Router {
 
 /// Serves the operations endpoints on `listen` until `cancel` fires.
 pub async fn serve(listen: &str, state: OpsState, cancel: CancellationToken) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(listen).await.map_err(|e| anyhow::anyhow!("Failed to listen on {listen}: {e}"))?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("Failed to listen on {listen}: {e}"))?;
     tracing::info!(address = %listener.local_addr()?, "metrics and health endpoints listening");
-    axum::serve(listener, router(state)).with_graceful_shutdown(cancel.cancelled_owned()).await?;
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await?;
     Ok(())
 }
 
@@ -59,16 +71,27 @@ async fn healthz() -> impl IntoResponse {
 async fn readyz(State(state): State<OpsState>) -> Response {
     let mut problems = Vec::new();
     let ping = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&state.pool);
-    if !matches!(tokio::time::timeout(Duration::from_secs(2), ping).await, Ok(Ok(_))) {
+    if !matches!(
+        tokio::time::timeout(Duration::from_secs(2), ping).await,
+        Ok(Ok(_))
+    ) {
         problems.push("the database is not reachable".to_owned());
     }
     let broker = state.broker.clone();
-    let metadata = tokio::task::spawn_blocking(move || broker.fetch_metadata(None, Duration::from_secs(2)).is_ok()).await;
+    let metadata = tokio::task::spawn_blocking(move || {
+        broker.fetch_metadata(None, Duration::from_secs(2)).is_ok()
+    })
+    .await;
     if !matches!(metadata, Ok(true)) {
         problems.push("the broker is not reachable".to_owned());
     }
     for processor in state.processors.iter() {
-        if METRICS.assigned_partitions.with_label_values(&[processor]).get() < 1 {
+        if METRICS
+            .assigned_partitions
+            .with_label_values(&[processor])
+            .get()
+            < 1
+        {
             problems.push(format!("the {processor} processor holds no partition"));
         }
     }
@@ -85,5 +108,8 @@ async fn metrics(State(state): State<OpsState>) -> impl IntoResponse {
     if let Err(e) = METRICS.refresh_from_database(&state.pool).await {
         tracing::warn!(error = %e, "could not refresh database gauges for /metrics");
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], METRICS.render())
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        METRICS.render(),
+    )
 }

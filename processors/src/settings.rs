@@ -166,11 +166,18 @@ impl Settings {
         if self.api.jwt_secret.len() < 16 {
             return bad("api.jwt_secret must be at least 16 bytes");
         }
-        if self.api.currencies.iter().any(|c| crate::domain::Currency::parse(c).is_none()) {
+        if self
+            .api
+            .currencies
+            .iter()
+            .any(|c| crate::domain::Currency::parse(c).is_none())
+        {
             return bad("api.currencies must be ISO 4217 codes such as \"CNY\"");
         }
         if self.api.rate_limit_per_s <= 0.0 || self.api.rate_limit_burst < 1.0 {
-            return bad("api.rate_limit_per_s must be positive and api.rate_limit_burst at least 1");
+            return bad(
+                "api.rate_limit_per_s must be positive and api.rate_limit_burst at least 1",
+            );
         }
         if self.orders.sweep_batch < 1 || self.api.page_max < 1 {
             return bad("orders.sweep_batch and api.page_max must be at least 1");

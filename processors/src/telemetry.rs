@@ -4,9 +4,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    exponential_buckets, Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
-    TextEncoder,
+    exponential_buckets, Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tracing_subscriber::{fmt, EnvFilter};
 
@@ -54,14 +53,17 @@ impl Metrics {
     fn new() -> Self {
         let registry = Registry::new();
         // Every metric is built from constant, valid names and registered once.
-        let register = |metric: Box<dyn prometheus::core::Collector>| registry.register(metric).expect("unique metric");
+        let register = |metric: Box<dyn prometheus::core::Collector>| {
+            registry.register(metric).expect("unique metric")
+        };
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
             register(Box::new(c.clone()));
             c
         };
         let histogram = |name: &str, help: &str, labels: &[&str], buckets: Vec<f64>| {
-            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels).expect("valid metric");
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+                .expect("valid metric");
             register(Box::new(h.clone()));
             h
         };
@@ -192,7 +194,8 @@ impl Metrics {
         .fetch_one(pool)
         .await?;
         self.orders_pending.set(pending);
-        self.oldest_pending_order_age.set(oldest.unwrap_or(0.0).max(0.0));
+        self.oldest_pending_order_age
+            .set(oldest.unwrap_or(0.0).max(0.0));
         Ok(())
     }
 

@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
+use paystream_processors::account_processor;
 use paystream_processors::api::{self, auth};
 use paystream_processors::orders::{processor as order_processor, sweeper};
 use paystream_processors::settings::Settings;
-use paystream_processors::account_processor;
 use reqwest::StatusCode;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -23,7 +23,12 @@ pub struct Parts {
 }
 
 impl Parts {
-    pub const ALL: Parts = Parts { account_processor: true, order_processor: true, relay: true, sweeper: true };
+    pub const ALL: Parts = Parts {
+        account_processor: true,
+        order_processor: true,
+        relay: true,
+        sweeper: true,
+    };
 }
 
 pub struct System {
@@ -33,7 +38,9 @@ pub struct System {
 
 impl System {
     pub async fn start(env: &TestEnv, settings: &Settings, parts: Parts) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
         let mut workers = Vec::new();
         let cancel = CancellationToken::new();
@@ -44,9 +51,13 @@ impl System {
         if parts.order_processor {
             processors.push("order");
         }
-        let ops = paystream_processors::ops::OpsState::new(settings, env.pool.clone(), processors).expect("ops state");
+        let ops = paystream_processors::ops::OpsState::new(settings, env.pool.clone(), processors)
+            .expect("ops state");
         let state = api::AppState::new(settings.clone(), env.pool.clone(), ops);
-        workers.push(Worker { cancel: cancel.clone(), task: tokio::spawn(api::serve(listener, state, cancel)) });
+        workers.push(Worker {
+            cancel: cancel.clone(),
+            task: tokio::spawn(api::serve(listener, state, cancel)),
+        });
         if parts.account_processor {
             workers.push(spawn_worker(settings, account_processor::run));
         }
@@ -54,12 +65,18 @@ impl System {
             workers.push(spawn_worker(settings, order_processor::run));
         }
         if parts.relay {
-            workers.push(spawn_worker(settings, paystream_processors::outbox::relay::run));
+            workers.push(spawn_worker(
+                settings,
+                paystream_processors::outbox::relay::run,
+            ));
         }
         if parts.sweeper {
             workers.push(spawn_worker(settings, sweeper::run));
         }
-        Self { api: Client::new(base, &settings.api.jwt_secret), workers }
+        Self {
+            api: Client::new(base, &settings.api.jwt_secret),
+            workers,
+        }
     }
 
     pub async fn stop(self) {
@@ -83,7 +100,9 @@ impl Reply {
     }
 
     pub fn id(&self) -> i64 {
-        self.body["id"].as_i64().unwrap_or_else(|| panic!("no id in {self:?}"))
+        self.body["id"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("no id in {self:?}"))
     }
 
     #[track_caller]
@@ -102,8 +121,15 @@ pub struct Client {
 
 impl Client {
     pub fn new(base: String, secret: &str) -> Self {
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client");
-        Self { base, secret: secret.to_owned(), http }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("client");
+        Self {
+            base,
+            secret: secret.to_owned(),
+            http,
+        }
     }
 
     pub fn token(&self, user: i64) -> String {
@@ -115,7 +141,14 @@ impl Client {
     }
 
     /// Sends a raw request; `token` and `key` are optional headers.
-    pub async fn send(&self, method: &str, path: &str, token: Option<&str>, key: Option<&str>, body: Option<String>) -> Reply {
+    pub async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        key: Option<&str>,
+        body: Option<String>,
+    ) -> Reply {
         let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
         let mut req = self.http.request(method, format!("{}{path}", self.base));
         if let Some(token) = token {
@@ -131,12 +164,18 @@ impl Client {
         let status = resp.status();
         let replayed = resp.headers().get("idempotent-replayed").is_some();
         let bytes = resp.bytes().await.expect("body");
-        let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
-        Reply { status, body, replayed }
+        let body = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+        Reply {
+            status,
+            body,
+            replayed,
+        }
     }
 
     pub async fn post(&self, path: &str, token: &str, key: &str, body: &Value) -> Reply {
-        self.send("POST", path, Some(token), Some(key), Some(body.to_string())).await
+        self.send("POST", path, Some(token), Some(key), Some(body.to_string()))
+            .await
     }
 
     pub async fn get(&self, path: &str, token: &str) -> Reply {
@@ -146,7 +185,16 @@ impl Client {
     /// Opens a CNY account for `user` and, if `balance > 0`, deposits it (as admin).
     pub async fn funded_account(&self, user: i64, balance: i64) -> i64 {
         let token = self.token(user);
-        let account = self.post("/v1/accounts", &token, &format!("open-{user}"), &serde_json::json!({"currency": "CNY"})).await.expect(201).id();
+        let account = self
+            .post(
+                "/v1/accounts",
+                &token,
+                &format!("open-{user}"),
+                &serde_json::json!({"currency": "CNY"}),
+            )
+            .await
+            .expect(201)
+            .id();
         if balance > 0 {
             self.post(
                 &format!("/v1/accounts/{account}/deposits"),
@@ -161,11 +209,15 @@ impl Client {
     }
 
     pub async fn place_order(&self, user: i64, key: &str, amount: i64) -> Reply {
-        self.post("/v1/orders", &self.token(user), key, &order_body(amount)).await
+        self.post("/v1/orders", &self.token(user), key, &order_body(amount))
+            .await
     }
 
     pub async fn order(&self, user: i64, id: i64) -> Value {
-        self.get(&format!("/v1/orders/{id}"), &self.token(user)).await.expect(200).body
+        self.get(&format!("/v1/orders/{id}"), &self.token(user))
+            .await
+            .expect(200)
+            .body
     }
 
     /// Waits until order `id` has `status` (and, if asked, a refund recorded), returns it.
@@ -178,7 +230,10 @@ impl Client {
     }
 
     pub async fn balance(&self, user: i64, account: i64) -> i64 {
-        self.get(&format!("/v1/accounts/{account}"), &self.token(user)).await.expect(200).body["balanceFen"]
+        self.get(&format!("/v1/accounts/{account}"), &self.token(user))
+            .await
+            .expect(200)
+            .body["balanceFen"]
             .as_i64()
             .expect("balanceFen")
     }

@@ -96,9 +96,17 @@ impl TestEnv {
         let id = Uuid::new_v4().simple().to_string()[..12].to_owned();
         let admin = admin_url();
         let db_name = format!("ps_test_{id}");
-        let mut conn = PgConnection::connect(&admin).await.expect("connect as admin");
-        sqlx::query(&format!("CREATE DATABASE {db_name}")).execute(&mut conn).await.expect("create db");
-        let base = admin.rsplit_once('/').map(|(b, _)| b).expect("url has a database");
+        let mut conn = PgConnection::connect(&admin)
+            .await
+            .expect("connect as admin");
+        sqlx::query(&format!("CREATE DATABASE {db_name}"))
+            .execute(&mut conn)
+            .await
+            .expect("create db");
+        let base = admin
+            .rsplit_once('/')
+            .map(|(b, _)| b)
+            .expect("url has a database");
         let database_url = format!("{base}/{db_name}");
 
         let mut settings = Settings::load(None).expect("defaults");
@@ -121,8 +129,15 @@ impl TestEnv {
         paystream_processors::telemetry::init_logging(&settings.log);
         let pool = db::connect(&settings.database).expect("pool");
         db::migrate(&pool).await.expect("migrate");
-        kafka::create_topics(&settings.kafka, &settings.topics).await.expect("topics");
-        Self { id, settings, pool, database_url }
+        kafka::create_topics(&settings.kafka, &settings.topics)
+            .await
+            .expect("topics");
+        Self {
+            id,
+            settings,
+            pool,
+            database_url,
+        }
     }
 
     /// Environment overrides that make a `paystream` child process use this test's world.
@@ -134,14 +149,35 @@ impl TestEnv {
             // Tests run in parallel: each worker's metrics endpoint takes a free port.
             ("PAYSTREAM__METRICS__LISTEN", "127.0.0.1:0".into()),
             ("PAYSTREAM__KAFKA__BROKERS", s.kafka.brokers.clone()),
-            ("PAYSTREAM__KAFKA__SESSION_TIMEOUT_MS", s.kafka.session_timeout_ms.to_string()),
-            ("PAYSTREAM__TOPICS__ORDER_EVENTS", s.topics.order_events.clone()),
-            ("PAYSTREAM__TOPICS__ACCOUNT_EVENTS", s.topics.account_events.clone()),
-            ("PAYSTREAM__TOPICS__DEAD_LETTER", s.topics.dead_letter.clone()),
-            ("PAYSTREAM__PROCESSOR__ACCOUNT_GROUP", s.processor.account_group.clone()),
+            (
+                "PAYSTREAM__KAFKA__SESSION_TIMEOUT_MS",
+                s.kafka.session_timeout_ms.to_string(),
+            ),
+            (
+                "PAYSTREAM__TOPICS__ORDER_EVENTS",
+                s.topics.order_events.clone(),
+            ),
+            (
+                "PAYSTREAM__TOPICS__ACCOUNT_EVENTS",
+                s.topics.account_events.clone(),
+            ),
+            (
+                "PAYSTREAM__TOPICS__DEAD_LETTER",
+                s.topics.dead_letter.clone(),
+            ),
+            (
+                "PAYSTREAM__PROCESSOR__ACCOUNT_GROUP",
+                s.processor.account_group.clone(),
+            ),
             ("PAYSTREAM__ORDERS__GROUP", s.orders.group.clone()),
-            ("PAYSTREAM__PROCESSOR__RETRY_MAX_MS", s.processor.retry_max_ms.to_string()),
-            ("PAYSTREAM__RELAY__POLL_INTERVAL_MS", s.relay.poll_interval_ms.to_string()),
+            (
+                "PAYSTREAM__PROCESSOR__RETRY_MAX_MS",
+                s.processor.retry_max_ms.to_string(),
+            ),
+            (
+                "PAYSTREAM__RELAY__POLL_INTERVAL_MS",
+                s.relay.poll_interval_ms.to_string(),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -153,7 +189,10 @@ impl TestEnv {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_paystream"));
         cmd.args(args)
             .envs(self.child_env())
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .kill_on_drop(true);
         for (k, v) in extra_env {
             cmd.env(k, v);
@@ -163,12 +202,21 @@ impl TestEnv {
 
     /// Starts `paystream <args>` as a child process of this test's world.
     pub fn spawn_child(&self, args: &[&str], extra_env: &[(&str, &str)]) -> tokio::process::Child {
-        self.child_command(args, extra_env).spawn().expect("spawn paystream")
+        self.child_command(args, extra_env)
+            .spawn()
+            .expect("spawn paystream")
     }
 
     /// Like `spawn_child`, with stdout captured.
-    pub fn spawn_child_piped(&self, args: &[&str], extra_env: &[(&str, &str)]) -> tokio::process::Child {
-        self.child_command(args, extra_env).stdout(std::process::Stdio::piped()).spawn().expect("spawn paystream")
+    pub fn spawn_child_piped(
+        &self,
+        args: &[&str],
+        extra_env: &[(&str, &str)],
+    ) -> tokio::process::Child {
+        self.child_command(args, extra_env)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn paystream")
     }
 
     /// Runs an account processor worker in this process until the token is cancelled.
@@ -183,12 +231,20 @@ impl TestEnv {
     /// Opens a user account and deposits `balance` fen into it through the ledger.
     pub async fn funded_account(&self, user_id: i64, balance: i64) -> i64 {
         let mut tx = self.pool.begin().await.expect("begin");
-        let id = ledger::open_account(&mut tx, user_id, Currency::CNY).await.expect("open");
+        let id = ledger::open_account(&mut tx, user_id, Currency::CNY)
+            .await
+            .expect("open");
         if let Some(amount) = Amount::new(balance) {
-            ledger::deposit(&mut tx, id, amount, "test", &self.settings.topics.account_events)
-                .await
-                .expect("deposit query")
-                .expect("deposit posts");
+            ledger::deposit(
+                &mut tx,
+                id,
+                amount,
+                "test",
+                &self.settings.topics.account_events,
+            )
+            .await
+            .expect("deposit query")
+            .expect("deposit posts");
         }
         tx.commit().await.expect("commit");
         id
@@ -240,8 +296,16 @@ impl TestEnv {
     }
 
     pub async fn assert_invariants(&self) {
-        let violations = paystream_processors::audit::check(&self.pool, &paystream_processors::audit::Limits::quiescent(&self.settings)).await.expect("audit runs");
-        assert!(violations.is_empty(), "invariants violated: {violations:#?}");
+        let violations = paystream_processors::audit::check(
+            &self.pool,
+            &paystream_processors::audit::Limits::quiescent(&self.settings),
+        )
+        .await
+        .expect("audit runs");
+        assert!(
+            violations.is_empty(),
+            "invariants violated: {violations:#?}"
+        );
     }
 
     pub fn producer(&self) -> FutureProducer {
@@ -254,7 +318,14 @@ impl TestEnv {
     }
 
     pub async fn produce(&self, producer: &FutureProducer, key: &str, value: &[u8]) {
-        produce_to(producer, &self.settings.topics.order_events, key, value, &[]).await;
+        produce_to(
+            producer,
+            &self.settings.topics.order_events,
+            key,
+            value,
+            &[],
+        )
+        .await;
     }
 
     /// Collects every message of `topic` from the beginning, in the background.
@@ -263,13 +334,25 @@ impl TestEnv {
     }
 }
 
-pub async fn produce_to(producer: &FutureProducer, topic: &str, key: &str, value: &[u8], headers: &[(&str, &str)]) {
+pub async fn produce_to(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &str,
+    value: &[u8],
+    headers: &[(&str, &str)],
+) {
     let mut hs = OwnedHeaders::new();
     for (k, v) in headers {
-        hs = hs.insert(Header { key: k, value: Some(*v) });
+        hs = hs.insert(Header {
+            key: k,
+            value: Some(*v),
+        });
     }
     producer
-        .send(FutureRecord::to(topic).key(key).payload(value).headers(hs), Timeout::After(Duration::from_secs(30)))
+        .send(
+            FutureRecord::to(topic).key(key).payload(value).headers(hs),
+            Timeout::After(Duration::from_secs(30)),
+        )
         .await
         .map_err(|(e, _)| e)
         .expect("produce");
@@ -283,7 +366,10 @@ pub struct Worker {
 impl Worker {
     pub async fn stop(self) {
         self.cancel.cancel();
-        self.task.await.expect("worker task").expect("worker ends cleanly");
+        self.task
+            .await
+            .expect("worker task")
+            .expect("worker ends cleanly");
     }
 }
 
@@ -358,7 +444,13 @@ impl Collector {
                     .headers()
                     .map(|hs| {
                         hs.iter()
-                            .map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                            .map(|h| {
+                                (
+                                    h.key.to_owned(),
+                                    String::from_utf8_lossy(h.value.unwrap_or_default())
+                                        .into_owned(),
+                                )
+                            })
                             .collect()
                     })
                     .unwrap_or_default();
@@ -403,8 +495,14 @@ pub fn assert_valid(schemas: &std::path::Path, event_type: &str, event: &Value) 
     )
     .expect("schema is JSON");
     let validator = jsonschema::validator_for(&schema).expect("schema compiles");
-    let errors: Vec<String> = validator.iter_errors(event).map(|e| e.to_string()).collect();
-    assert!(errors.is_empty(), "{event_type} does not match its schema: {errors:?}\n{event}");
+    let errors: Vec<String> = validator
+        .iter_errors(event)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{event_type} does not match its schema: {errors:?}\n{event}"
+    );
 }
 
 pub fn schemas_dir() -> std::path::PathBuf {

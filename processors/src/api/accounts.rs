@@ -58,28 +58,38 @@ pub async fn open(
         Begun::Replay(response) => return Ok(response),
         Begun::Fresh(tx) => tx,
     };
-    let account: Option<AccountView> = sqlx::query_as(&format!(
-        r#"
-        INSERT INTO accounts (kind, user_id, currency) VALUES ('USER', $1, $2)
-        ON CONFLICT DO NOTHING
-        RETURNING {ACCOUNT_COLUMNS}
-        "#
-    ))
-    .bind(caller.user_id)
-    .bind(currency.as_str())
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(account) = account else {
-        return Err(ApiError::conflict(
-            "ACCOUNT_EXISTS",
-            format!("you already have a {currency} account; there is one per user and currency"),
-        ));
-    };
-    finish(&state, &request, tx, StatusCode::CREATED, json!(account)).await
+    let done = async {
+        let account: Option<AccountView> = sqlx::query_as(&format!(
+            r#"
+            INSERT INTO accounts (kind, user_id, currency) VALUES ('USER', $1, $2)
+            ON CONFLICT DO NOTHING
+            RETURNING {ACCOUNT_COLUMNS}
+            "#
+        ))
+        .bind(caller.user_id)
+        .bind(currency.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(account) = account else {
+            return Err(ApiError::conflict(
+                "ACCOUNT_EXISTS",
+                format!(
+                    "you already have a {currency} account; there is one per user and currency"
+                ),
+            ));
+        };
+        Ok((StatusCode::CREATED, json!(account)))
+    }
+    .await;
+    finish(&state, &request, tx, done).await
 }
 
 /// The account if the caller may see it: its owner, or an admin.
-async fn visible_account(conn: &mut PgConnection, caller: Caller, id: i64) -> Result<AccountView, ApiError> {
+async fn visible_account(
+    conn: &mut PgConnection,
+    caller: Caller,
+    id: i64,
+) -> Result<AccountView, ApiError> {
     let account: Option<AccountView> = sqlx::query_as(&format!(
         "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1 AND kind = 'USER' AND (user_id = $2 OR $3)"
     ))
@@ -88,10 +98,15 @@ async fn visible_account(conn: &mut PgConnection, caller: Caller, id: i64) -> Re
     .bind(caller.admin)
     .fetch_optional(conn)
     .await?;
-    account.ok_or_else(|| ApiError::not_found("ACCOUNT_NOT_FOUND", format!("account {id} not found")))
+    account
+        .ok_or_else(|| ApiError::not_found("ACCOUNT_NOT_FOUND", format!("account {id} not found")))
 }
 
-pub async fn get(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let id = path_id(&id, "ACCOUNT_NOT_FOUND")?;
     let mut conn = state.pool.acquire().await?;
     Ok(Json(visible_account(&mut conn, caller, id).await?).into_response())
@@ -134,7 +149,13 @@ pub async fn deposit(
 ) -> Result<Response, ApiError> {
     caller.require_admin()?;
     let id = path_id(&id, "ACCOUNT_NOT_FOUND")?;
-    let request = IdempotentRequest::new(&headers, caller.user_id, "POST", &format!("/v1/accounts/{id}/deposits"), &body)?;
+    let request = IdempotentRequest::new(
+        &headers,
+        caller.user_id,
+        "POST",
+        &format!("/v1/accounts/{id}/deposits"),
+        &body,
+    )?;
     let fields = Fields::new(&body, &["amountFen", "reference"])?;
     let amount = fields.amount("amountFen", state.settings.api.max_deposit_amount_fen)?;
     let reference = match fields.get("reference") {
@@ -145,23 +166,42 @@ pub async fn deposit(
         Begun::Replay(response) => return Ok(response),
         Begun::Fresh(tx) => tx,
     };
-    let deposited = ledger::deposit(&mut tx, id, amount, &reference, &state.settings.topics.account_events).await?;
-    let deposited = match deposited {
-        Ok(deposited) => deposited,
-        Err(PostError::UnknownAccount) => {
-            return Err(ApiError::not_found("ACCOUNT_NOT_FOUND", format!("account {id} not found")))
-        }
-        Err(PostError::Overflow) => {
-            return Err(ApiError::invalid("BALANCE_OVERFLOW", "the deposit would overflow the account balance"))
-        }
-        Err(PostError::InsufficientBalance) => return Err(ApiError::internal()),
-    };
-    let body = json!({
-        "accountId": deposited.account_id,
-        "userId": deposited.user_id,
-        "amountFen": amount.fen(),
-        "balanceAfterFen": deposited.balance_after_fen,
-        "reference": reference,
-    });
-    finish(&state, &request, tx, StatusCode::CREATED, body).await
+    let done = async {
+        let deposited = match ledger::deposit(
+            &mut tx,
+            id,
+            amount,
+            &reference,
+            &state.settings.topics.account_events,
+        )
+        .await?
+        {
+            Ok(deposited) => deposited,
+            Err(PostError::UnknownAccount) => {
+                return Err(ApiError::not_found(
+                    "ACCOUNT_NOT_FOUND",
+                    format!("account {id} not found"),
+                ))
+            }
+            Err(PostError::Overflow) => {
+                return Err(ApiError::invalid(
+                    "BALANCE_OVERFLOW",
+                    "the deposit would overflow the account balance",
+                ))
+            }
+            Err(PostError::InsufficientBalance) => return Err(ApiError::internal()),
+        };
+        Ok((
+            StatusCode::CREATED,
+            json!({
+                "accountId": deposited.account_id,
+                "userId": deposited.user_id,
+                "amountFen": amount.fen(),
+                "balanceAfterFen": deposited.balance_after_fen,
+                "reference": reference,
+            }),
+        ))
+    }
+    .await;
+    finish(&state, &request, tx, done).await
 }

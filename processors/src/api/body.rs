@@ -20,7 +20,11 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE", "the request body is too large")
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "PAYLOAD_TOO_LARGE",
+                    "the request body is too large",
+                )
             } else {
                 ApiError::bad_request("MALFORMED_BODY", "the request body could not be read")
             }
@@ -30,16 +34,34 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
         }
         match serde_json::from_slice::<Value>(&bytes) {
             Ok(Value::Object(map)) => Ok(Self(map)),
-            Ok(_) => Err(ApiError::invalid("INVALID_REQUEST", "the request body must be a JSON object")),
-            Err(e) => Err(ApiError::bad_request("MALFORMED_JSON", format!("the request body is not valid JSON: {e}"))),
+            Ok(_) => Err(ApiError::invalid(
+                "INVALID_REQUEST",
+                "the request body must be a JSON object",
+            )),
+            Err(e) => Err(ApiError::bad_request(
+                "MALFORMED_JSON",
+                format!("the request body is not valid JSON: {e}"),
+            )),
         }
     }
 }
 
 /// Fields a client may never set: paystream owns them.
 const SERVER_OWNED: &[&str] = &[
-    "id", "status", "balance", "balanceFen", "userId", "accountId", "orderId", "orderNo", "createdAt",
-    "updatedAt", "paidAt", "cancelledAt", "refundedAt", "cancelReason",
+    "id",
+    "status",
+    "balance",
+    "balanceFen",
+    "userId",
+    "accountId",
+    "orderId",
+    "orderNo",
+    "createdAt",
+    "updatedAt",
+    "paidAt",
+    "cancelledAt",
+    "refundedAt",
+    "cancelReason",
 ];
 
 /// Field access over a request object, with the API's error codes.
@@ -52,7 +74,10 @@ impl<'a> Fields<'a> {
             let message = if SERVER_OWNED.contains(&name.as_str()) {
                 format!("field {name:?} is set by paystream and cannot be supplied by clients")
             } else {
-                format!("unknown field {name:?}; allowed fields: {}", allowed.join(", "))
+                format!(
+                    "unknown field {name:?}; allowed fields: {}",
+                    allowed.join(", ")
+                )
             };
             return Err(ApiError::invalid("UNKNOWN_FIELD", message));
         }
@@ -64,7 +89,9 @@ impl<'a> Fields<'a> {
     }
 
     pub fn required(&self, name: &str) -> Result<&'a Value, ApiError> {
-        self.get(name).ok_or_else(|| ApiError::invalid("MISSING_FIELD", format!("field {name:?} is required")))
+        self.get(name).ok_or_else(|| {
+            ApiError::invalid("MISSING_FIELD", format!("field {name:?} is required"))
+        })
     }
 
     /// An amount in minor units: a JSON integer in `1..=max`.
@@ -73,20 +100,35 @@ impl<'a> Fields<'a> {
         let amount = Amount::from_json(value).ok_or_else(|| {
             ApiError::invalid(
                 "INVALID_AMOUNT",
-                format!("{name} must be a positive integer number of minor units (fen), got {value}"),
+                format!(
+                    "{name} must be a positive integer number of minor units (fen), got {value}"
+                ),
             )
         })?;
         if amount.fen() > max {
-            return Err(ApiError::invalid("AMOUNT_LIMIT_EXCEEDED", format!("{name} must not exceed {max}")));
+            return Err(ApiError::invalid(
+                "AMOUNT_LIMIT_EXCEEDED",
+                format!("{name} must not exceed {max}"),
+            ));
         }
         Ok(amount)
     }
 
     /// A currency from the configured list; `default` when the field is absent.
-    pub fn currency(&self, name: &str, accepted: &[String], default: Option<Currency>) -> Result<Currency, ApiError> {
+    pub fn currency(
+        &self,
+        name: &str,
+        accepted: &[String],
+        default: Option<Currency>,
+    ) -> Result<Currency, ApiError> {
         let value = match (self.get(name), default) {
             (None, Some(default)) => return Ok(default),
-            (None, None) => return Err(ApiError::invalid("MISSING_FIELD", format!("field {name:?} is required"))),
+            (None, None) => {
+                return Err(ApiError::invalid(
+                    "MISSING_FIELD",
+                    format!("field {name:?} is required"),
+                ))
+            }
             (Some(value), _) => value,
         };
         value
@@ -107,9 +149,18 @@ impl<'a> Fields<'a> {
     }
 }
 
-pub fn string_value<'v>(name: &str, value: &'v Value, max_chars: usize) -> Result<&'v str, ApiError> {
+pub fn string_value<'v>(
+    name: &str,
+    value: &'v Value,
+    max_chars: usize,
+) -> Result<&'v str, ApiError> {
     value
         .as_str()
         .filter(|s| !s.trim().is_empty() && s.chars().count() <= max_chars)
-        .ok_or_else(|| ApiError::invalid("INVALID_FIELD", format!("{name} must be a string of 1 to {max_chars} characters")))
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "INVALID_FIELD",
+                format!("{name} must be a string of 1 to {max_chars} characters"),
+            )
+        })
 }

@@ -34,15 +34,29 @@ pub struct IdempotentRequest {
 
 impl IdempotentRequest {
     /// Reads the `Idempotency-Key` header (required on every mutating call).
-    pub fn new(headers: &HeaderMap, user_id: i64, method: &str, route: &str, body: &Map<String, Value>) -> Result<Self, ApiError> {
+    pub fn new(
+        headers: &HeaderMap,
+        user_id: i64,
+        method: &str,
+        route: &str,
+        body: &Map<String, Value>,
+    ) -> Result<Self, ApiError> {
         let key = headers
             .get(HEADER)
-            .ok_or_else(|| ApiError::bad_request("IDEMPOTENCY_KEY_REQUIRED", "an Idempotency-Key header is required on this call"))?
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "IDEMPOTENCY_KEY_REQUIRED",
+                    "an Idempotency-Key header is required on this call",
+                )
+            })?
             .to_str()
             .ok()
             .filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()))
             .ok_or_else(|| {
-                ApiError::bad_request("IDEMPOTENCY_KEY_INVALID", "Idempotency-Key must be 1 to 255 visible ASCII characters")
+                ApiError::bad_request(
+                    "IDEMPOTENCY_KEY_INVALID",
+                    "Idempotency-Key must be 1 to 255 visible ASCII characters",
+                )
             })?
             .to_owned();
         // serde_json's Map is ordered by key, so equal JSON bodies hash equally whatever the
@@ -53,7 +67,11 @@ impl IdempotentRequest {
         hasher.update(route.as_bytes());
         hasher.update([0]);
         hasher.update(serde_json::to_vec(body).unwrap_or_default());
-        Ok(Self { user_id, key, fingerprint: hasher.finalize().into() })
+        Ok(Self {
+            user_id,
+            key,
+            fingerprint: hasher.finalize().into(),
+        })
     }
 
     fn lock_id(&self) -> i64 {
@@ -101,7 +119,10 @@ impl IdempotentRequest {
                 Ok(None)
             }
             Some((hash, _, _, false)) if hash != self.fingerprint => {
-                METRICS.idempotency.with_label_values(&["reused_with_other_request"]).inc();
+                METRICS
+                    .idempotency
+                    .with_label_values(&["reused_with_other_request"])
+                    .inc();
                 Err(ApiError::invalid(
                     "IDEMPOTENCY_KEY_REUSED",
                     "this Idempotency-Key was already used with a different request",
@@ -114,7 +135,9 @@ impl IdempotentRequest {
                     .and_then(|s| StatusCode::from_u16(s).ok())
                     .unwrap_or(StatusCode::OK);
                 let mut response = (status, Json(body)).into_response();
-                response.headers_mut().insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+                response
+                    .headers_mut()
+                    .insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
                 Ok(Some(response))
             }
         }

@@ -4,8 +4,8 @@
 //! key, writes the business rows and their outbox rows, and stores the response
 //! (`idempotency`). Reads only ever return the caller's own rows; someone else's id is a 404.
 
-pub mod auth;
 mod accounts;
+pub mod auth;
 mod body;
 pub mod error;
 pub mod idempotency;
@@ -16,11 +16,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use axum::http::StatusCode;
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -44,8 +44,16 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(settings: Settings, pool: PgPool, ops: OpsState) -> Self {
-        let rate_limiter = Arc::new(RateLimiter::new(settings.api.rate_limit_per_s, settings.api.rate_limit_burst));
-        Self { pool, settings: Arc::new(settings), rate_limiter, ops }
+        let rate_limiter = Arc::new(RateLimiter::new(
+            settings.api.rate_limit_per_s,
+            settings.api.rate_limit_burst,
+        ));
+        Self {
+            pool,
+            settings: Arc::new(settings),
+            rate_limiter,
+            ops,
+        }
     }
 }
 
@@ -66,20 +74,34 @@ pub fn app(state: AppState) -> Router {
         .merge(crate::ops::router(state.ops.clone()))
         .fallback(|| async { ApiError::not_found("NOT_FOUND", "no such route") })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED", "this route does not take that method")
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "METHOD_NOT_ALLOWED",
+                "this route does not take that method",
+            )
         })
         .layer(axum::middleware::from_fn_with_state(state, observe))
         .layer(DefaultBodyLimit::max(max_body))
 }
 
 /// Serves `app` on `listener` until `cancel` fires, then finishes in-flight requests.
-pub async fn serve(listener: TcpListener, state: AppState, cancel: CancellationToken) -> anyhow::Result<()> {
-    axum::serve(listener, app(state)).with_graceful_shutdown(cancel.cancelled_owned()).await?;
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await?;
     Ok(())
 }
 
 /// Binds `api.listen` and serves until `cancel` fires.
-pub async fn run(settings: Settings, pool: PgPool, cancel: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    settings: Settings,
+    pool: PgPool,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
     let listener = TcpListener::bind(&settings.api.listen)
         .await
         .map_err(|e| anyhow::anyhow!("Failed to listen on {}: {e}", settings.api.listen))?;
@@ -89,7 +111,12 @@ pub async fn run(settings: Settings, pool: PgPool, cancel: CancellationToken) ->
 }
 
 /// The request timeout, and the HTTP metrics (labelled by route template, never by id).
-async fn observe(State(state): State<AppState>, matched: Option<MatchedPath>, req: Request, next: Next) -> Response {
+async fn observe(
+    State(state): State<AppState>,
+    matched: Option<MatchedPath>,
+    req: Request,
+    next: Next,
+) -> Response {
     let route = matched.map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
     let method = req.method().as_str().to_owned();
     let started = Instant::now();
@@ -97,11 +124,21 @@ async fn observe(State(state): State<AppState>, matched: Option<MatchedPath>, re
     let response = match tokio::time::timeout(timeout, next.run(req)).await {
         Ok(response) => response,
         // Dropping the handler rolls back its transaction: nothing is half-applied.
-        Err(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "REQUEST_TIMEOUT", "the request took too long and was abandoned; retry with the same Idempotency-Key")
-            .into_response(),
+        Err(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "REQUEST_TIMEOUT",
+            "the request took too long and was abandoned; retry with the same Idempotency-Key",
+        )
+        .into_response(),
     };
-    METRICS.http_requests.with_label_values(&[&method, &route, response.status().as_str()]).inc();
-    METRICS.http_duration.with_label_values(&[&method, &route]).observe(started.elapsed().as_secs_f64());
+    METRICS
+        .http_requests
+        .with_label_values(&[&method, &route, response.status().as_str()])
+        .inc();
+    METRICS
+        .http_duration
+        .with_label_values(&[&method, &route])
+        .observe(started.elapsed().as_secs_f64());
     response
 }
 
@@ -114,28 +151,66 @@ enum Begun {
 
 async fn begin(state: &AppState, request: &IdempotentRequest) -> Result<Begun, ApiError> {
     let mut tx = state.pool.begin().await?;
-    Ok(match request.claim(&mut tx).await? {
-        Some(replay) => Begun::Replay(replay),
-        None => Begun::Fresh(tx),
-    })
+    match request.claim(&mut tx).await {
+        Ok(None) => Ok(Begun::Fresh(tx)),
+        Ok(Some(replay)) => {
+            release(tx).await;
+            Ok(Begun::Replay(replay))
+        }
+        Err(refused) => {
+            release(tx).await;
+            Err(refused)
+        }
+    }
 }
 
-/// Stores the response with the key and commits the work and the key together.
+/// Commits the work together with its key and the stored response, or, when the work was
+/// refused, rolls both back before the caller sees the refusal.
 async fn finish(
     state: &AppState,
     request: &IdempotentRequest,
     mut tx: Transaction<'static, Postgres>,
-    status: StatusCode,
-    body: serde_json::Value,
+    done: Result<(StatusCode, serde_json::Value), ApiError>,
 ) -> Result<Response, ApiError> {
-    request.complete(&mut tx, status, &body, state.settings.api.idempotency_retention_hours).await?;
+    let (status, body) = match done {
+        Ok(done) => done,
+        Err(refused) => {
+            release(tx).await;
+            return Err(refused);
+        }
+    };
+    if let Err(failed) = request
+        .complete(
+            &mut tx,
+            status,
+            &body,
+            state.settings.api.idempotency_retention_hours,
+        )
+        .await
+    {
+        release(tx).await;
+        return Err(failed);
+    }
     tx.commit().await?;
     Ok((status, axum::Json(body)).into_response())
 }
 
+/// Rolls back now instead of on drop. Dropping a transaction only queues its ROLLBACK, which
+/// sqlx sends after the response is out, so the key's advisory lock would outlive the response
+/// and a client retrying at once would be told the key is still in use.
+async fn release(tx: Transaction<'static, Postgres>) {
+    if let Err(error) = tx.rollback().await {
+        // The connection is unusable and will be closed, which ends the session and its locks.
+        tracing::warn!(%error, "rolling back an API transaction failed");
+    }
+}
+
 /// A path id: anything that is not a positive integer names nothing, so it is a 404.
 fn path_id(raw: &str, code: &'static str) -> Result<i64, ApiError> {
-    raw.parse::<i64>().ok().filter(|id| *id > 0).ok_or_else(|| ApiError::not_found(code, "not found"))
+    raw.parse::<i64>()
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or_else(|| ApiError::not_found(code, "not found"))
 }
 
 /// Cursor pagination: `limit` (1..=page_max, default 20) and `cursor` (an opaque id from the
@@ -147,39 +222,63 @@ struct Page {
 }
 
 impl Page {
-    fn parse(query: &std::collections::HashMap<String, String>, page_max: i64) -> Result<Self, ApiError> {
+    fn parse(
+        query: &std::collections::HashMap<String, String>,
+        page_max: i64,
+    ) -> Result<Self, ApiError> {
         let limit = match query.get("limit") {
             None => 20.min(page_max),
-            Some(l) => l.parse::<i64>().ok().filter(|l| (1..=page_max).contains(l)).ok_or_else(|| {
-                ApiError::bad_request("INVALID_QUERY", format!("limit must be an integer from 1 to {page_max}"))
-            })?,
+            Some(l) => l
+                .parse::<i64>()
+                .ok()
+                .filter(|l| (1..=page_max).contains(l))
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "INVALID_QUERY",
+                        format!("limit must be an integer from 1 to {page_max}"),
+                    )
+                })?,
         };
         let before = match query.get("cursor") {
             None => None,
-            Some(c) => Some(
-                c.parse::<i64>()
-                    .ok()
-                    .filter(|c| *c > 0)
-                    .ok_or_else(|| ApiError::bad_request("INVALID_QUERY", "cursor must be a nextCursor value from a previous page"))?,
-            ),
+            Some(c) => Some(c.parse::<i64>().ok().filter(|c| *c > 0).ok_or_else(|| {
+                ApiError::bad_request(
+                    "INVALID_QUERY",
+                    "cursor must be a nextCursor value from a previous page",
+                )
+            })?),
         };
         Ok(Self { limit, before })
     }
 
     /// The `{items, nextCursor}` body of a page fetched with `limit + 1` rows.
-    fn body<T: serde::Serialize>(self, mut rows: Vec<T>, id: impl Fn(&T) -> i64) -> serde_json::Value {
+    fn body<T: serde::Serialize>(
+        self,
+        mut rows: Vec<T>,
+        id: impl Fn(&T) -> i64,
+    ) -> serde_json::Value {
         let more = rows.len() as i64 > self.limit;
         rows.truncate(self.limit as usize);
-        let next = if more { rows.last().map(|r| id(r).to_string()) } else { None };
+        let next = if more {
+            rows.last().map(|r| id(r).to_string())
+        } else {
+            None
+        };
         serde_json::json!({ "items": rows, "nextCursor": next })
     }
 }
 
-fn only_query_params(query: &std::collections::HashMap<String, String>, allowed: &[&str]) -> Result<(), ApiError> {
+fn only_query_params(
+    query: &std::collections::HashMap<String, String>,
+    allowed: &[&str],
+) -> Result<(), ApiError> {
     match query.keys().find(|k| !allowed.contains(&k.as_str())) {
         Some(k) => Err(ApiError::bad_request(
             "INVALID_QUERY",
-            format!("unknown query parameter {k:?}; allowed: {}", allowed.join(", ")),
+            format!(
+                "unknown query parameter {k:?}; allowed: {}",
+                allowed.join(", ")
+            ),
         )),
         None => Ok(()),
     }

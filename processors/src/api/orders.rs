@@ -31,12 +31,20 @@ pub async fn create(
         Begun::Replay(response) => return Ok(response),
         Begun::Fresh(tx) => tx,
     };
-    let order = store::create(&mut tx, &new, &state.settings.topics.order_events).await?;
-    finish(&state, &request, tx, StatusCode::CREATED, json!(order)).await
+    let done = store::create(&mut tx, &new, &state.settings.topics.order_events)
+        .await
+        .map(|order| (StatusCode::CREATED, json!(order)))
+        .map_err(ApiError::from);
+    finish(&state, &request, tx, done).await
 }
 
 /// `{amountFen, currency?, items: [{sku, qty, priceFen}]}`, where the items add up to the amount.
-fn parse_order(limits: &ApiSettings, user_id: i64, body: &Map<String, Value>, key: &str) -> Result<NewOrder, ApiError> {
+fn parse_order(
+    limits: &ApiSettings,
+    user_id: i64,
+    body: &Map<String, Value>,
+    key: &str,
+) -> Result<NewOrder, ApiError> {
     let fields = Fields::new(body, &["amountFen", "currency", "items"])?;
     let amount = fields.amount("amountFen", limits.max_order_amount_fen)?;
     let currency = fields.currency("currency", &limits.currencies, Some(Currency::CNY))?;
@@ -46,43 +54,76 @@ fn parse_order(limits: &ApiSettings, user_id: i64, body: &Map<String, Value>, ke
         .filter(|items| !items.is_empty())
         .ok_or_else(|| ApiError::invalid("INVALID_FIELD", "items must be a non-empty array"))?;
     if items.len() > limits.max_items {
-        return Err(ApiError::invalid("TOO_MANY_ITEMS", format!("an order has at most {} items", limits.max_items)));
+        return Err(ApiError::invalid(
+            "TOO_MANY_ITEMS",
+            format!("an order has at most {} items", limits.max_items),
+        ));
     }
     let mut total: i64 = 0;
     let mut parsed = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
-        let object = item
-            .as_object()
-            .ok_or_else(|| ApiError::invalid("INVALID_FIELD", format!("items[{i}] must be an object")))?;
+        let object = item.as_object().ok_or_else(|| {
+            ApiError::invalid("INVALID_FIELD", format!("items[{i}] must be an object"))
+        })?;
         let item = Fields::new(object, &["sku", "qty", "priceFen"])?;
         let sku = string_value(&format!("items[{i}].sku"), item.required("sku")?, 64)?;
         let qty = item
             .required("qty")?
             .as_i64()
             .filter(|q| (1..=1_000_000).contains(q))
-            .ok_or_else(|| ApiError::invalid("INVALID_FIELD", format!("items[{i}].qty must be an integer from 1 to 1000000")))?;
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "INVALID_FIELD",
+                    format!("items[{i}].qty must be an integer from 1 to 1000000"),
+                )
+            })?;
         let price = item.amount("priceFen", limits.max_order_amount_fen)?;
         total = qty
             .checked_mul(price.fen())
             .and_then(|line| total.checked_add(line))
-            .ok_or_else(|| ApiError::invalid("ITEMS_TOTAL_MISMATCH", "the items add up to more than any amount allowed"))?;
-        parsed.push(OrderItem { sku: sku.to_owned(), qty, price_fen: price });
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "ITEMS_TOTAL_MISMATCH",
+                    "the items add up to more than any amount allowed",
+                )
+            })?;
+        parsed.push(OrderItem {
+            sku: sku.to_owned(),
+            qty,
+            price_fen: price,
+        });
     }
     if total != amount.fen() {
         return Err(ApiError::invalid(
             "ITEMS_TOTAL_MISMATCH",
-            format!("the items add up to {total}, but amountFen is {}", amount.fen()),
+            format!(
+                "the items add up to {total}, but amountFen is {}",
+                amount.fen()
+            ),
         ));
     }
-    Ok(NewOrder { user_id, amount, currency, items: parsed, idempotency_key: key.to_owned() })
+    Ok(NewOrder {
+        user_id,
+        amount,
+        currency,
+        items: parsed,
+        idempotency_key: key.to_owned(),
+    })
 }
 
-pub async fn get(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let id = path_id(&id, "ORDER_NOT_FOUND")?;
     let mut conn = state.pool.acquire().await?;
     match store::get(&mut conn, caller.user_id, id).await? {
         Some(order) => Ok(Json(order).into_response()),
-        None => Err(ApiError::not_found("ORDER_NOT_FOUND", format!("order {id} not found"))),
+        None => Err(ApiError::not_found(
+            "ORDER_NOT_FOUND",
+            format!("order {id} not found"),
+        )),
     }
 }
 
@@ -96,11 +137,21 @@ pub async fn list(
     let status = match query.get("status") {
         None => None,
         Some(s) => Some(OrderStatus::parse(s).ok_or_else(|| {
-            ApiError::bad_request("INVALID_QUERY", "status must be one of PENDING, PAID, CANCELLED, REFUNDED")
+            ApiError::bad_request(
+                "INVALID_QUERY",
+                "status must be one of PENDING, PAID, CANCELLED, REFUNDED",
+            )
         })?),
     };
     let mut conn = state.pool.acquire().await?;
-    let orders = store::list(&mut conn, caller.user_id, status, page.before, page.limit + 1).await?;
+    let orders = store::list(
+        &mut conn,
+        caller.user_id,
+        status,
+        page.before,
+        page.limit + 1,
+    )
+    .await?;
     Ok(Json(page.body(orders, |o| o.id)).into_response())
 }
 
@@ -113,30 +164,51 @@ pub async fn cancel(
 ) -> Result<Response, ApiError> {
     let id = path_id(&id, "ORDER_NOT_FOUND")?;
     Fields::new(&body, &[])?;
-    let request = IdempotentRequest::new(&headers, caller.user_id, "POST", &format!("/v1/orders/{id}/cancel"), &body)?;
+    let request = IdempotentRequest::new(
+        &headers,
+        caller.user_id,
+        "POST",
+        &format!("/v1/orders/{id}/cancel"),
+        &body,
+    )?;
     let mut tx = match begin(&state, &request).await? {
         Begun::Replay(response) => return Ok(response),
         Begun::Fresh(tx) => tx,
     };
-    let outcome = store::cancel(&mut tx, caller.user_id, id, &state.settings.topics.order_events).await?;
-    let (status, order) = match outcome {
-        Ok(CancelOutcome::Cancelled(order)) => (StatusCode::OK, order),
-        Ok(CancelOutcome::RefundRequested(order)) => (StatusCode::ACCEPTED, order),
-        Err(CancelRefused::NotFound) => return Err(ApiError::not_found("ORDER_NOT_FOUND", format!("order {id} not found"))),
-        Err(CancelRefused::AlreadyFinal(status)) => {
-            return Err(ApiError::conflict(
-                "ORDER_NOT_CANCELLABLE",
-                format!("order {id} is {} and cannot be cancelled", status.as_str()),
-            ))
-        }
-        Err(CancelRefused::RefundAlreadyRequested) => {
-            return Err(ApiError::conflict(
-                "REFUND_ALREADY_REQUESTED",
-                format!("order {id} was already cancelled; its refund is on its way"),
-            ))
-        }
-    };
-    finish(&state, &request, tx, status, json!(order)).await
+    let done = async {
+        let (status, order) = match store::cancel(
+            &mut tx,
+            caller.user_id,
+            id,
+            &state.settings.topics.order_events,
+        )
+        .await?
+        {
+            Ok(CancelOutcome::Cancelled(order)) => (StatusCode::OK, order),
+            Ok(CancelOutcome::RefundRequested(order)) => (StatusCode::ACCEPTED, order),
+            Err(CancelRefused::NotFound) => {
+                return Err(ApiError::not_found(
+                    "ORDER_NOT_FOUND",
+                    format!("order {id} not found"),
+                ))
+            }
+            Err(CancelRefused::AlreadyFinal(status)) => {
+                return Err(ApiError::conflict(
+                    "ORDER_NOT_CANCELLABLE",
+                    format!("order {id} is {} and cannot be cancelled", status.as_str()),
+                ))
+            }
+            Err(CancelRefused::RefundAlreadyRequested) => {
+                return Err(ApiError::conflict(
+                    "REFUND_ALREADY_REQUESTED",
+                    format!("order {id} was already cancelled; its refund is on its way"),
+                ))
+            }
+        };
+        Ok((status, json!(order)))
+    }
+    .await;
+    finish(&state, &request, tx, done).await
 }
 
 #[cfg(test)]
@@ -147,24 +219,51 @@ mod tests {
 
     fn parse(body: Value) -> Result<NewOrder, &'static str> {
         let settings = Settings::load(None).expect("defaults");
-        let Value::Object(map) = body else { return Err("not an object") };
+        let Value::Object(map) = body else {
+            return Err("not an object");
+        };
         parse_order(&settings.api, 1, &map, "k").map_err(|e| e.code)
     }
 
     #[test]
     fn an_order_must_add_up_and_stay_within_limits() {
-        let ok = parse(json!({"amountFen": 300, "items": [{"sku": "A", "qty": 3, "priceFen": 100}]}));
-        assert_eq!(ok.map(|o| (o.amount, o.currency)), Ok((Amount::new(300).expect("positive"), Currency::CNY)));
+        let ok =
+            parse(json!({"amountFen": 300, "items": [{"sku": "A", "qty": 3, "priceFen": 100}]}));
+        assert_eq!(
+            ok.map(|o| (o.amount, o.currency)),
+            Ok((Amount::new(300).expect("positive"), Currency::CNY))
+        );
         let cases = [
-            (json!({"amountFen": 200, "items": [{"sku": "A", "qty": 3, "priceFen": 100}]}), "ITEMS_TOTAL_MISMATCH"),
-            (json!({"amountFen": 0, "items": [{"sku": "A", "qty": 1, "priceFen": 1}]}), "INVALID_AMOUNT"),
-            (json!({"amountFen": 1.5, "items": [{"sku": "A", "qty": 1, "priceFen": 1}]}), "INVALID_AMOUNT"),
-            (json!({"amountFen": 1, "currency": "XYZ", "items": [{"sku": "A", "qty": 1, "priceFen": 1}]}), "UNSUPPORTED_CURRENCY"),
-            (json!({"amountFen": 1, "status": "PAID", "items": [{"sku": "A", "qty": 1, "priceFen": 1}]}), "UNKNOWN_FIELD"),
+            (
+                json!({"amountFen": 200, "items": [{"sku": "A", "qty": 3, "priceFen": 100}]}),
+                "ITEMS_TOTAL_MISMATCH",
+            ),
+            (
+                json!({"amountFen": 0, "items": [{"sku": "A", "qty": 1, "priceFen": 1}]}),
+                "INVALID_AMOUNT",
+            ),
+            (
+                json!({"amountFen": 1.5, "items": [{"sku": "A", "qty": 1, "priceFen": 1}]}),
+                "INVALID_AMOUNT",
+            ),
+            (
+                json!({"amountFen": 1, "currency": "XYZ", "items": [{"sku": "A", "qty": 1, "priceFen": 1}]}),
+                "UNSUPPORTED_CURRENCY",
+            ),
+            (
+                json!({"amountFen": 1, "status": "PAID", "items": [{"sku": "A", "qty": 1, "priceFen": 1}]}),
+                "UNKNOWN_FIELD",
+            ),
             (json!({"amountFen": 1, "items": []}), "INVALID_FIELD"),
             (json!({"amountFen": 1}), "MISSING_FIELD"),
-            (json!({"amountFen": 1, "items": [{"sku": "A", "qty": 9223372036854775807i64, "priceFen": 2}]}), "INVALID_FIELD"),
-            (json!({"amountFen": 1_000_000_000_000i64, "items": [{"sku": "A", "qty": 1, "priceFen": 1}]}), "AMOUNT_LIMIT_EXCEEDED"),
+            (
+                json!({"amountFen": 1, "items": [{"sku": "A", "qty": 9223372036854775807i64, "priceFen": 2}]}),
+                "INVALID_FIELD",
+            ),
+            (
+                json!({"amountFen": 1_000_000_000_000i64, "items": [{"sku": "A", "qty": 1, "priceFen": 1}]}),
+                "AMOUNT_LIMIT_EXCEEDED",
+            ),
         ];
         for (body, code) in cases {
             assert_eq!(parse(body.clone()).err(), Some(code), "{body}");

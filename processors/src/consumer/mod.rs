@@ -156,11 +156,15 @@ pub async fn run<H: Handler>(
     let handle = Handle::current();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let name = handler.name();
-    std::thread::Builder::new().name(format!("{name}-consumer")).spawn(move || {
-        let result = consume(handle, config, pool, handler, cancel);
-        let _ = done_tx.send(result);
-    })?;
-    done_rx.await.map_err(|_| anyhow::anyhow!("the {name} consumer thread panicked"))?
+    std::thread::Builder::new()
+        .name(format!("{name}-consumer"))
+        .spawn(move || {
+            let result = consume(handle, config, pool, handler, cancel);
+            let _ = done_tx.send(result);
+        })?;
+    done_rx
+        .await
+        .map_err(|_| anyhow::anyhow!("the {name} consumer thread panicked"))?
 }
 
 struct Context {
@@ -186,9 +190,14 @@ impl ConsumerContext for Context {
         tpl: &mut TopicPartitionList,
     ) {
         for partition in self.lock_partitions().drain().map(|(p, _)| p) {
-            let _ = METRICS.consumer_lag.remove_label_values(&[self.name, &partition.to_string()]);
+            let _ = METRICS
+                .consumer_lag
+                .remove_label_values(&[self.name, &partition.to_string()]);
         }
-        METRICS.assigned_partitions.with_label_values(&[self.name]).set(0);
+        METRICS
+            .assigned_partitions
+            .with_label_values(&[self.name])
+            .set(0);
         if err != RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS {
             if err != RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS {
                 tracing::error!(?err, "rebalance error; dropping the assignment");
@@ -227,7 +236,10 @@ impl ConsumerContext for Context {
             );
         }
         drop(states);
-        METRICS.assigned_partitions.with_label_values(&[self.name]).set(claimed.len() as i64);
+        METRICS
+            .assigned_partitions
+            .with_label_values(&[self.name])
+            .set(claimed.len() as i64);
         tracing::info!(
             partitions = ?claimed.iter().map(|c| (c.partition, c.next_offset, c.epoch)).collect::<Vec<_>>(),
             "partitions assigned and claimed (partition, stored offset, epoch)"
@@ -241,7 +253,9 @@ impl ConsumerContext for Context {
 impl Context {
     fn lock_partitions(&self) -> std::sync::MutexGuard<'_, HashMap<i32, PartitionState>> {
         // A panic while holding this lock would already have ended the worker.
-        self.partitions.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.partitions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Claims `ids` in PostgreSQL, retrying until it works or the worker is cancelled.
@@ -271,7 +285,10 @@ impl Context {
 }
 
 fn partition_ids(tpl: &TopicPartitionList, topic: &str) -> Vec<i32> {
-    tpl.elements_for_topic(topic).iter().map(|e| e.partition()).collect()
+    tpl.elements_for_topic(topic)
+        .iter()
+        .map(|e| e.partition())
+        .collect()
 }
 
 fn consume<H: Handler>(
@@ -303,21 +320,33 @@ fn consume<H: Handler>(
         retry,
         partitions: Mutex::new(HashMap::new()),
     };
-    let consumer: BaseConsumer<Context> = crate::kafka::consumer_config(&settings.kafka, &config.group)
-        .create_with_context(context)?;
+    let consumer: BaseConsumer<Context> =
+        crate::kafka::consumer_config(&settings.kafka, &config.group)
+            .create_with_context(context)?;
     consumer.subscribe(&[config.topic.as_str()])?;
     tracing::info!(processor = handler.name(), group = %config.group, topic = %config.topic, %owner, "worker started");
 
-    let batch = BatchRunner { pool: &pool, handler: &handler, config: &config, retry, cancel: &cancel };
+    let batch = BatchRunner {
+        pool: &pool,
+        handler: &handler,
+        config: &config,
+        retry,
+        cancel: &cancel,
+    };
     // Its own client, off this thread: a watermark request is a broker round trip, and the
     // poll loop must not wait for it.
-    let lag_client: std::sync::Arc<BaseConsumer> = std::sync::Arc::new(crate::kafka::base_config(&settings.kafka).create()?);
+    let lag_client: std::sync::Arc<BaseConsumer> =
+        std::sync::Arc::new(crate::kafka::base_config(&settings.kafka).create()?);
     let mut lag_measured = Instant::now();
     while !cancel.is_cancelled() {
         if lag_measured.elapsed() >= LAG_INTERVAL {
             lag_measured = Instant::now();
-            let stored: Vec<(i32, i64)> =
-                consumer.context().lock_partitions().iter().map(|(p, s)| (*p, s.next_offset)).collect();
+            let stored: Vec<(i32, i64)> = consumer
+                .context()
+                .lock_partitions()
+                .iter()
+                .map(|(p, s)| (*p, s.next_offset))
+                .collect();
             let (client, topic, name) = (lag_client.clone(), config.topic.clone(), handler.name());
             handle.spawn_blocking(move || measure_lag(&client, &topic, name, &stored));
         }
@@ -345,7 +374,9 @@ fn consume<H: Handler>(
                     // Older offsets were applied already (a re-fetch after repositioning).
                     msgs.retain(|m| m.offset >= state.next_offset);
                     let first = msgs.first()?.offset;
-                    if !state.verified && !position(&consumer, &config.topic, partition, state, first) {
+                    if !state.verified
+                        && !position(&consumer, &config.topic, partition, state, first)
+                    {
                         return None;
                     }
                     Some((partition, *state, msgs))
@@ -355,9 +386,10 @@ fn consume<H: Handler>(
         if work.is_empty() {
             continue;
         }
-        let results = handle.block_on(join_all(
-            work.iter().map(|(partition, state, msgs)| batch.run_chunks(*partition, *state, msgs)),
-        ));
+        let results = handle
+            .block_on(join_all(work.iter().map(|(partition, state, msgs)| {
+                batch.run_chunks(*partition, *state, msgs)
+            })));
         let mut states = consumer.context().lock_partitions();
         for ((partition, state, _), result) in work.iter().zip(results) {
             let Some(current) = states.get_mut(partition).filter(|s| s.epoch == state.epoch) else {
@@ -433,10 +465,23 @@ fn position(
 }
 
 /// Seeks further back than last time (x4, bounded by the low watermark).
-fn rewind(consumer: &BaseConsumer<Context>, topic: &str, partition: i32, state: &mut PartitionState, low: i64, seen: i64) {
+fn rewind(
+    consumer: &BaseConsumer<Context>,
+    topic: &str,
+    partition: i32,
+    state: &mut PartitionState,
+    low: i64,
+    seen: i64,
+) {
     state.rewind = (state.rewind * 4).max(1).min(state.next_offset - low);
     let target = state.next_offset - state.rewind;
-    tracing::info!(partition, stored = state.next_offset, seen, target, "fetch did not resume at the stored offset; rewinding");
+    tracing::info!(
+        partition,
+        stored = state.next_offset,
+        seen,
+        target,
+        "fetch did not resume at the stored offset; rewinding"
+    );
     state.moved_at = Instant::now();
     seek(consumer, topic, partition, target);
 }
@@ -488,14 +533,23 @@ fn check_silent_partitions(consumer: &BaseConsumer<Context>, topic: &str) {
 }
 
 fn seek(consumer: &BaseConsumer<Context>, topic: &str, partition: i32, target: i64) {
-    if let Err(e) = consumer.seek(topic, partition, Offset::Offset(target), Duration::from_secs(5)) {
+    if let Err(e) = consumer.seek(
+        topic,
+        partition,
+        Offset::Offset(target),
+        Duration::from_secs(5),
+    ) {
         tracing::warn!(partition, target, error = %e, "seek failed; it will be retried");
     }
 }
 
 /// Collects up to `limit` messages: waits up to 100 ms for the first, then lingers
 /// briefly for more. Rebalance callbacks run inside these polls.
-fn poll_batch(consumer: &BaseConsumer<Context>, settings: &Settings, limit: usize) -> Vec<InboundMessage> {
+fn poll_batch(
+    consumer: &BaseConsumer<Context>,
+    settings: &Settings,
+    limit: usize,
+) -> Vec<InboundMessage> {
     let mut out = Vec::new();
     let mut deadline: Option<Instant> = None;
     while out.len() < limit {
@@ -520,7 +574,12 @@ fn poll_batch(consumer: &BaseConsumer<Context>, settings: &Settings, limit: usiz
                         .headers()
                         .map(|hs| {
                             hs.iter()
-                                .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                                .map(|h| {
+                                    (
+                                        h.key.to_owned(),
+                                        h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                                    )
+                                })
                                 .collect()
                         })
                         .unwrap_or_default(),
@@ -569,8 +628,14 @@ impl<H: Handler> BatchRunner<'_, H> {
             match self.attempt(partition, state, msgs).await {
                 Ok(Some(outcomes)) => {
                     let elapsed = started.elapsed().as_secs_f64();
-                    METRICS.batch_duration.with_label_values(&[name]).observe(elapsed);
-                    METRICS.batch_size.with_label_values(&[name]).observe(msgs.len() as f64);
+                    METRICS
+                        .batch_duration
+                        .with_label_values(&[name])
+                        .observe(elapsed);
+                    METRICS
+                        .batch_size
+                        .with_label_values(&[name])
+                        .observe(msgs.len() as f64);
                     for outcome in &outcomes {
                         METRICS
                             .events_consumed
@@ -601,7 +666,10 @@ impl<H: Handler> BatchRunner<'_, H> {
                 }
                 Err(e) => {
                     let class = classify(&e);
-                    METRICS.retries.with_label_values(&[name, class.as_str()]).inc();
+                    METRICS
+                        .retries
+                        .with_label_values(&[name, class.as_str()])
+                        .inc();
                     let delay = self.retry.delay(attempt);
                     if class == ErrorClass::Transient {
                         tracing::warn!(processor = name, partition, attempt, error = %e, ?delay, "transient failure; retrying batch");
@@ -630,8 +698,15 @@ impl<H: Handler> BatchRunner<'_, H> {
         let mut outcomes: Vec<Option<Outcome>> = vec![None; msgs.len()];
         let mut decoded: Vec<(usize, Fresh<H::Event>)> = Vec::with_capacity(msgs.len());
         for (i, msg) in msgs.iter().enumerate() {
-            let result = decode_envelope(msg.payload.as_deref(), settings.processor.max_event_bytes)
-                .and_then(|raw| Ok(Fresh { event_id: raw.event_id, event: self.handler.decode(&raw)?, raw }));
+            let result =
+                decode_envelope(msg.payload.as_deref(), settings.processor.max_event_bytes)
+                    .and_then(|raw| {
+                        Ok(Fresh {
+                            event_id: raw.event_id,
+                            event: self.handler.decode(&raw)?,
+                            raw,
+                        })
+                    });
             match result {
                 Ok(fresh) => decoded.push((i, fresh)),
                 Err(poison) => outcomes[i] = Some(Outcome::DeadLettered(poison)),
@@ -669,9 +744,14 @@ impl<H: Handler> BatchRunner<'_, H> {
             }
             outcomes[i] = Some(outcome);
         }
-        processed.insert(&mut tx, group, &self.config.topic, partition).await?;
+        processed
+            .insert(&mut tx, group, &self.config.topic, partition)
+            .await?;
 
-        let outcomes: Vec<Outcome> = outcomes.into_iter().map(|o| o.unwrap_or(Outcome::Ignored)).collect();
+        let outcomes: Vec<Outcome> = outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(Outcome::Ignored))
+            .collect();
         let dead_letters: Vec<OutboxRow> = msgs
             .iter()
             .zip(&outcomes)
@@ -692,10 +772,14 @@ impl<H: Handler> BatchRunner<'_, H> {
         outbox::insert(&mut tx, &dead_letters).await?;
 
         if settings.processor.stall_before_commit_ms > 0 {
-            tokio::time::sleep(Duration::from_millis(settings.processor.stall_before_commit_ms)).await;
+            tokio::time::sleep(Duration::from_millis(
+                settings.processor.stall_before_commit_ms,
+            ))
+            .await;
         }
         let last = msgs.last().map_or(state.next_offset, |m| m.offset + 1);
-        let advanced = offsets::advance(&mut tx, group, &self.config.topic, partition, state, last).await?;
+        let advanced =
+            offsets::advance(&mut tx, group, &self.config.topic, partition, state, last).await?;
         if !advanced {
             tx.rollback().await?;
             return Ok(None);
@@ -755,11 +839,15 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn delay(&self, attempt: u32) -> Duration {
-        let exp = self.initial.saturating_mul(2u32.saturating_pow(attempt.min(16)));
+        let exp = self
+            .initial
+            .saturating_mul(2u32.saturating_pow(attempt.min(16)));
         let capped = exp.min(self.max);
         // Up to 25 % jitter so that workers retrying together do not stampede.
         let jitter_range = (capped.as_millis() as u64 / 4).max(1);
-        let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
         capped - Duration::from_millis(random % jitter_range).min(capped)
     }
 }
@@ -770,12 +858,18 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_stays_bounded() {
-        let b = Backoff { initial: Duration::from_millis(50), max: Duration::from_secs(5) };
+        let b = Backoff {
+            initial: Duration::from_millis(50),
+            max: Duration::from_secs(5),
+        };
         assert!(b.delay(0) <= Duration::from_millis(50));
         assert!(b.delay(3) > Duration::from_millis(50 * 8 * 3 / 4 - 1));
         for attempt in [10, 100, u32::MAX] {
             let d = b.delay(attempt);
-            assert!(d <= Duration::from_secs(5) && d >= Duration::from_millis(3750), "{d:?}");
+            assert!(
+                d <= Duration::from_secs(5) && d >= Duration::from_millis(3750),
+                "{d:?}"
+            );
         }
     }
 }

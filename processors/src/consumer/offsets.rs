@@ -37,7 +37,11 @@ pub(super) async fn claim(
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(partition, next_offset, epoch)| Claim { partition, next_offset, epoch })
+        .map(|(partition, next_offset, epoch)| Claim {
+            partition,
+            next_offset,
+            epoch,
+        })
         .collect())
 }
 

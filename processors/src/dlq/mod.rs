@@ -30,7 +30,13 @@ const MAX_ERROR_MESSAGE: usize = 1000;
 
 /// The dead-letter record for `msg`. A message that was itself replayed from the dead-letter
 /// topic keeps its first-failed time and counts one more attempt.
-pub fn dead_letter(topic: &str, group: &str, msg: &InboundMessage, poison: &Poison, max_attempts: u32) -> OutboxRow {
+pub fn dead_letter(
+    topic: &str,
+    group: &str,
+    msg: &InboundMessage,
+    poison: &Poison,
+    max_attempts: u32,
+) -> OutboxRow {
     let previous = |name: &str| {
         msg.headers
             .iter()
@@ -38,7 +44,10 @@ pub fn dead_letter(topic: &str, group: &str, msg: &InboundMessage, poison: &Pois
             .and_then(|(_, v)| std::str::from_utf8(v).ok())
             .map(str::to_owned)
     };
-    let attempts = previous(ATTEMPTS).and_then(|a| a.parse::<u32>().ok()).unwrap_or(0) + 1;
+    let attempts = previous(ATTEMPTS)
+        .and_then(|a| a.parse::<u32>().ok())
+        .unwrap_or(0)
+        + 1;
     let first_failed_at = previous(FIRST_FAILED_AT)
         .unwrap_or_else(|| Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true));
     let message: String = poison.message.chars().take(MAX_ERROR_MESSAGE).collect();
@@ -64,7 +73,10 @@ pub fn dead_letter(topic: &str, group: &str, msg: &InboundMessage, poison: &Pois
     }
     OutboxRow {
         topic: topic.to_owned(),
-        key: msg.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()),
+        key: msg
+            .key
+            .as_ref()
+            .map(|k| String::from_utf8_lossy(k).into_owned()),
         payload: msg.payload.clone().unwrap_or_default(),
         headers,
         event_id: None,
@@ -77,7 +89,10 @@ mod tests {
     use crate::events::PoisonClass;
 
     fn header<'a>(row: &'a OutboxRow, name: &str) -> Option<&'a str> {
-        row.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        row.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     #[test]
@@ -98,16 +113,34 @@ mod tests {
         assert_eq!(header(&first, ORIGINAL_OFFSET), Some("99"));
         assert_eq!(header(&first, ERROR_CLASS), Some("INVALID_UTF8"));
 
-        msg.headers = first.headers.iter().map(|(k, v)| (k.clone(), v.clone().into_bytes())).collect();
+        msg.headers = first
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
+            .collect();
         let second = dead_letter("deadletter.events", "g", &msg, &poison, 3);
         assert_eq!(header(&second, ATTEMPTS), Some("2"));
-        assert_eq!(header(&second, FIRST_FAILED_AT), header(&first, FIRST_FAILED_AT));
-        assert_eq!(second.headers.iter().filter(|(k, _)| k == ATTEMPTS).count(), 1);
+        assert_eq!(
+            header(&second, FIRST_FAILED_AT),
+            header(&first, FIRST_FAILED_AT)
+        );
+        assert_eq!(
+            second.headers.iter().filter(|(k, _)| k == ATTEMPTS).count(),
+            1
+        );
         assert_eq!(header(&second, PARKED), None);
 
-        msg.headers = second.headers.iter().map(|(k, v)| (k.clone(), v.clone().into_bytes())).collect();
+        msg.headers = second
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
+            .collect();
         let third = dead_letter("deadletter.events", "g", &msg, &poison, 3);
         assert_eq!(header(&third, ATTEMPTS), Some("3"));
-        assert_eq!(header(&third, PARKED), Some("true"), "parked at the limit, not looped");
+        assert_eq!(
+            header(&third, PARKED),
+            Some("true"),
+            "parked at the limit, not looped"
+        );
     }
 }

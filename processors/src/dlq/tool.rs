@@ -19,7 +19,9 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{ATTEMPTS, CONSUMER_GROUP, ERROR_CLASS, ERROR_MESSAGE, FIRST_FAILED_AT, ORIGINAL_TOPIC, PARKED};
+use super::{
+    ATTEMPTS, CONSUMER_GROUP, ERROR_CLASS, ERROR_MESSAGE, FIRST_FAILED_AT, ORIGINAL_TOPIC, PARKED,
+};
 use crate::kafka;
 use crate::settings::Settings;
 
@@ -48,10 +50,24 @@ impl DeadLetter {
         headers: Vec<(String, Vec<u8>)>,
     ) -> Self {
         let envelope: Option<Value> = serde_json::from_slice(&payload).ok();
-        let field = |name: &str| envelope.as_ref().and_then(|e| e.get(name)).and_then(Value::as_str);
+        let field = |name: &str| {
+            envelope
+                .as_ref()
+                .and_then(|e| e.get(name))
+                .and_then(Value::as_str)
+        };
         let event_type = field("eventType").map(str::to_owned);
         let event_id = field("eventId").and_then(|id| id.parse().ok());
-        Self { partition, offset, timestamp, key, payload, headers, event_type, event_id }
+        Self {
+            partition,
+            offset,
+            timestamp,
+            key,
+            payload,
+            headers,
+            event_type,
+            event_id,
+        }
     }
 
     /// `partition:offset` on the dead-letter topic: how the commands name a dead letter.
@@ -76,7 +92,9 @@ impl DeadLetter {
     }
 
     pub fn attempts(&self) -> u32 {
-        self.header(ATTEMPTS).and_then(|a| a.parse().ok()).unwrap_or(0)
+        self.header(ATTEMPTS)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(0)
     }
 
     pub fn parked(&self) -> bool {
@@ -114,7 +132,9 @@ impl DeadLetter {
     pub fn detail(&self) -> Value {
         let text = |bytes: &[u8]| match std::str::from_utf8(bytes) {
             Ok(s) => json!({ "text": s }),
-            Err(_) => json!({ "hex": bytes.iter().map(|b| format!("{b:02x}")).collect::<String>() }),
+            Err(_) => {
+                json!({ "hex": bytes.iter().map(|b| format!("{b:02x}")).collect::<String>() })
+            }
         };
         let mut detail = self.summary();
         detail["key"] = self.key.as_deref().map_or(Value::Null, text);
@@ -154,14 +174,21 @@ impl Filter {
     }
 
     pub fn matches(&self, dl: &DeadLetter) -> bool {
-        let eq = |want: &Option<String>, have: Option<String>| want.as_ref().is_none_or(|w| have.as_deref() == Some(w.as_str()));
+        let eq = |want: &Option<String>, have: Option<String>| {
+            want.as_ref()
+                .is_none_or(|w| have.as_deref() == Some(w.as_str()))
+        };
         (self.ids.is_empty() || self.ids.contains(&(dl.partition, dl.offset)))
             && eq(&self.original_topic, dl.original_topic())
             && eq(&self.error_class, dl.error_class())
             && eq(&self.event_type, dl.event_type())
             && eq(&self.consumer_group, dl.header(CONSUMER_GROUP))
-            && self.since.is_none_or(|since| dl.timestamp.is_some_and(|t| t >= since))
-            && self.until.is_none_or(|until| dl.timestamp.is_some_and(|t| t < until))
+            && self
+                .since
+                .is_none_or(|since| dl.timestamp.is_some_and(|t| t >= since))
+            && self
+                .until
+                .is_none_or(|until| dl.timestamp.is_some_and(|t| t < until))
     }
 }
 
@@ -178,11 +205,20 @@ pub fn read_all(settings: &Settings) -> anyhow::Result<Vec<DeadLetter>> {
     let topic = &settings.topics.dead_letter;
     let mut config = kafka::base_config(&settings.kafka);
     config
-        .set("group.id", format!("paystream-dlq-reader-{}", Uuid::new_v4()))
+        .set(
+            "group.id",
+            format!("paystream-dlq-reader-{}", Uuid::new_v4()),
+        )
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
-        .set("fetch.max.bytes", (settings.kafka.message_max_bytes * 2).to_string())
-        .set("max.partition.fetch.bytes", settings.kafka.message_max_bytes.to_string());
+        .set(
+            "fetch.max.bytes",
+            (settings.kafka.message_max_bytes * 2).to_string(),
+        )
+        .set(
+            "max.partition.fetch.bytes",
+            settings.kafka.message_max_bytes.to_string(),
+        );
     let consumer: BaseConsumer = config.create()?;
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let partitions: Vec<i32> = metadata
@@ -192,7 +228,9 @@ pub fn read_all(settings: &Settings) -> anyhow::Result<Vec<DeadLetter>> {
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
         .collect();
     if partitions.is_empty() {
-        anyhow::bail!("topic {topic} has no partitions (does it exist? try `paystream topics create`)");
+        anyhow::bail!(
+            "topic {topic} has no partitions (does it exist? try `paystream topics create`)"
+        );
     }
     let mut ends = BTreeMap::new();
     let mut assignment = TopicPartitionList::new();
@@ -208,7 +246,9 @@ pub fn read_all(settings: &Settings) -> anyhow::Result<Vec<DeadLetter>> {
     let mut letters = Vec::new();
     let mut last_message = Instant::now();
     loop {
-        let at_end = ends.iter().all(|(p, high)| next.get(p).copied().unwrap_or(0) >= *high);
+        let at_end = ends
+            .iter()
+            .all(|(p, high)| next.get(p).copied().unwrap_or(0) >= *high);
         let idle = last_message.elapsed();
         if idle >= idle_limit || (at_end && idle >= Duration::from_millis(200)) {
             break;
@@ -222,11 +262,22 @@ pub fn read_all(settings: &Settings) -> anyhow::Result<Vec<DeadLetter>> {
                 letters.push(DeadLetter::new(
                     m.partition(),
                     m.offset(),
-                    m.timestamp().to_millis().and_then(DateTime::from_timestamp_millis),
+                    m.timestamp()
+                        .to_millis()
+                        .and_then(DateTime::from_timestamp_millis),
                     m.key().map(<[u8]>::to_vec),
                     m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
                     m.headers()
-                        .map(|hs| hs.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec).unwrap_or_default())).collect())
+                        .map(|hs| {
+                            hs.iter()
+                                .map(|h| {
+                                    (
+                                        h.key.to_owned(),
+                                        h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                                    )
+                                })
+                                .collect()
+                        })
                         .unwrap_or_default(),
                 ));
             }
@@ -270,7 +321,11 @@ pub async fn replay(
     options: &ReplayOptions,
     mut progress: impl FnMut(usize, usize),
 ) -> anyhow::Result<ReplayReport> {
-    let mut report = ReplayReport { selected: letters.len(), dry_run: options.dry_run, ..ReplayReport::default() };
+    let mut report = ReplayReport {
+        selected: letters.len(),
+        dry_run: options.dry_run,
+        ..ReplayReport::default()
+    };
     let partitions: Vec<i32> = letters.iter().map(|dl| dl.partition).collect();
     let offsets: Vec<i64> = letters.iter().map(|dl| dl.offset).collect();
     let replayed_before: std::collections::HashSet<(i32, i64)> = sqlx::query_as::<_, (i32, i64)>(
@@ -304,8 +359,11 @@ pub async fn replay(
         report.would_replay = todo.iter().map(|(dl, _)| dl.id()).collect();
         return Ok(report);
     }
-    let producer: FutureProducer =
-        kafka::producer_config(&settings.kafka, Duration::from_millis(settings.relay.delivery_timeout_ms)).create()?;
+    let producer: FutureProducer = kafka::producer_config(
+        &settings.kafka,
+        Duration::from_millis(settings.relay.delivery_timeout_ms),
+    )
+    .create()?;
     let gap = Duration::from_secs_f64(1.0 / options.rate.max(0.001));
     let mut pace = tokio::time::interval(gap);
     pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -314,16 +372,23 @@ pub async fn replay(
         pace.tick().await;
         let mut headers = OwnedHeaders::new();
         for (k, v) in &dl.headers {
-            headers = headers.insert(Header { key: k, value: Some(v.as_slice()) });
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_slice()),
+            });
         }
-        let mut record = FutureRecord::to(&topic).payload(dl.payload.as_slice()).headers(headers);
+        let mut record = FutureRecord::to(&topic)
+            .payload(dl.payload.as_slice())
+            .headers(headers);
         if let Some(key) = &dl.key {
             record = record.key(key.as_slice());
         }
         producer
             .send(record, Duration::from_secs(30))
             .await
-            .map_err(|(e, _)| anyhow::anyhow!("Failed to replay dead letter {} to {topic}: {e}", dl.id()))?;
+            .map_err(|(e, _)| {
+                anyhow::anyhow!("Failed to replay dead letter {} to {topic}: {e}", dl.id())
+            })?;
         sqlx::query(
             r#"
             INSERT INTO dlq_replays
@@ -358,23 +423,55 @@ mod tests {
             DateTime::from_timestamp_millis(1_000_000),
             Some(b"42".to_vec()),
             payload.as_bytes().to_vec(),
-            headers.iter().map(|(k, v)| ((*k).to_owned(), v.as_bytes().to_vec())).collect(),
+            headers
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.as_bytes().to_vec()))
+                .collect(),
         )
     }
 
     #[test]
     fn filters_match_on_every_field_they_name() {
         let dl = letter(
-            &[(ORIGINAL_TOPIC, "order.events"), (ERROR_CLASS, "NOT_JSON"), (CONSUMER_GROUP, "g")],
+            &[
+                (ORIGINAL_TOPIC, "order.events"),
+                (ERROR_CLASS, "NOT_JSON"),
+                (CONSUMER_GROUP, "g"),
+            ],
             r#"{"eventType": "OrderCreated", "eventId": "6f1c1b5e-2c3a-4d2e-9f00-000000000001"}"#,
         );
         assert!(Filter::default().matches(&dl));
-        assert!(Filter { ids: vec![(1, 7)], ..Filter::default() }.matches(&dl));
-        assert!(!Filter { ids: vec![(1, 8)], ..Filter::default() }.matches(&dl));
-        assert!(Filter { error_class: Some("NOT_JSON".into()), event_type: Some("OrderCreated".into()), ..Filter::default() }.matches(&dl));
-        assert!(!Filter { original_topic: Some("account.events".into()), ..Filter::default() }.matches(&dl));
-        assert!(!Filter { since: DateTime::from_timestamp_millis(2_000_000), ..Filter::default() }.matches(&dl));
-        assert!(Filter { until: DateTime::from_timestamp_millis(2_000_000), ..Filter::default() }.matches(&dl));
+        assert!(Filter {
+            ids: vec![(1, 7)],
+            ..Filter::default()
+        }
+        .matches(&dl));
+        assert!(!Filter {
+            ids: vec![(1, 8)],
+            ..Filter::default()
+        }
+        .matches(&dl));
+        assert!(Filter {
+            error_class: Some("NOT_JSON".into()),
+            event_type: Some("OrderCreated".into()),
+            ..Filter::default()
+        }
+        .matches(&dl));
+        assert!(!Filter {
+            original_topic: Some("account.events".into()),
+            ..Filter::default()
+        }
+        .matches(&dl));
+        assert!(!Filter {
+            since: DateTime::from_timestamp_millis(2_000_000),
+            ..Filter::default()
+        }
+        .matches(&dl));
+        assert!(Filter {
+            until: DateTime::from_timestamp_millis(2_000_000),
+            ..Filter::default()
+        }
+        .matches(&dl));
         assert_eq!(parse_id(" 3:15 "), Some((3, 15)));
         assert_eq!(parse_id("3-15"), None);
     }

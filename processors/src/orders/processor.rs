@@ -33,8 +33,14 @@ use crate::settings::Settings;
 
 /// Runs one order-processor worker (a member of `orders.group` consuming
 /// `topics.account_events`) until `cancel` fires.
-pub async fn run(settings: Settings, pool: PgPool, cancel: CancellationToken) -> anyhow::Result<()> {
-    let handler = OrderProcessor { order_events_topic: settings.topics.order_events.clone() };
+pub async fn run(
+    settings: Settings,
+    pool: PgPool,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let handler = OrderProcessor {
+        order_events_topic: settings.topics.order_events.clone(),
+    };
     let config = WorkerConfig {
         group: settings.orders.group.clone(),
         topic: settings.topics.account_events.clone(),
@@ -129,10 +135,17 @@ impl Handler for OrderProcessor {
                 (AccountEvent::Debited { .. }, Some(OrderStatus::Pending)) => {
                     order.set_status(OrderStatus::Paid);
                     order.paid_at = Some(now);
-                    match (Amount::new(order.amount_fen), Currency::parse(&order.currency)) {
+                    match (
+                        Amount::new(order.amount_fen),
+                        Currency::parse(&order.currency),
+                    ) {
                         (Some(amount_fen), Some(currency)) => {
-                            let payload =
-                                OrderPaid { order_id, user_id: order.user_id, amount_fen, currency };
+                            let payload = OrderPaid {
+                                order_id,
+                                user_id: order.user_id,
+                                amount_fen,
+                                currency,
+                            };
                             let id = derived_event_id(fresh.event_id, "OrderPaid");
                             emitted.push(OutboxRow::event(
                                 &self.order_events_topic,
@@ -141,7 +154,9 @@ impl Handler for OrderProcessor {
                             ));
                         }
                         // The table's checks make this unreachable.
-                        _ => tracing::error!(order_id, "order row has an invalid amount or currency"),
+                        _ => {
+                            tracing::error!(order_id, "order row has an invalid amount or currency")
+                        }
                     }
                     Outcome::Applied
                 }
@@ -150,7 +165,14 @@ impl Handler for OrderProcessor {
                     let why = order.cancel_reason.clone().unwrap_or_default();
                     tracing::info!(order_id, reason = %why, "debit landed after the order was cancelled; requesting a refund");
                     let id = derived_event_id(fresh.event_id, "OrderCancelled");
-                    emitted.push(cancellation(&self.order_events_topic, order_id, order.user_id, &why, true, id));
+                    emitted.push(cancellation(
+                        &self.order_events_topic,
+                        order_id,
+                        order.user_id,
+                        &why,
+                        true,
+                        id,
+                    ));
                     Outcome::Applied
                 }
                 (AccountEvent::DebitFailed { reason, .. }, Some(OrderStatus::Pending)) => {
@@ -173,13 +195,18 @@ impl Handler for OrderProcessor {
                     order.refunded_at = Some(now);
                     Outcome::Applied
                 }
-                (AccountEvent::Refunded { .. }, Some(OrderStatus::Cancelled)) if order.refunded_at.is_none() => {
+                (AccountEvent::Refunded { .. }, Some(OrderStatus::Cancelled))
+                    if order.refunded_at.is_none() =>
+                {
                     order.refunded_at = Some(now);
                     order.dirty = true;
                     Outcome::Applied
                 }
                 (AccountEvent::Refunded { .. }, Some(OrderStatus::Pending)) => {
-                    tracing::warn!(order_id, "refund reported for an order that is still PENDING; ignored");
+                    tracing::warn!(
+                        order_id,
+                        "refund reported for an order that is still PENDING; ignored"
+                    );
                     Outcome::Ignored
                 }
                 // The saga already moved past what this event reports (a redelivery with a new
@@ -195,7 +222,10 @@ impl Handler for OrderProcessor {
     }
 }
 
-async fn write(conn: &mut PgConnection, rows: impl Iterator<Item = SagaRow>) -> Result<(), sqlx::Error> {
+async fn write(
+    conn: &mut PgConnection,
+    rows: impl Iterator<Item = SagaRow>,
+) -> Result<(), sqlx::Error> {
     let rows: Vec<SagaRow> = rows.collect();
     if rows.is_empty() {
         return Ok(());

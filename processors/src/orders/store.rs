@@ -5,7 +5,7 @@ use serde::Serialize;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::{OrderStatus, reason};
+use super::{reason, OrderStatus};
 use crate::domain::{Amount, Currency};
 use crate::events::{Envelope, OrderCancelled, OrderCreated, OrderItem};
 use crate::outbox::{self, OutboxRow};
@@ -50,7 +50,11 @@ pub struct NewOrder {
 }
 
 /// Writes a PENDING order and its `OrderCreated`, in the caller's transaction.
-pub async fn create(conn: &mut PgConnection, new: &NewOrder, order_events_topic: &str) -> Result<Order, sqlx::Error> {
+pub async fn create(
+    conn: &mut PgConnection,
+    new: &NewOrder,
+    order_events_topic: &str,
+) -> Result<Order, sqlx::Error> {
     let items = serde_json::to_value(&new.items).unwrap_or_default();
     let order: Order = sqlx::query_as(&format!(
         r#"
@@ -79,17 +83,27 @@ pub async fn create(conn: &mut PgConnection, new: &NewOrder, order_events_topic:
         idempotency_key: new.idempotency_key.clone(),
     };
     let envelope = Envelope::new(Uuid::new_v4(), order.created_at, payload);
-    outbox::insert(conn, &[OutboxRow::event(order_events_topic, new.user_id, &envelope)]).await?;
+    outbox::insert(
+        conn,
+        &[OutboxRow::event(order_events_topic, new.user_id, &envelope)],
+    )
+    .await?;
     Ok(order)
 }
 
 /// One order of one user (`None` when it does not exist or belongs to someone else).
-pub async fn get(conn: &mut PgConnection, user_id: i64, order_id: i64) -> Result<Option<Order>, sqlx::Error> {
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1 AND user_id = $2"))
-        .bind(order_id)
-        .bind(user_id)
-        .fetch_optional(conn)
-        .await
+pub async fn get(
+    conn: &mut PgConnection,
+    user_id: i64,
+    order_id: i64,
+) -> Result<Option<Order>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM orders WHERE id = $1 AND user_id = $2"
+    ))
+    .bind(order_id)
+    .bind(user_id)
+    .fetch_optional(conn)
+    .await
 }
 
 /// A page of a user's orders, newest first, strictly older than `before` (the cursor).
@@ -144,12 +158,13 @@ pub async fn cancel(
     order_id: i64,
     order_events_topic: &str,
 ) -> Result<Result<CancelOutcome, CancelRefused>, sqlx::Error> {
-    let current: Option<(String, Option<DateTime<Utc>>)> =
-        sqlx::query_as("SELECT status, refund_requested_at FROM orders WHERE id = $1 AND user_id = $2 FOR UPDATE")
-            .bind(order_id)
-            .bind(user_id)
-            .fetch_optional(&mut *conn)
-            .await?;
+    let current: Option<(String, Option<DateTime<Utc>>)> = sqlx::query_as(
+        "SELECT status, refund_requested_at FROM orders WHERE id = $1 AND user_id = $2 FOR UPDATE",
+    )
+    .bind(order_id)
+    .bind(user_id)
+    .fetch_optional(&mut *conn)
+    .await?;
     let Some((status, refund_requested_at)) = current else {
         return Ok(Err(CancelRefused::NotFound));
     };
@@ -173,15 +188,30 @@ pub async fn cancel(
         }
         Some(OrderStatus::Paid) => return Ok(Err(CancelRefused::RefundAlreadyRequested)),
         Some(status) => return Ok(Err(CancelRefused::AlreadyFinal(status))),
-        None => return Err(sqlx::Error::Decode(format!("order {order_id} has unknown status {status:?}").into())),
+        None => {
+            return Err(sqlx::Error::Decode(
+                format!("order {order_id} has unknown status {status:?}").into(),
+            ))
+        }
     };
     let (CancelOutcome::Cancelled(order) | CancelOutcome::RefundRequested(order)) = &outcome;
-    let event = cancellation(order_events_topic, order.id, order.user_id, reason::USER_REQUESTED, true, Uuid::new_v4());
+    let event = cancellation(
+        order_events_topic,
+        order.id,
+        order.user_id,
+        reason::USER_REQUESTED,
+        true,
+        Uuid::new_v4(),
+    );
     outbox::insert(conn, &[event]).await?;
     Ok(Ok(outcome))
 }
 
-async fn mark_cancelled(conn: &mut PgConnection, order_id: i64, why: &str) -> Result<Order, sqlx::Error> {
+async fn mark_cancelled(
+    conn: &mut PgConnection,
+    order_id: i64,
+    why: &str,
+) -> Result<Order, sqlx::Error> {
     sqlx::query_as(&format!(
         r#"
         UPDATE orders SET status = 'CANCELLED', cancel_reason = $2, cancelled_at = now(), updated_at = now()
@@ -206,6 +236,15 @@ pub fn cancellation(
     refund_required: bool,
     event_id: Uuid,
 ) -> OutboxRow {
-    let payload = OrderCancelled { order_id, user_id, reason: why.to_owned(), refund_required };
-    OutboxRow::event(order_events_topic, user_id, &Envelope::new(event_id, Utc::now(), payload))
+    let payload = OrderCancelled {
+        order_id,
+        user_id,
+        reason: why.to_owned(),
+        refund_required,
+    };
+    OutboxRow::event(
+        order_events_topic,
+        user_id,
+        &Envelope::new(event_id, Utc::now(), payload),
+    )
 }

@@ -20,16 +20,30 @@ use crate::outbox;
 use crate::settings::Settings;
 
 /// Runs the sweeper until `cancel` fires. Database errors are logged and retried next round.
-pub async fn run(settings: Settings, pool: PgPool, cancel: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    settings: Settings,
+    pool: PgPool,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
     let interval = Duration::from_millis(settings.orders.sweep_interval_ms.max(10));
     let timeout = Duration::from_secs(settings.orders.payment_timeout_s);
-    tracing::info!(timeout_s = timeout.as_secs(), "payment timeout sweeper started");
+    tracing::info!(
+        timeout_s = timeout.as_secs(),
+        "payment timeout sweeper started"
+    );
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
             _ = tokio::time::sleep(interval) => {}
         }
-        match sweep_once(&pool, timeout, settings.orders.sweep_batch, &settings.topics.order_events).await {
+        match sweep_once(
+            &pool,
+            timeout,
+            settings.orders.sweep_batch,
+            &settings.topics.order_events,
+        )
+        .await
+        {
             Ok(0) => {}
             Ok(n) => tracing::info!(cancelled = n, "cancelled orders past their payment timeout"),
             Err(e) => log_error("sweep", &e),
@@ -44,8 +58,12 @@ pub async fn run(settings: Settings, pool: PgPool, cancel: CancellationToken) ->
 
 fn log_error(what: &str, e: &sqlx::Error) {
     match classify(e) {
-        ErrorClass::Transient => tracing::warn!(error = %e, what, "sweeper round failed; retrying next round"),
-        ErrorClass::Unexpected => tracing::error!(error = %e, what, "sweeper round failed; retrying next round"),
+        ErrorClass::Transient => {
+            tracing::warn!(error = %e, what, "sweeper round failed; retrying next round")
+        }
+        ErrorClass::Unexpected => {
+            tracing::error!(error = %e, what, "sweeper round failed; retrying next round")
+        }
     }
 }
 
@@ -81,12 +99,22 @@ pub async fn sweep_once(
     let events: Vec<_> = due
         .iter()
         .map(|&(order_id, user_id)| {
-            cancellation(order_events_topic, order_id, user_id, reason::PAYMENT_TIMEOUT, true, Uuid::new_v4())
+            cancellation(
+                order_events_topic,
+                order_id,
+                user_id,
+                reason::PAYMENT_TIMEOUT,
+                true,
+                Uuid::new_v4(),
+            )
         })
         .collect();
     outbox::insert(&mut tx, &events).await?;
     tx.commit().await?;
-    crate::telemetry::METRICS.orders_timed_out.with_label_values(&[reason::PAYMENT_TIMEOUT]).inc_by(due.len() as u64);
+    crate::telemetry::METRICS
+        .orders_timed_out
+        .with_label_values(&[reason::PAYMENT_TIMEOUT])
+        .inc_by(due.len() as u64);
     Ok(due.len())
 }
 

@@ -6,7 +6,7 @@ pub mod relay;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::events::{EventPayload, Envelope};
+use crate::events::{Envelope, EventPayload};
 
 /// One message to publish.
 #[derive(Debug, Clone, PartialEq)]

@@ -35,7 +35,11 @@ const RELAY_LOCK: i64 = 0x0070_6179_7374_726d;
 
 type Row = (i64, String, Option<String>, Vec<u8>, serde_json::Value);
 
-pub async fn run(settings: Settings, pool: PgPool, cancel: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    settings: Settings,
+    pool: PgPool,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
     let delivery_timeout = Duration::from_millis(settings.relay.delivery_timeout_ms);
     let producer: FutureProducer =
         crate::kafka::producer_config(&settings.kafka, delivery_timeout).create()?;
@@ -116,7 +120,11 @@ enum Round {
 
 /// Publishes up to `limit` unpublished rows in id order and marks them, all inside one
 /// transaction that holds the relay lock.
-async fn publish_round(pool: &PgPool, producer: &FutureProducer, limit: i64) -> anyhow::Result<Round> {
+async fn publish_round(
+    pool: &PgPool,
+    producer: &FutureProducer,
+    limit: i64,
+) -> anyhow::Result<Round> {
     let mut tx = pool.begin().await?;
     let leader: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
         .bind(RELAY_LOCK)
@@ -140,7 +148,9 @@ async fn publish_round(pool: &PgPool, producer: &FutureProducer, limit: i64) -> 
 
     // Enqueue in id order; the idempotent producer keeps that order per partition.
     let deliveries = rows.iter().map(|(id, topic, key, payload, headers)| {
-        let mut record = FutureRecord::<str, [u8]>::to(topic).payload(payload).headers(to_headers(headers));
+        let mut record = FutureRecord::<str, [u8]>::to(topic)
+            .payload(payload)
+            .headers(to_headers(headers));
         if let Some(key) = key {
             record = record.key(key.as_str());
         }
@@ -173,7 +183,10 @@ async fn publish_round(pool: &PgPool, producer: &FutureProducer, limit: i64) -> 
         .await?;
     tx.commit().await?;
     for (topic, n) in per_topic {
-        METRICS.relay_published.with_label_values(&[topic]).inc_by(n);
+        METRICS
+            .relay_published
+            .with_label_values(&[topic])
+            .inc_by(n);
     }
     match first_error {
         Some(e) => anyhow::bail!("publish failed: {e}"),
@@ -184,8 +197,14 @@ async fn publish_round(pool: &PgPool, producer: &FutureProducer, limit: i64) -> 
 fn to_headers(headers: &serde_json::Value) -> OwnedHeaders {
     let mut out = OwnedHeaders::new();
     for pair in headers.as_array().into_iter().flatten() {
-        if let (Some(k), Some(v)) = (pair.get(0).and_then(|k| k.as_str()), pair.get(1).and_then(|v| v.as_str())) {
-            out = out.insert(Header { key: k, value: Some(v) });
+        if let (Some(k), Some(v)) = (
+            pair.get(0).and_then(|k| k.as_str()),
+            pair.get(1).and_then(|v| v.as_str()),
+        ) {
+            out = out.insert(Header {
+                key: k,
+                value: Some(v),
+            });
         }
     }
     out
