@@ -28,6 +28,7 @@ pub struct Metrics {
     pub events_consumed: IntCounterVec,
     pub batch_size: HistogramVec,
     pub batch_duration: HistogramVec,
+    pub consume_delay: HistogramVec,
     pub retries: IntCounterVec,
     pub fenced_commits: IntCounterVec,
     pub relay_published: IntCounterVec,
@@ -99,6 +100,13 @@ impl Metrics {
             batch_duration: histogram(
                 "paystream_batch_transaction_duration_seconds",
                 "Wall time of one batch transaction, commit included.",
+                &["processor"],
+                seconds(),
+            ),
+            consume_delay: histogram(
+                "paystream_consume_delay_seconds",
+                "Time from a message's timestamp (its producer's create time) to the worker \
+                 polling it: the broker hop plus any wait in the worker's fetch queue.",
                 &["processor"],
                 seconds(),
             ),
@@ -205,4 +213,38 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
     }
+}
+
+/// The cumulative bucket counts `(upper bound, count)` of one histogram series, for reading a
+/// histogram in-process (the benchmark) the way Prometheus would.
+pub fn bucket_counts(histogram: &HistogramVec, labels: &[&str]) -> Vec<(f64, u64)> {
+    use prometheus::core::Metric;
+    histogram
+        .with_label_values(labels)
+        .metric()
+        .get_histogram()
+        .get_bucket()
+        .iter()
+        .map(|b| (b.upper_bound(), b.cumulative_count()))
+        .collect()
+}
+
+/// The upper bound of the bucket holding quantile `q` of what was observed between two
+/// snapshots of [`bucket_counts`]: a conservative estimate, as coarse as the buckets.
+pub fn bucket_quantile(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> Option<f64> {
+    let counts: Vec<(f64, u64)> = after
+        .iter()
+        .zip(before.iter().map(|(_, c)| *c).chain(std::iter::repeat(0)))
+        .map(|((bound, now), then)| (*bound, now.saturating_sub(then)))
+        .collect();
+    let total = counts.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let rank = (total as f64 * q).ceil() as u64;
+    counts
+        .iter()
+        .find(|(_, c)| *c >= rank)
+        .map(|(bound, _)| *bound)
+        .or(Some(f64::INFINITY))
 }

@@ -20,14 +20,19 @@
 //!
 //! The Kafka client runs on its own thread: rebalance callbacks must talk to PostgreSQL
 //! synchronously (claim, then assign at the stored offsets), which a runtime worker thread
-//! must not do. Batches from different partitions run concurrently on the pool.
+//! must not do. That thread only fetches and queues; each partition with queued messages
+//! has one *lane* task on the runtime that applies its queue a batch at a time, in order.
+//! So fetching goes on while batches commit, partitions commit in parallel, and one
+//! partition never has two batches in flight. A batch stuck for half of
+//! `max.poll.interval.ms` stops the fetching, so that Kafka's liveness check moves the
+//! partitions to a healthy worker, as it would for a stuck poll loop.
 
 mod offsets;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::Mutex;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
@@ -110,15 +115,24 @@ pub trait Handler: Send + Sync + 'static {
         conn: &mut PgConnection,
         partition: i32,
         events: &[Fresh<Self::Event>],
-    ) -> impl Future<Output = Result<Vec<Outcome>, sqlx::Error>>;
+    ) -> impl Future<Output = Result<Vec<Outcome>, sqlx::Error>> + Send;
 }
 
 /// Where this worker stands in one assigned partition.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct PartitionState {
     epoch: i64,
     /// The stored offset: the next message to apply.
     next_offset: i64,
+    /// The offset after the last message handed to the partition's lane (queued or being
+    /// applied). Equal to `next_offset` when the lane is idle.
+    dispatched: i64,
+    /// Messages fetched and not yet applied, in offset order.
+    queue: VecDeque<InboundMessage>,
+    /// Whether a lane task is applying this partition's queue.
+    running: bool,
+    /// When the lane started the batch it is applying now, if any.
+    batch_started: Option<Instant>,
     /// Set once a commit was refused: this worker no longer owns the partition.
     fenced: bool,
     /// Whether the fetch position was checked against the stored offset since the claim.
@@ -129,6 +143,13 @@ struct PartitionState {
     /// When the fetch position was last set (claim or rewind). Repositioning must not
     /// depend on messages arriving: resuming inside the last record batch can bring none.
     moved_at: Instant,
+}
+
+/// The claim and stored offset a batch starts from: what its compare-and-set expects.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Position {
+    epoch: i64,
+    next_offset: i64,
 }
 
 #[derive(Debug)]
@@ -177,7 +198,19 @@ struct Context {
     owner: String,
     cancel: CancellationToken,
     retry: Backoff,
-    partitions: Mutex<HashMap<i32, PartitionState>>,
+    partitions: Partitions,
+}
+
+/// The assigned partitions, shared by the Kafka thread and the lane tasks.
+type Partitions = Arc<Mutex<HashMap<i32, PartitionState>>>;
+
+fn lock(
+    partitions: &Mutex<HashMap<i32, PartitionState>>,
+) -> std::sync::MutexGuard<'_, HashMap<i32, PartitionState>> {
+    // A panic while holding this lock would already have ended the worker.
+    partitions
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl ClientContext for Context {}
@@ -228,6 +261,10 @@ impl ConsumerContext for Context {
                 PartitionState {
                     epoch: claim.epoch,
                     next_offset: claim.next_offset,
+                    dispatched: claim.next_offset,
+                    queue: VecDeque::new(),
+                    running: false,
+                    batch_started: None,
                     fenced: false,
                     verified: false,
                     rewind: 0,
@@ -252,10 +289,7 @@ impl ConsumerContext for Context {
 
 impl Context {
     fn lock_partitions(&self) -> std::sync::MutexGuard<'_, HashMap<i32, PartitionState>> {
-        // A panic while holding this lock would already have ended the worker.
-        self.partitions
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.partitions)
     }
 
     /// Claims `ids` in PostgreSQL, retrying until it works or the worker is cancelled.
@@ -309,6 +343,7 @@ fn consume<H: Handler>(
         initial: Duration::from_millis(settings.processor.retry_initial_ms),
         max: Duration::from_millis(settings.processor.retry_max_ms),
     };
+    let partitions: Partitions = Arc::default();
     let context = Context {
         name: handler.name(),
         handle: handle.clone(),
@@ -318,7 +353,7 @@ fn consume<H: Handler>(
         owner: owner.clone(),
         cancel: cancel.clone(),
         retry,
-        partitions: Mutex::new(HashMap::new()),
+        partitions: partitions.clone(),
     };
     let consumer: BaseConsumer<Context> =
         crate::kafka::consumer_config(&settings.kafka, &config.group)
@@ -326,88 +361,182 @@ fn consume<H: Handler>(
     consumer.subscribe(&[config.topic.as_str()])?;
     tracing::info!(processor = handler.name(), group = %config.group, topic = %config.topic, %owner, "worker started");
 
-    let batch = BatchRunner {
-        pool: &pool,
-        handler: &handler,
-        config: &config,
-        retry,
-        cancel: &cancel,
+    let (committed_tx, committed) = mpsc::channel();
+    let lanes = Lanes {
+        runner: Arc::new(BatchRunner {
+            pool,
+            handler,
+            config: config.clone(),
+            retry,
+            cancel: cancel.clone(),
+        }),
+        partitions: partitions.clone(),
+        committed: committed_tx,
     };
+    let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    // Fetched but not yet applied messages, over all partitions, before polling pauses.
+    let queue_limit =
+        settings.processor.batch_max * 4 * (settings.kafka.partitions.max(1) as usize);
+    let stall_limit = Duration::from_millis(settings.kafka.max_poll_interval_ms / 2);
     // Its own client, off this thread: a watermark request is a broker round trip, and the
     // poll loop must not wait for it.
-    let lag_client: std::sync::Arc<BaseConsumer> =
-        std::sync::Arc::new(crate::kafka::base_config(&settings.kafka).create()?);
+    let lag_client: Arc<BaseConsumer> =
+        Arc::new(crate::kafka::base_config(&settings.kafka).create()?);
     let mut lag_measured = Instant::now();
     while !cancel.is_cancelled() {
+        // Mirror committed offsets to Kafka for lag tools; PostgreSQL stays the truth.
+        for (partition, epoch, next_offset) in committed.try_iter() {
+            if lock(&partitions)
+                .get(&partition)
+                .is_some_and(|s| s.epoch == epoch)
+            {
+                let _ = consumer.store_offset(&config.topic, partition, next_offset);
+            }
+        }
+        tasks.retain(|task| !task.is_finished());
         if lag_measured.elapsed() >= LAG_INTERVAL {
             lag_measured = Instant::now();
-            let stored: Vec<(i32, i64)> = consumer
-                .context()
-                .lock_partitions()
+            let stored: Vec<(i32, i64)> = lock(&partitions)
                 .iter()
                 .map(|(p, s)| (*p, s.next_offset))
                 .collect();
-            let (client, topic, name) = (lag_client.clone(), config.topic.clone(), handler.name());
+            let (client, topic, name) = (
+                lag_client.clone(),
+                config.topic.clone(),
+                lanes.runner.handler.name(),
+            );
             handle.spawn_blocking(move || measure_lag(&client, &topic, name, &stored));
         }
-        let assigned = consumer.context().lock_partitions().len().max(1);
+        let (assigned, queued, stalled) = {
+            let states = lock(&partitions);
+            let stalled = states
+                .values()
+                .any(|s| s.batch_started.is_some_and(|t| t.elapsed() >= stall_limit));
+            (
+                states.len().max(1),
+                states.values().map(|s| s.queue.len()).sum::<usize>(),
+                stalled,
+            )
+        };
+        if queued >= queue_limit || stalled {
+            // The lanes are behind: let them drain before fetching more. A batch stuck for
+            // half of max.poll.interval.ms stops polling altogether, so that Kafka's liveness
+            // check hands this worker's partitions to a healthy one, as with a stuck poll
+            // loop; the stuck batch's commit is then fenced.
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
         let messages = poll_batch(&consumer, settings, settings.processor.batch_max * assigned);
         check_silent_partitions(&consumer, &config.topic);
         if messages.is_empty() {
             continue;
         }
-        let work = {
-            let mut states = consumer.context().lock_partitions();
-            let mut by_partition: BTreeMap<i32, Vec<InboundMessage>> = BTreeMap::new();
-            for msg in messages {
-                by_partition.entry(msg.partition).or_default().push(msg);
-            }
-            by_partition
-                .into_iter()
-                .filter_map(|(partition, mut msgs)| {
-                    let state = states.get_mut(&partition).filter(|s| !s.fenced)?;
-                    // Having fetched the message just before the stored offset, the fetch is
-                    // contiguous through it: the position is right.
-                    if !state.verified && msgs.iter().any(|m| m.offset == state.next_offset - 1) {
-                        state.verified = true;
-                    }
-                    // Older offsets were applied already (a re-fetch after repositioning).
-                    msgs.retain(|m| m.offset >= state.next_offset);
-                    let first = msgs.first()?.offset;
-                    if !state.verified
-                        && !position(&consumer, &config.topic, partition, state, first)
-                    {
-                        return None;
-                    }
-                    Some((partition, *state, msgs))
-                })
-                .collect::<Vec<_>>()
-        };
-        if work.is_empty() {
-            continue;
+        let mut by_partition: BTreeMap<i32, Vec<InboundMessage>> = BTreeMap::new();
+        for msg in messages {
+            by_partition.entry(msg.partition).or_default().push(msg);
         }
-        let results = handle
-            .block_on(join_all(work.iter().map(|(partition, state, msgs)| {
-                batch.run_chunks(*partition, *state, msgs)
-            })));
-        let mut states = consumer.context().lock_partitions();
-        for ((partition, state, _), result) in work.iter().zip(results) {
-            let Some(current) = states.get_mut(partition).filter(|s| s.epoch == state.epoch) else {
-                continue; // revoked or re-claimed while the batch ran
+        let mut states = lock(&partitions);
+        for (partition, mut msgs) in by_partition {
+            let Some(state) = states.get_mut(&partition).filter(|s| !s.fenced) else {
+                continue;
             };
-            match result {
-                Ok(next_offset) => {
-                    current.next_offset = next_offset;
-                    // Mirror to Kafka for lag tools; PostgreSQL stays the truth.
-                    let _ = consumer.store_offset(&config.topic, *partition, next_offset);
-                }
-                Err(BatchError::Fenced) => current.fenced = true,
-                Err(BatchError::Cancelled) => {}
+            // Having fetched the message just before the stored offset, the fetch is
+            // contiguous through it: the position is right.
+            if !state.verified && msgs.iter().any(|m| m.offset == state.next_offset - 1) {
+                state.verified = true;
+            }
+            // Older offsets were applied or queued already (a re-fetch after repositioning).
+            msgs.retain(|m| m.offset >= state.dispatched);
+            let Some(first) = msgs.first().map(|m| m.offset) else {
+                continue;
+            };
+            if !state.verified && !position(&consumer, &config.topic, partition, state, first) {
+                continue;
+            }
+            state.dispatched = msgs.last().map_or(state.dispatched, |m| m.offset + 1);
+            state.queue.extend(msgs);
+            if !state.running {
+                state.running = true;
+                tasks.push(handle.spawn(lanes.clone().run(partition, state.epoch)));
             }
         }
     }
-    tracing::info!(processor = handler.name(), "worker stopping");
+    tracing::info!(processor = lanes.runner.handler.name(), "worker stopping");
+    // Let the lanes finish or abandon their transaction (their retries stop on cancel).
+    handle.block_on(join_all(tasks));
     Ok(())
+}
+
+/// Applies each partition's queue in order, one lane task per partition while it has
+/// messages: the Kafka thread keeps fetching while batches commit, and partitions commit in
+/// parallel.
+struct Lanes<H> {
+    runner: Arc<BatchRunner<H>>,
+    partitions: Partitions,
+    /// (partition, epoch, stored offset) after each commit, for the Kafka-side mirror.
+    committed: mpsc::Sender<(i32, i64, i64)>,
+}
+
+impl<H> Clone for Lanes<H> {
+    fn clone(&self) -> Self {
+        Self {
+            runner: self.runner.clone(),
+            partitions: self.partitions.clone(),
+            committed: self.committed.clone(),
+        }
+    }
+}
+
+impl<H: Handler> Lanes<H> {
+    /// Applies `partition`'s queue, a batch at a time, until it is empty, the claim `epoch`
+    /// is gone (revoked or re-claimed), the worker is fenced, or it is cancelled.
+    async fn run(self, partition: i32, epoch: i64) {
+        let batch_max = self.runner.config.settings.processor.batch_max;
+        loop {
+            let (at, batch) = {
+                let mut states = lock(&self.partitions);
+                let Some(state) = states.get_mut(&partition).filter(|s| s.epoch == epoch) else {
+                    return; // revoked or re-claimed; the new claim has its own lane
+                };
+                if state.queue.is_empty() || state.fenced {
+                    state.running = false;
+                    return;
+                }
+                let n = state.queue.len().min(batch_max);
+                let batch: Vec<InboundMessage> = state.queue.drain(..n).collect();
+                state.batch_started = Some(Instant::now());
+                (
+                    Position {
+                        epoch,
+                        next_offset: state.next_offset,
+                    },
+                    batch,
+                )
+            };
+            let result = self.runner.run(partition, at, &batch).await;
+            let mut states = lock(&self.partitions);
+            let Some(state) = states.get_mut(&partition).filter(|s| s.epoch == epoch) else {
+                return;
+            };
+            state.batch_started = None;
+            match result {
+                Ok(next_offset) => {
+                    state.next_offset = next_offset;
+                    let _ = self.committed.send((partition, epoch, next_offset));
+                }
+                Err(BatchError::Fenced) => {
+                    state.fenced = true;
+                    state.queue.clear();
+                    state.running = false;
+                    return;
+                }
+                Err(BatchError::Cancelled) => {
+                    state.running = false;
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// Checks the first message fetched after a claim against the stored offset. Returns whether
@@ -564,6 +693,13 @@ fn poll_batch(
                 break;
             }
             Some(Ok(m)) => {
+                if let Some(created) = m.timestamp().to_millis() {
+                    let now = chrono::Utc::now().timestamp_millis();
+                    METRICS
+                        .consume_delay
+                        .with_label_values(&[consumer.context().name])
+                        .observe((now - created).max(0) as f64 / 1000.0);
+                }
                 out.push(InboundMessage {
                     topic: m.topic().to_owned(),
                     partition: m.partition(),
@@ -591,34 +727,21 @@ fn poll_batch(
     out
 }
 
-struct BatchRunner<'a, H> {
-    pool: &'a PgPool,
-    handler: &'a H,
-    config: &'a WorkerConfig,
+struct BatchRunner<H> {
+    pool: PgPool,
+    handler: H,
+    config: WorkerConfig,
     retry: Backoff,
-    cancel: &'a CancellationToken,
+    cancel: CancellationToken,
 }
 
-impl<H: Handler> BatchRunner<'_, H> {
-    /// Applies a partition's messages as consecutive transactions of at most `batch_max`.
-    async fn run_chunks(
-        &self,
-        partition: i32,
-        mut state: PartitionState,
-        msgs: &[InboundMessage],
-    ) -> Result<i64, BatchError> {
-        for chunk in msgs.chunks(self.config.settings.processor.batch_max) {
-            state.next_offset = self.run(partition, state, chunk).await?;
-        }
-        Ok(state.next_offset)
-    }
-
+impl<H: Handler> BatchRunner<H> {
     /// Applies one partition's batch, retrying transient failures until it commits, the
     /// worker is fenced, or the worker is cancelled. Returns the new stored offset.
     async fn run(
         &self,
         partition: i32,
-        state: PartitionState,
+        state: Position,
         msgs: &[InboundMessage],
     ) -> Result<i64, BatchError> {
         let name = self.handler.name();
@@ -690,7 +813,7 @@ impl<H: Handler> BatchRunner<'_, H> {
     async fn attempt(
         &self,
         partition: i32,
-        state: PartitionState,
+        state: Position,
         msgs: &[InboundMessage],
     ) -> Result<Option<Vec<Outcome>>, sqlx::Error> {
         let settings = &self.config.settings;

@@ -2,7 +2,7 @@
 
 use sqlx::{PgConnection, PgPool};
 
-use super::PartitionState;
+use super::Position;
 
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Claim {
@@ -46,13 +46,13 @@ pub(super) async fn claim(
 }
 
 /// Compare-and-set of the stored offset, inside the batch transaction. `false` means the
-/// partition was claimed by someone else (or advanced) since `state` was read: fenced.
+/// partition was claimed by someone else (or advanced) since `at` was read: fenced.
 pub(super) async fn advance(
     conn: &mut PgConnection,
     group: &str,
     topic: &str,
     partition: i32,
-    state: PartitionState,
+    at: Position,
     next_offset: i64,
 ) -> Result<bool, sqlx::Error> {
     let result = sqlx::query(
@@ -65,9 +65,9 @@ pub(super) async fn advance(
     .bind(group)
     .bind(topic)
     .bind(partition)
-    .bind(state.epoch)
+    .bind(at.epoch)
     .bind(next_offset)
-    .bind(state.next_offset)
+    .bind(at.next_offset)
     .execute(conn)
     .await?;
     Ok(result.rows_affected() == 1)
