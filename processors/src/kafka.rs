@@ -25,7 +25,7 @@ pub fn producer_config(kafka: &KafkaSettings, delivery_timeout: Duration) -> Cli
     config
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("linger.ms", "5")
+        .set("linger.ms", kafka.linger_ms.to_string())
         .set("compression.type", "lz4")
         .set("message.max.bytes", kafka.message_max_bytes.to_string())
         .set(

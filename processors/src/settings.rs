@@ -38,6 +38,7 @@ pub struct KafkaSettings {
     pub message_max_bytes: usize,
     pub session_timeout_ms: u64,
     pub fetch_wait_max_ms: u64,
+    pub linger_ms: u64,
     pub max_poll_interval_ms: u64,
 }
 
