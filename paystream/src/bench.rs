@@ -20,6 +20,7 @@ use paystream_processors::domain::{Amount, Currency};
 use paystream_processors::events::{Envelope, OrderCreated, OrderItem};
 use paystream_processors::outbox::relay;
 use paystream_processors::settings::Settings;
+use paystream_processors::telemetry::{self, METRICS};
 use paystream_processors::{db, kafka, ledger};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -46,6 +47,12 @@ pub struct BenchArgs {
     /// Length of the latency phase.
     #[arg(long, default_value_t = 15)]
     pub seconds: u64,
+    /// Partitions of the bench's topics. A worker applies its partitions in parallel, so
+    /// more partitions than the machine has cores plus one only splits the same work into
+    /// smaller transactions; `topics create` uses `kafka.partitions` (6) to leave room to
+    /// scale out to more workers.
+    #[arg(long, default_value_t = 3)]
+    pub partitions: i32,
     /// Skip the one-event-per-transaction comparison.
     #[arg(long)]
     pub skip_naive: bool,
@@ -87,8 +94,8 @@ impl Phase {
 
 pub async fn run(base: Settings, args: BenchArgs) -> anyhow::Result<Report> {
     anyhow::ensure!(
-        args.events > 0 && args.users > 0 && args.rate > 0,
-        "--events, --users and --rate must be positive"
+        args.events > 0 && args.users > 0 && args.rate > 0 && args.partitions > 0,
+        "--events, --users, --rate and --partitions must be positive"
     );
     let id = Uuid::new_v4().simple().to_string()[..8].to_owned();
     let db_name = format!("paystream_bench_{id}");
@@ -111,6 +118,7 @@ pub async fn run(base: Settings, args: BenchArgs) -> anyhow::Result<Report> {
         .unwrap_or_default();
     settings.database.url = format!("{prefix}/{db_name}{query}");
     settings.database.max_connections = settings.database.max_connections.max(16);
+    settings.kafka.partitions = args.partitions;
 
     let pool = db::connect(&settings.database)?;
     let result = phases(&settings, &pool, &id, &args).await;
@@ -141,6 +149,7 @@ async fn phases(
             .await?
     );
 
+    broker_floor(settings, id, args).await?;
     let throughput = phase(
         settings,
         pool,
@@ -202,6 +211,122 @@ async fn phases(
         latency_rate_per_sec: args.rate,
         throughput_p99_ms: round1(throughput.percentile_ms(0.99)),
     })
+}
+
+/// The broker alone, with the producer and consumer settings the processors use: messages
+/// produced at the latency phase's rate, timed to their ack and to their arrival at a
+/// consumer. End-to-end latency crosses the broker twice, so this is its floor.
+async fn broker_floor(settings: &Settings, id: &str, args: &BenchArgs) -> anyhow::Result<()> {
+    let mut settings = settings.clone();
+    let name = format!("bench-{id}-0");
+    settings.topics.order_events = format!("{name}.order.events");
+    settings.topics.account_events = format!("{name}.account.events");
+    settings.topics.dead_letter = format!("{name}.deadletter.events");
+    kafka::create_topics(&settings.kafka, &settings.topics).await?;
+    let topic = settings.topics.order_events.clone();
+    let consumer: StreamConsumer = kafka::consumer_config(&settings.kafka, &name).create()?;
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for partition in 0..settings.kafka.partitions {
+        assignment.add_partition_offset(&topic, partition, rdkafka::Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    // The first second is a warm-up (producer id, connections, first fetches), not measured.
+    let warmup = args.rate as usize;
+    let events = warmup + (args.rate * args.seconds.min(5)) as usize;
+    let arrived: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; events]));
+    let reader = {
+        let arrived = arrived.clone();
+        tokio::spawn(async move {
+            let mut stream = consumer.stream();
+            while let Some(Ok(message)) = stream.next().await {
+                let now = Instant::now();
+                let seq = message
+                    .payload()
+                    .and_then(|p| <[u8; 8]>::try_from(p).ok())
+                    .map(|b| u64::from_be_bytes(b) as usize);
+                if let (Some(seq), Ok(mut arrived)) = (seq, arrived.lock()) {
+                    if let Some(slot) = arrived.get_mut(seq) {
+                        slot.get_or_insert(now);
+                    }
+                }
+            }
+        })
+    };
+    let producer: FutureProducer =
+        kafka::producer_config(&settings.kafka, Duration::from_secs(60)).create()?;
+    let per_tick = (args.rate / 100).max(1);
+    let mut interval =
+        tokio::time::interval(Duration::from_secs_f64(per_tick as f64 / args.rate as f64));
+    let mut sent = Vec::with_capacity(events);
+    let mut acks = Vec::with_capacity(events);
+    while sent.len() < events {
+        interval.tick().await;
+        for _ in 0..per_tick.min((events - sent.len()) as u64) {
+            let seq = (sent.len() as u64).to_be_bytes();
+            let key = (sent.len() % 1000).to_string();
+            let at = Instant::now();
+            let delivery = producer
+                .send_result(FutureRecord::to(&topic).key(&key).payload(&seq[..]))
+                .map_err(|(e, _)| e)
+                .context("Failed to produce a probe message")?;
+            sent.push(at);
+            acks.push(tokio::spawn(async move {
+                delivery
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .map(|_| Instant::now())
+            }));
+        }
+    }
+    let acked: Vec<Option<Instant>> = futures::future::join_all(acks)
+        .await
+        .into_iter()
+        .map(|a| a.ok().flatten())
+        .collect();
+    wait_for(
+        Duration::from_secs(60),
+        "every probe message to arrive",
+        || async {
+            arrived
+                .lock()
+                .map(|a| a.iter().all(Option::is_some))
+                .unwrap_or(false)
+        },
+    )
+    .await?;
+    reader.abort();
+    let arrived = arrived
+        .lock()
+        .map_err(|_| anyhow::anyhow!("probe lock poisoned"))?
+        .clone();
+    let millis = |ends: &[Option<Instant>]| -> Vec<f64> {
+        let mut ms: Vec<f64> = sent[warmup..]
+            .iter()
+            .zip(&ends[warmup..])
+            .filter_map(|(start, end)| {
+                end.map(|e| e.saturating_duration_since(*start).as_secs_f64() * 1000.0)
+            })
+            .collect();
+        ms.sort_unstable_by(f64::total_cmp);
+        ms
+    };
+    let pct = |ms: &[f64], p: f64| {
+        ms.get(((ms.len() as f64 * p).ceil() as usize).clamp(1, ms.len().max(1)) - 1)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    let (ack, trip) = (millis(&acked), millis(&arrived));
+    println!(
+        "broker alone at {}/s: produce -> ack p50 {:.1} ms, p99 {:.1} ms; produce -> consumed p50 {:.1} ms, p99 {:.1} ms ({} messages)",
+        args.rate,
+        pct(&ack, 0.5),
+        pct(&ack, 0.99),
+        pct(&trip, 0.5),
+        pct(&trip, 0.99),
+        events - warmup
+    );
+    Ok(())
 }
 
 fn round1(x: f64) -> f64 {
@@ -275,66 +400,51 @@ async fn phase(
 
     let producer: FutureProducer =
         kafka::producer_config(&settings.kafka, Duration::from_secs(60)).create()?;
-    let first_order = number * 100_000_000;
-    let mut sent: HashMap<i64, Instant> = HashMap::with_capacity(events as usize);
-    let mut sent_wall_ms: HashMap<i64, i64> = HashMap::with_capacity(events as usize);
-    let mut deliveries = Vec::with_capacity(events as usize);
-    let started = Instant::now();
-    let mut ticker = rate.map(|r| {
-        let per_tick = (r / 100).max(1);
-        (
-            tokio::time::interval(Duration::from_secs_f64(per_tick as f64 / r as f64)),
-            per_tick,
+    let orders = Orders {
+        producer: &producer,
+        topic: &settings.topics.order_events,
+        first_order: number * 100_000_000,
+        first_user,
+        users: args.users,
+    };
+    // The latency phase measures the steady state: a second of orders at the rate first, not
+    // measured, so that connection set-up and first fetches are not counted as latency.
+    let warmup = rate.unwrap_or(0);
+    if warmup > 0 {
+        orders
+            .produce(events..events + warmup, rate, &mut Sent::default())
+            .await?;
+        wait_for(
+            Duration::from_secs(120),
+            "the warm-up orders to be debited",
+            || async {
+                received
+                    .lock()
+                    .map(|r| r.len() as u64 >= warmup)
+                    .unwrap_or(false)
+            },
         )
-    });
-    let mut i = 0;
-    while i < events {
-        let burst = match ticker.as_mut() {
-            Some((interval, per_tick)) => {
-                interval.tick().await;
-                *per_tick
-            }
-            None => events,
-        };
-        for _ in 0..burst.min(events - i) {
-            let order_id = first_order + i as i64;
-            let user_id = first_user + (i as i64 % args.users);
-            let value = order_created(order_id, user_id)?;
-            let key = user_id.to_string();
-            sent.insert(order_id, Instant::now());
-            sent_wall_ms.insert(order_id, chrono::Utc::now().timestamp_millis());
-            let mut record = FutureRecord::to(&settings.topics.order_events)
-                .key(&key)
-                .payload(&value);
-            loop {
-                match producer.send_result(record) {
-                    Ok(delivery) => break deliveries.push(delivery),
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                        record = back;
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                    Err((e, _)) => return Err(e).context("Failed to produce a bench order"),
-                }
-            }
-            i += 1;
-        }
+        .await?;
     }
-    let failed = futures::future::join_all(deliveries)
-        .await
-        .into_iter()
-        .filter(|d| !matches!(d, Ok(Ok(_))))
-        .count();
-    anyhow::ensure!(failed == 0, "{failed} orders could not be produced");
+    let delay_before = telemetry::bucket_counts(&METRICS.consume_delay, &["account"]);
+    let mut sent = Sent::default();
+    let started = Instant::now();
+    orders.produce(0..events, rate, &mut sent).await?;
     producer.flush(Timeout::After(Duration::from_secs(10)))?;
+    let Sent {
+        at: sent,
+        wall_ms: sent_wall_ms,
+    } = sent;
 
     let deadline = Duration::from_secs(600 + events / 100);
     wait_for(deadline, "every AccountDebited to be published", || async {
         received
             .lock()
-            .map(|r| r.len() as u64 >= events)
+            .map(|r| r.len() as u64 >= events + warmup)
             .unwrap_or(false)
     })
     .await?;
+    let delay_after = telemetry::bucket_counts(&METRICS.consume_delay, &["account"]);
     cancel.cancel();
     results.abort();
     processor.await??;
@@ -358,6 +468,14 @@ async fn phase(
         relay_p99.unwrap_or(f64::NAN)
     );
 
+    let delay_ms = |q| {
+        telemetry::bucket_quantile(&delay_before, &delay_after, q).map_or(f64::NAN, |s| s * 1000.0)
+    };
+    println!(
+        "  phase {number}: message created -> polled by the processor: p50 <= {} ms, p99 <= {} ms (histogram bucket bounds)",
+        delay_ms(0.5),
+        delay_ms(0.99)
+    );
     let received = received
         .lock()
         .map_err(|_| anyhow::anyhow!("results lock poisoned"))?
@@ -383,6 +501,80 @@ async fn phase(
         elapsed: last.saturating_duration_since(started),
         latencies,
     })
+}
+
+/// When each order was produced: a monotonic instant and the wall clock (for the hops).
+#[derive(Default)]
+struct Sent {
+    at: HashMap<i64, Instant>,
+    wall_ms: HashMap<i64, i64>,
+}
+
+/// The orders of one phase: order `i` is `first_order + i`, of user `first_user + i % users`.
+struct Orders<'a> {
+    producer: &'a FutureProducer,
+    topic: &'a str,
+    first_order: i64,
+    first_user: i64,
+    users: i64,
+}
+
+impl Orders<'_> {
+    /// Produces orders `range`, at `rate` per second or as fast as the producer takes them,
+    /// and waits until the broker acknowledged every one.
+    async fn produce(
+        &self,
+        range: std::ops::Range<u64>,
+        rate: Option<u64>,
+        sent: &mut Sent,
+    ) -> anyhow::Result<()> {
+        let mut ticker = rate.map(|r| {
+            let per_tick = (r / 100).max(1);
+            (
+                tokio::time::interval(Duration::from_secs_f64(per_tick as f64 / r as f64)),
+                per_tick,
+            )
+        });
+        let mut deliveries = Vec::with_capacity((range.end - range.start) as usize);
+        let mut i = range.start;
+        while i < range.end {
+            let burst = match ticker.as_mut() {
+                Some((interval, per_tick)) => {
+                    interval.tick().await;
+                    *per_tick
+                }
+                None => range.end - i,
+            };
+            for _ in 0..burst.min(range.end - i) {
+                let order_id = self.first_order + i as i64;
+                let user_id = self.first_user + (i as i64 % self.users);
+                let value = order_created(order_id, user_id)?;
+                let key = user_id.to_string();
+                sent.at.insert(order_id, Instant::now());
+                sent.wall_ms
+                    .insert(order_id, chrono::Utc::now().timestamp_millis());
+                let mut record = FutureRecord::to(self.topic).key(&key).payload(&value);
+                loop {
+                    match self.producer.send_result(record) {
+                        Ok(delivery) => break deliveries.push(delivery),
+                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                            record = back;
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                        Err((e, _)) => return Err(e).context("Failed to produce a bench order"),
+                    }
+                }
+                i += 1;
+            }
+        }
+        let failed = futures::future::join_all(deliveries)
+            .await
+            .into_iter()
+            .filter(|d| !matches!(d, Ok(Ok(_))))
+            .count();
+        anyhow::ensure!(failed == 0, "{failed} orders could not be produced");
+        Ok(())
+    }
 }
 
 fn order_created(order_id: i64, user_id: i64) -> anyhow::Result<Vec<u8>> {
@@ -475,7 +667,10 @@ fn results_consumer(
         )
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "10");
+        .set(
+            "fetch.wait.max.ms",
+            settings.kafka.fetch_wait_max_ms.to_string(),
+        );
     let consumer: StreamConsumer = config.create()?;
     consumer.subscribe(&[settings.topics.account_events.as_str()])?;
     Ok(tokio::spawn(async move {
