@@ -68,6 +68,7 @@ pub struct Report {
     pub batched_vs_naive: Option<f64>,
     pub latency_rate_per_sec: u64,
     pub throughput_p99_ms: f64,
+    pub partitions: i32,
 }
 
 struct Phase {
@@ -210,6 +211,7 @@ async fn phases(
         batched_vs_naive: naive.map(|n| round1(throughput.rate() / n)),
         latency_rate_per_sec: args.rate,
         throughput_p99_ms: round1(throughput.percentile_ms(0.99)),
+        partitions: settings.kafka.partitions,
     })
 }
 

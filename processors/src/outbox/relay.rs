@@ -4,7 +4,8 @@
 //! an event id that consumers dedupe on). What makes that hold:
 //!
 //! - A row is marked published only after the broker acknowledged it (`acks=all`, idempotent
-//!   producer). A relay killed in between re-publishes it: a harmless duplicate.
+//!   producer). A relay killed in between re-publishes it: a harmless duplicate. For the same
+//!   reason the marks commit without waiting for the WAL flush.
 //! - The relay never remembers a high-water id. Each round takes the *unpublished* rows in id
 //!   order, so a row whose transaction commits after rows with larger ids (ids are taken
 //!   before commit) is simply found in a later round instead of being skipped.
@@ -126,10 +127,14 @@ async fn publish_round(
     limit: i64,
 ) -> anyhow::Result<Round> {
     let mut tx = pool.begin().await?;
-    let leader: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-        .bind(RELAY_LOCK)
-        .fetch_one(&mut *tx)
-        .await?;
+    // The marks need not wait for the WAL flush: a mark lost in a crash only means the row
+    // is published again, a duplicate the consumers drop by event id.
+    let (leader, _): (bool, String) = sqlx::query_as(
+        "SELECT pg_try_advisory_xact_lock($1), set_config('synchronous_commit', 'off', true)",
+    )
+    .bind(RELAY_LOCK)
+    .fetch_one(&mut *tx)
+    .await?;
     if !leader {
         return Ok(Round::NotLeader);
     }
