@@ -116,3 +116,68 @@ async fn each_kind_of_poison_message_lands_on_the_dead_letter_topic_and_the_stre
     );
     env.assert_invariants().await;
 }
+
+/// A debit the ledger refuses (the settlement account would leave the i64 range) is a dead
+/// letter, and its dedupe row is not kept: once the cause is gone, the same event delivered
+/// again (as `dlq replay` does) is applied, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_debit_the_ledger_refuses_is_dead_lettered_and_applies_when_replayed_after_the_fix() {
+    let env = TestEnv::new(1).await;
+    // Funding ends at exactly i64::MIN; the big order then leaves the settlement account
+    // 999 short of i64::MAX, and the second order of 1,000 cannot be credited to it.
+    let small = env.funded_account(81, 1_000).await;
+    let big_amount = i64::MAX - 999;
+    let big = env.funded_account(82, big_amount).await;
+    let refused = order_created(Uuid::new_v4(), 810, 81, 1_000);
+    let producer = env.producer();
+    env.produce(
+        &producer,
+        "82",
+        &order_created(Uuid::new_v4(), 820, 82, big_amount),
+    )
+    .await;
+    env.produce(&producer, "81", &refused).await;
+
+    let dead = env.collect(&env.settings.topics.dead_letter);
+    let worker = env.spawn_account_processor(env.settings.clone());
+    let relay = env.spawn_relay();
+    let letters = dead.wait_for(1).await;
+    env.wait_consumed(2).await;
+    assert_eq!(letters[0].value, refused);
+    assert_eq!(
+        letters[0]
+            .headers
+            .get("x-dlq-error-class")
+            .map(String::as_str),
+        Some("BALANCE_OVERFLOW")
+    );
+    assert_eq!(env.balance(small).await, 1_000);
+    assert_eq!(
+        env.scalar("SELECT count(*) FROM processed_events").await,
+        1,
+        "only the applied debit keeps its dedupe row"
+    );
+
+    // The fix: the big order is cancelled and refunded, which empties the settlement
+    // account. Then the dead letter comes back.
+    env.produce(
+        &producer,
+        "82",
+        &order_cancelled(Uuid::new_v4(), 820, 82, true),
+    )
+    .await;
+    env.produce(&producer, "81", &refused).await;
+    env.wait_consumed(4).await;
+    worker.stop().await;
+    relay.stop().await;
+
+    assert_eq!(env.balance(small).await, 0);
+    assert_eq!(env.balance(big).await, big_amount);
+    assert_eq!(
+        env.scalar("SELECT count(*) FROM transfers WHERE kind = 'DEBIT' AND order_id = 810")
+            .await,
+        1
+    );
+    assert_eq!(dead.snapshot().len(), 1, "the replay did not fail again");
+    env.assert_invariants().await;
+}

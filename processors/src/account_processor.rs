@@ -18,14 +18,14 @@ use chrono::Utc;
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
-use crate::consumer::{self, Fresh, Handler, Outcome, WorkerConfig};
+use crate::consumer::{self, Applied, Fresh, Handler, Outcome, WorkerConfig};
 use crate::domain::{Amount, Currency};
 use crate::events::{
     derived_event_id, AccountDebitFailed, AccountDebited, AccountRefunded, DebitFailure, Envelope,
     OrderEvent, Poison, PoisonClass, RawEvent,
 };
 use crate::ledger::{self, AccountKind, NewTransfer, PostError, Postings, TransferKind};
-use crate::outbox::{self, OutboxRow};
+use crate::outbox::OutboxRow;
 use crate::settings::Settings;
 
 /// Runs one account-processor worker (a member of `processor.account_group` consuming
@@ -78,9 +78,9 @@ impl Handler for AccountProcessor {
         conn: &mut PgConnection,
         partition: i32,
         events: &[Fresh<OrderEvent>],
-    ) -> Result<Vec<Outcome>, sqlx::Error> {
+    ) -> Result<Applied, sqlx::Error> {
         if events.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Applied::default());
         }
         let shard = partition.rem_euclid(self.settlement_shards);
 
@@ -127,7 +127,7 @@ impl Handler for AccountProcessor {
         .await?;
         let settlement: HashMap<String, i64> = system
             .iter()
-            .filter(|a| a.kind == AccountKind::Settlement)
+            .filter(|a| a.kind == AccountKind::Settlement && a.shard == shard)
             .map(|a| (a.currency.clone(), a.id))
             .collect();
         let user_accounts: HashMap<(i64, String), i64> = users
@@ -293,8 +293,7 @@ impl Handler for AccountProcessor {
         }
 
         postings.write(conn).await?;
-        outbox::insert(conn, &emitted).await?;
-        Ok(outcomes)
+        Ok(Applied { outcomes, emitted })
     }
 }
 

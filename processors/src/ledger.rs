@@ -52,13 +52,15 @@ pub struct Account {
     pub kind: AccountKind,
     pub user_id: Option<i64>,
     pub currency: String,
+    /// Which of the system accounts of its kind and currency (0 for user accounts).
+    pub shard: i32,
     pub frozen: bool,
     pub balance_fen: i64,
     /// Hash of the account's latest ledger entry (see `chain_hash`).
     pub chain_head: [u8; 32],
 }
 
-type AccountRow = (i64, String, Option<i64>, String, String, i64, Vec<u8>);
+type AccountRow = (i64, String, Option<i64>, String, i32, String, i64, Vec<u8>);
 
 /// The hash of a ledger entry, chained to the previous entry of its account. The same
 /// formula is in `migrations/0003_ledger_hash_chain.sql` and in the audit's SQL.
@@ -78,12 +80,15 @@ pub fn chain_hash(
 }
 
 impl From<AccountRow> for Account {
-    fn from((id, kind, user_id, currency, status, balance_fen, chain_head): AccountRow) -> Self {
+    fn from(
+        (id, kind, user_id, currency, shard, status, balance_fen, chain_head): AccountRow,
+    ) -> Self {
         Self {
             id,
             kind: AccountKind::parse(&kind),
             user_id,
             currency,
+            shard,
             frozen: status == "FROZEN",
             balance_fen,
             // The column is 32 bytes by construction; a wrong length breaks the chain, which
@@ -93,7 +98,7 @@ impl From<AccountRow> for Account {
     }
 }
 
-const ACCOUNT_COLUMNS: &str = "id, kind, user_id, currency, status, balance_fen, chain_head";
+const ACCOUNT_COLUMNS: &str = "id, kind, user_id, currency, shard, status, balance_fen, chain_head";
 
 /// Locks and loads the USER accounts of `user_ids` (all currencies) and those with `ids`, in
 /// id order so that concurrent transactions cannot deadlock on them.
@@ -114,9 +119,9 @@ pub async fn lock_user_accounts(
     Ok(rows.into_iter().map(Account::from).collect())
 }
 
-/// Makes sure the system accounts of `kind` exist for `currencies` at `shard`, then locks and
-/// loads them together with the system accounts `ids`, in id order. Call after locking user
-/// accounts: users first, system accounts second, everywhere.
+/// Locks and loads the system accounts of `kind` for `currencies` at `shard` (creating the
+/// missing ones first) together with the system accounts `ids`, in id order. Call after
+/// locking user accounts: users first, system accounts second, everywhere.
 pub async fn lock_system_accounts(
     conn: &mut PgConnection,
     kind: AccountKind,
@@ -124,34 +129,52 @@ pub async fn lock_system_accounts(
     shard: i32,
     ids: &[i64],
 ) -> Result<Vec<Account>, sqlx::Error> {
-    let kind = match kind {
+    let kind_name = match kind {
         AccountKind::Funding => "FUNDING",
         _ => "SETTLEMENT",
     };
-    if !currencies.is_empty() {
-        sqlx::query(
-            "INSERT INTO accounts (kind, currency, shard) SELECT $1, c, $3 FROM unnest($2::text[]) AS c \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(kind)
-        .bind(currencies)
-        .bind(shard)
-        .execute(&mut *conn)
-        .await?;
-    }
+    let kind = AccountKind::parse(kind_name);
     let sql = format!(
         "SELECT {ACCOUNT_COLUMNS} FROM accounts \
          WHERE (kind = $1 AND shard = $3 AND currency = ANY($2)) OR (kind <> 'USER' AND id = ANY($4)) \
          ORDER BY id FOR UPDATE"
     );
-    let rows: Vec<AccountRow> = sqlx::query_as(&sql)
-        .bind(kind)
+    let select = || {
+        sqlx::query_as::<_, AccountRow>(&sql)
+            .bind(kind_name)
+            .bind(currencies)
+            .bind(shard)
+            .bind(ids)
+    };
+    let mut rows: Vec<Account> = select()
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(Account::from)
+        .collect();
+    let present = |rows: &[Account], currency: &String| {
+        rows.iter()
+            .any(|a| a.kind == kind && a.shard == shard && &a.currency == currency)
+    };
+    // Only the first batch of a currency on a shard creates its account.
+    if currencies.iter().any(|c| !present(&rows, c)) {
+        sqlx::query(
+            "INSERT INTO accounts (kind, currency, shard) SELECT $1, c, $3 FROM unnest($2::text[]) AS c \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(kind_name)
         .bind(currencies)
         .bind(shard)
-        .bind(ids)
-        .fetch_all(conn)
+        .execute(&mut *conn)
         .await?;
-    Ok(rows.into_iter().map(Account::from).collect())
+        rows = select()
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .map(Account::from)
+            .collect();
+    }
+    Ok(rows)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -240,7 +263,7 @@ impl Postings {
     }
 
     /// Writes transfers, entries (hash-chained per account) and new balances and chain heads:
-    /// four statements, whatever the count.
+    /// two statements, whatever the count.
     pub async fn write(mut self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
         if self.transfers.is_empty() {
             return Ok(());
@@ -297,44 +320,6 @@ impl Postings {
             e_delta.extend([-t.amount.fen(), t.amount.fen()]);
             e_after.extend([*from_after, *to_after]);
         }
-        sqlx::query(
-            r#"
-            INSERT INTO transfers
-                (id, kind, order_id, from_account_id, to_account_id, amount_fen, currency,
-                 cause_event_id, reference)
-            SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[],
-                                 $6::bigint[], $7::text[], $8::uuid[], $9::text[])
-            "#,
-        )
-        .bind(&ids)
-        .bind(&kinds)
-        .bind(&order_ids)
-        .bind(&froms)
-        .bind(&tos)
-        .bind(&amounts)
-        .bind(&currencies)
-        .bind(&causes)
-        .bind(&references)
-        .execute(&mut *conn)
-        .await?;
-        sqlx::query(
-            r#"
-            INSERT INTO ledger_entries (transfer_id, account_id, delta_fen, balance_after_fen, entry_hash)
-            SELECT transfer_id, account_id, delta_fen, balance_after_fen, entry_hash
-            FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bytea[])
-                WITH ORDINALITY AS e(transfer_id, account_id, delta_fen, balance_after_fen, entry_hash, n)
-            -- Entry ids must follow the chain order within each account.
-            ORDER BY n
-            "#,
-        )
-        .bind(&e_transfer)
-        .bind(&e_account)
-        .bind(&e_delta)
-        .bind(&e_after)
-        .bind(&e_hash)
-        .execute(&mut *conn)
-        .await?;
-
         let mut seen = std::collections::HashSet::new();
         let touched: Vec<i64> = self
             .transfers
@@ -354,14 +339,44 @@ impl Postings {
                     .map_or_else(Vec::new, |a| a.chain_head.to_vec())
             })
             .collect();
+        // One statement: the foreign keys of the entries are checked at its end, when the
+        // transfers are there.
         sqlx::query(
             r#"
+            WITH t AS (
+                INSERT INTO transfers
+                    (id, kind, order_id, from_account_id, to_account_id, amount_fen, currency,
+                     cause_event_id, reference)
+                SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[],
+                                     $6::bigint[], $7::text[], $8::uuid[], $9::text[])
+            ), e AS (
+                INSERT INTO ledger_entries (transfer_id, account_id, delta_fen, balance_after_fen, entry_hash)
+                SELECT transfer_id, account_id, delta_fen, balance_after_fen, entry_hash
+                FROM unnest($10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[], $14::bytea[])
+                    WITH ORDINALITY AS e(transfer_id, account_id, delta_fen, balance_after_fen, entry_hash, n)
+                -- Entry ids must follow the chain order within each account.
+                ORDER BY n
+            )
             UPDATE accounts
             SET balance_fen = v.balance, chain_head = v.head, version = version + 1, updated_at = now()
-            FROM unnest($1::bigint[], $2::bigint[], $3::bytea[]) AS v(id, balance, head)
+            FROM unnest($15::bigint[], $16::bigint[], $17::bytea[]) AS v(id, balance, head)
             WHERE accounts.id = v.id
             "#,
         )
+        .bind(&ids)
+        .bind(&kinds)
+        .bind(&order_ids)
+        .bind(&froms)
+        .bind(&tos)
+        .bind(&amounts)
+        .bind(&currencies)
+        .bind(&causes)
+        .bind(&references)
+        .bind(&e_transfer)
+        .bind(&e_account)
+        .bind(&e_delta)
+        .bind(&e_after)
+        .bind(&e_hash)
         .bind(&touched)
         .bind(&balances)
         .bind(&heads)
@@ -381,6 +396,7 @@ mod tests {
             kind,
             user_id: None,
             currency: "CNY".into(),
+            shard: 0,
             frozen: false,
             balance_fen,
             chain_head: [0; 32],

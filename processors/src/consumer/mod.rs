@@ -107,15 +107,25 @@ pub trait Handler: Send + Sync + 'static {
     /// Types the envelope's payload, or says why it is poison.
     fn decode(&self, raw: &RawEvent) -> Result<Self::Event, Poison>;
 
-    /// Applies `events` in order inside the batch transaction: business rows and outbox rows.
-    /// Returns one outcome per event, in order. For an event it reports as
-    /// `DeadLettered` it must have written nothing.
+    /// Applies `events` in order inside the batch transaction: writes the business rows and
+    /// says what to publish. Returns one outcome per event, in order. For an event it
+    /// reports as `DeadLettered` it must have written and emitted nothing.
     fn apply(
         &self,
         conn: &mut PgConnection,
         partition: i32,
         events: &[Fresh<Self::Event>],
-    ) -> impl Future<Output = Result<Vec<Outcome>, sqlx::Error>> + Send;
+    ) -> impl Future<Output = Result<Applied, sqlx::Error>> + Send;
+}
+
+/// What a handler made of a batch.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// One per event, in order.
+    pub outcomes: Vec<Outcome>,
+    /// Events to publish, in order. The framework writes them to the outbox in the batch's
+    /// closing statement, together with the offset compare-and-set.
+    pub emitted: Vec<OutboxRow>,
 }
 
 /// Where this worker stands in one assigned partition.
@@ -836,22 +846,30 @@ impl<H: Handler> BatchRunner<H> {
             }
         }
 
-        let mut tx = self.pool.begin().await?;
-        let ids: Vec<Uuid> = decoded.iter().map(|(_, f)| f.event_id).collect();
-        let seen: HashSet<Uuid> = sqlx::query_scalar(
-            "SELECT event_id FROM processed_events WHERE consumer_group = $1 AND event_id = ANY($2)",
-        )
-        .bind(group)
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .collect();
+        // Dedupe by claiming: the processed rows go in first, and only the events whose row
+        // is new are applied. A concurrent transaction claiming the same event makes this
+        // one wait for its outcome. The rows of events the handler dead-letters are deleted
+        // again at the end, so that a replay after a fix can apply them.
         let mut in_batch = HashSet::new();
+        let mut claims = ProcessedRows::default();
+        for (i, f) in &decoded {
+            if in_batch.insert(f.event_id) {
+                claims.push(f.event_id, msgs[*i].offset);
+            } else {
+                outcomes[*i] = Some(Outcome::Duplicate);
+            }
+        }
+        let mut tx = self.pool.begin().await?;
+        let claimed = claims
+            .claim(&mut tx, group, &self.config.topic, partition)
+            .await?;
         let (positions, fresh): (Vec<usize>, Vec<Fresh<H::Event>>) = decoded
             .into_iter()
             .filter(|(i, f)| {
-                let new = !seen.contains(&f.event_id) && in_batch.insert(f.event_id);
+                if outcomes[*i].is_some() {
+                    return false; // a repeat within the batch
+                }
+                let new = claimed.contains(&f.event_id);
                 if !new {
                     outcomes[*i] = Some(Outcome::Duplicate);
                 }
@@ -860,16 +878,13 @@ impl<H: Handler> BatchRunner<H> {
             .unzip();
 
         let applied = self.handler.apply(&mut tx, partition, &fresh).await?;
-        let mut processed = ProcessedRows::default();
-        for ((i, f), outcome) in positions.into_iter().zip(&fresh).zip(applied) {
-            if !matches!(outcome, Outcome::DeadLettered(_)) {
-                processed.push(f.event_id, msgs[i].offset);
+        let mut unclaim = Vec::new();
+        for ((i, f), outcome) in positions.into_iter().zip(&fresh).zip(applied.outcomes) {
+            if matches!(outcome, Outcome::DeadLettered(_)) {
+                unclaim.push(f.event_id);
             }
             outcomes[i] = Some(outcome);
         }
-        processed
-            .insert(&mut tx, group, &self.config.topic, partition)
-            .await?;
 
         let outcomes: Vec<Outcome> = outcomes
             .into_iter()
@@ -892,7 +907,6 @@ impl<H: Handler> BatchRunner<H> {
                 _ => None,
             })
             .collect();
-        outbox::insert(&mut tx, &dead_letters).await?;
 
         if settings.processor.stall_before_commit_ms > 0 {
             tokio::time::sleep(Duration::from_millis(
@@ -901,9 +915,16 @@ impl<H: Handler> BatchRunner<H> {
             .await;
         }
         let last = msgs.last().map_or(state.next_offset, |m| m.offset + 1);
-        let advanced =
-            offsets::advance(&mut tx, group, &self.config.topic, partition, state, last).await?;
-        if !advanced {
+        let close = offsets::Close {
+            group,
+            topic: &self.config.topic,
+            partition,
+            at: state,
+            next_offset: last,
+            outbox: outbox::Columns::new(applied.emitted.iter().chain(&dead_letters)),
+            unclaim: &unclaim,
+        };
+        if !close.execute(&mut tx).await? {
             tx.rollback().await?;
             return Ok(None);
         }
@@ -924,22 +945,23 @@ impl ProcessedRows {
         self.offsets.push(offset);
     }
 
-    async fn insert(
+    /// Inserts the rows that are not there yet; returns their event ids.
+    async fn claim(
         &self,
         conn: &mut PgConnection,
         group: &str,
         topic: &str,
         partition: i32,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<HashSet<Uuid>, sqlx::Error> {
         if self.event_ids.is_empty() {
-            return Ok(());
+            return Ok(HashSet::new());
         }
-        // A unique violation here means another worker applied the same event concurrently;
-        // the batch rolls back, retries, and then sees it as a duplicate.
-        sqlx::query(
+        let claimed: Vec<Uuid> = sqlx::query_scalar(
             r#"
             INSERT INTO processed_events (consumer_group, event_id, topic, partition, "offset")
             SELECT $1, e, $3, $4, o FROM unnest($2::uuid[], $5::bigint[]) AS t(e, o)
+            ON CONFLICT DO NOTHING
+            RETURNING event_id
             "#,
         )
         .bind(group)
@@ -947,9 +969,9 @@ impl ProcessedRows {
         .bind(topic)
         .bind(partition)
         .bind(&self.offsets)
-        .execute(conn)
+        .fetch_all(conn)
         .await?;
-        Ok(())
+        Ok(claimed.into_iter().collect())
     }
 }
 

@@ -25,10 +25,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::store::cancellation;
 use super::OrderStatus;
-use crate::consumer::{self, Fresh, Handler, Outcome, WorkerConfig};
+use crate::consumer::{self, Applied, Fresh, Handler, Outcome, WorkerConfig};
 use crate::domain::{Amount, Currency};
 use crate::events::{derived_event_id, AccountEvent, Envelope, OrderPaid, Poison, RawEvent};
-use crate::outbox::{self, OutboxRow};
+use crate::outbox::OutboxRow;
 use crate::settings::Settings;
 
 /// Runs one order-processor worker (a member of `orders.group` consuming
@@ -97,7 +97,7 @@ impl Handler for OrderProcessor {
         conn: &mut PgConnection,
         _partition: i32,
         events: &[Fresh<AccountEvent>],
-    ) -> Result<Vec<Outcome>, sqlx::Error> {
+    ) -> Result<Applied, sqlx::Error> {
         let mut order_ids: Vec<i64> = events.iter().filter_map(|f| f.event.order_id()).collect();
         order_ids.sort_unstable();
         order_ids.dedup();
@@ -217,8 +217,7 @@ impl Handler for OrderProcessor {
         }
 
         write(conn, orders.into_values().filter(|o| o.dirty)).await?;
-        outbox::insert(conn, &emitted).await?;
-        Ok(outcomes)
+        Ok(Applied { outcomes, emitted })
     }
 }
 

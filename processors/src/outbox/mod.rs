@@ -3,7 +3,8 @@
 
 pub mod relay;
 
-use sqlx::PgConnection;
+use sqlx::postgres::PgArguments;
+use sqlx::{PgConnection, Postgres};
 use uuid::Uuid;
 
 use crate::events::{Envelope, EventPayload};
@@ -32,38 +33,69 @@ impl OutboxRow {
     }
 }
 
-/// Appends rows in the given order (ids follow it), in one statement.
-pub async fn insert(conn: &mut PgConnection, rows: &[OutboxRow]) -> Result<(), sqlx::Error> {
-    if rows.is_empty() {
-        return Ok(());
+/// The rows of one outbox insert as column arrays, for `unnest`.
+#[derive(Debug, Default)]
+pub struct Columns<'a> {
+    topics: Vec<&'a str>,
+    keys: Vec<Option<&'a str>>,
+    payloads: Vec<&'a [u8]>,
+    headers: Vec<serde_json::Value>,
+    event_ids: Vec<Option<Uuid>>,
+}
+
+impl<'a> Columns<'a> {
+    pub fn new(rows: impl IntoIterator<Item = &'a OutboxRow>) -> Self {
+        let mut c = Self::default();
+        for row in rows {
+            c.topics.push(row.topic.as_str());
+            c.keys.push(row.key.as_deref());
+            c.payloads.push(row.payload.as_slice());
+            c.headers.push(serde_json::json!(row.headers));
+            c.event_ids.push(row.event_id);
+        }
+        c
     }
-    let mut topics = Vec::with_capacity(rows.len());
-    let mut keys = Vec::with_capacity(rows.len());
-    let mut payloads = Vec::with_capacity(rows.len());
-    let mut headers = Vec::with_capacity(rows.len());
-    let mut event_ids = Vec::with_capacity(rows.len());
-    for row in rows {
-        topics.push(row.topic.as_str());
-        keys.push(row.key.as_deref());
-        payloads.push(row.payload.as_slice());
-        headers.push(serde_json::json!(row.headers));
-        event_ids.push(row.event_id);
+
+    pub fn is_empty(&self) -> bool {
+        self.topics.is_empty()
     }
-    sqlx::query(
+
+    /// Binds the five arrays, in the order `INSERT_FROM` numbers them from `$first`.
+    pub fn bind<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, Postgres, PgArguments>,
+    ) -> sqlx::query::Query<'q, Postgres, PgArguments> {
+        query
+            .bind(&self.topics)
+            .bind(&self.keys)
+            .bind(&self.payloads)
+            .bind(&self.headers)
+            .bind(&self.event_ids)
+    }
+}
+
+/// The insert of `Columns` bound from parameter `$first` on, in the given order (ids follow
+/// it). Usable on its own or as a data-modifying CTE.
+pub fn insert_sql(first: usize) -> String {
+    let [a, b, c, d, e] = [first, first + 1, first + 2, first + 3, first + 4];
+    format!(
         r#"
         INSERT INTO outbox (topic, message_key, payload, headers, event_id)
         SELECT topic, message_key, payload, headers, event_id
-        FROM unnest($1::text[], $2::text[], $3::bytea[], $4::jsonb[], $5::uuid[])
+        FROM unnest(${a}::text[], ${b}::text[], ${c}::bytea[], ${d}::jsonb[], ${e}::uuid[])
             WITH ORDINALITY AS r(topic, message_key, payload, headers, event_id, n)
         ORDER BY n
-        "#,
+        "#
     )
-    .bind(&topics)
-    .bind(&keys)
-    .bind(&payloads)
-    .bind(&headers)
-    .bind(&event_ids)
-    .execute(conn)
-    .await?;
+}
+
+/// Appends rows in the given order (ids follow it), in one statement.
+pub async fn insert(conn: &mut PgConnection, rows: &[OutboxRow]) -> Result<(), sqlx::Error> {
+    let columns = Columns::new(rows);
+    if columns.is_empty() {
+        return Ok(());
+    }
+    let sql = insert_sql(1);
+    columns.bind(sqlx::query(&sql)).execute(conn).await?;
     Ok(())
 }
