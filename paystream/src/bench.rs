@@ -69,12 +69,64 @@ pub struct Report {
     pub latency_rate_per_sec: u64,
     pub throughput_p99_ms: f64,
     pub partitions: i32,
+    /// The whole machine's CPU during the latency phase (Linux only): how busy it was, and
+    /// how much time the hypervisor gave to other guests (steal).
+    pub latency_cpu_busy_pct: Option<f64>,
+    pub latency_cpu_steal_pct: Option<f64>,
 }
 
 struct Phase {
     events: u64,
     elapsed: Duration,
     latencies: Vec<Duration>,
+    cpu: Option<CpuShare>,
+}
+
+/// The machine's CPU time counters from `/proc/stat`, in ticks.
+#[derive(Debug, Clone, Copy)]
+struct CpuTicks {
+    busy: u64,
+    steal: u64,
+    total: u64,
+}
+
+impl CpuTicks {
+    /// `None` where there is no `/proc/stat` (not Linux).
+    fn now() -> Option<Self> {
+        Self::parse(&std::fs::read_to_string("/proc/stat").ok()?)
+    }
+
+    fn parse(stat: &str) -> Option<Self> {
+        let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|f| f.parse().unwrap_or(0))
+            .collect();
+        // user nice system idle iowait irq softirq steal (guest time is inside user).
+        let field = |i: usize| v.get(i).copied().unwrap_or(0);
+        let (idle, steal) = (field(3) + field(4), field(7));
+        let total: u64 = (0..8).map(field).sum();
+        Some(Self {
+            busy: total - idle - steal,
+            steal,
+            total,
+        })
+    }
+
+    fn share_since(self, before: Self) -> Option<CpuShare> {
+        let total = self.total.checked_sub(before.total).filter(|t| *t > 0)? as f64;
+        Some(CpuShare {
+            busy_pct: self.busy.saturating_sub(before.busy) as f64 * 100.0 / total,
+            steal_pct: self.steal.saturating_sub(before.steal) as f64 * 100.0 / total,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct CpuShare {
+    busy_pct: f64,
+    steal_pct: f64,
 }
 
 impl Phase {
@@ -189,6 +241,14 @@ async fn phases(
         latency.percentile_ms(0.99),
         latency.events
     );
+    if let Some(cpu) = latency.cpu {
+        // On a shared virtual machine, time stolen by the host is the usual cause of a
+        // run whose tail is far above the others.
+        println!(
+            "  machine CPU during the latency phase: {:.0} % busy, {:.0} % stolen by the host",
+            cpu.busy_pct, cpu.steal_pct
+        );
+    }
     let naive = if args.skip_naive {
         None
     } else {
@@ -212,6 +272,8 @@ async fn phases(
         latency_rate_per_sec: args.rate,
         throughput_p99_ms: round1(throughput.percentile_ms(0.99)),
         partitions: settings.kafka.partitions,
+        latency_cpu_busy_pct: latency.cpu.map(|c| round1(c.busy_pct)),
+        latency_cpu_steal_pct: latency.cpu.map(|c| round1(c.steal_pct)),
     })
 }
 
@@ -430,6 +492,7 @@ async fn phase(
     }
     let delay_before = telemetry::bucket_counts(&METRICS.consume_delay, &["account"]);
     let mut sent = Sent::default();
+    let cpu_before = CpuTicks::now();
     let started = Instant::now();
     orders.produce(0..events, rate, &mut sent).await?;
     producer.flush(Timeout::After(Duration::from_secs(10)))?;
@@ -447,6 +510,9 @@ async fn phase(
     })
     .await?;
     let delay_after = telemetry::bucket_counts(&METRICS.consume_delay, &["account"]);
+    let cpu = cpu_before
+        .zip(CpuTicks::now())
+        .and_then(|(before, after)| after.share_since(before));
     cancel.cancel();
     results.abort();
     processor.await??;
@@ -502,6 +568,7 @@ async fn phase(
         events,
         elapsed: last.saturating_duration_since(started),
         latencies,
+        cpu,
     })
 }
 
@@ -717,5 +784,24 @@ where
             Instant::now() < deadline,
             "timed out after {limit:?} waiting for {what}"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_shares_come_from_the_machine_line_of_proc_stat() {
+        let before =
+            CpuTicks::parse("cpu  100 0 50 800 10 0 0 40 0 0\ncpu0 50 0 25 400 5 0 0 20 0 0\n")
+                .expect("parses");
+        let after = CpuTicks::parse("cpu  160 0 70 900 10 0 0 60 0 0\n").expect("parses");
+        // Over 200 ticks: 80 busy (user + system), 100 idle, 20 stolen.
+        let share = after.share_since(before).expect("time passed");
+        assert!((share.busy_pct - 40.0).abs() < 1e-9, "{share:?}");
+        assert!((share.steal_pct - 10.0).abs() < 1e-9, "{share:?}");
+        assert!(CpuTicks::parse("intr 1 2 3\n").is_none());
+        assert!(before.share_since(before).is_none(), "no time passed");
     }
 }
