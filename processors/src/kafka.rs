@@ -6,9 +6,28 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::settings::{KafkaSettings, TopicSettings};
+
+/// A received message's headers as owned (key, value) pairs; a header without a value has an
+/// empty one.
+pub fn owned_headers(message: &impl Message) -> Vec<(String, Vec<u8>)> {
+    message
+        .headers()
+        .map(|hs| {
+            hs.iter()
+                .map(|h| {
+                    (
+                        h.key.to_owned(),
+                        h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
 
 pub fn base_config(kafka: &KafkaSettings) -> ClientConfig {
     let mut config = ClientConfig::new();

@@ -129,11 +129,10 @@ pub async fn lock_system_accounts(
     shard: i32,
     ids: &[i64],
 ) -> Result<Vec<Account>, sqlx::Error> {
-    let kind_name = match kind {
-        AccountKind::Funding => "FUNDING",
-        _ => "SETTLEMENT",
+    let (kind, kind_name) = match kind {
+        AccountKind::Funding => (AccountKind::Funding, "FUNDING"),
+        _ => (AccountKind::Settlement, "SETTLEMENT"),
     };
-    let kind = AccountKind::parse(kind_name);
     let sql = format!(
         "SELECT {ACCOUNT_COLUMNS} FROM accounts \
          WHERE (kind = $1 AND shard = $3 AND currency = ANY($2)) OR (kind <> 'USER' AND id = ANY($4)) \

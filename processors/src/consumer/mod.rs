@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use sqlx::{PgConnection, PgPool};
@@ -716,19 +716,7 @@ fn poll_batch(
                     offset: m.offset(),
                     key: m.key().map(<[u8]>::to_vec),
                     payload: m.payload().map(<[u8]>::to_vec),
-                    headers: m
-                        .headers()
-                        .map(|hs| {
-                            hs.iter()
-                                .map(|h| {
-                                    (
-                                        h.key.to_owned(),
-                                        h.value.map(<[u8]>::to_vec).unwrap_or_default(),
-                                    )
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default(),
+                    headers: crate::kafka::owned_headers(&m),
                 });
                 deadline.get_or_insert_with(|| Instant::now() + settings.processor.batch_linger());
             }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
@@ -267,18 +267,7 @@ pub fn read_all(settings: &Settings) -> anyhow::Result<Vec<DeadLetter>> {
                         .and_then(DateTime::from_timestamp_millis),
                     m.key().map(<[u8]>::to_vec),
                     m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                    m.headers()
-                        .map(|hs| {
-                            hs.iter()
-                                .map(|h| {
-                                    (
-                                        h.key.to_owned(),
-                                        h.value.map(<[u8]>::to_vec).unwrap_or_default(),
-                                    )
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default(),
+                    crate::kafka::owned_headers(&m),
                 ));
             }
         }
