@@ -5,13 +5,16 @@
 #   scripts/broker.sh up [memory|sqlite] start it on 127.0.0.1:$BROKER_PORT and wait for it
 #   scripts/broker.sh down               stop it
 # `memory` storage (the default) is for tests; `sqlite` keeps data across restarts
-# ($PAYSTREAM_CACHE/broker.db). Idempotent: `up` on a running broker does nothing.
+# ($PAYSTREAM_CACHE/broker.db). Idempotent: `up` on a running broker does nothing, except
+# that `up sqlite` refuses a running memory broker: the system's stored offsets would outlive
+# its topics, and its consumers would wait for offsets that never come.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 
 PIDFILE="$PAYSTREAM_RUN/tansu-$BROKER_PORT.pid"
 LOGFILE="$PAYSTREAM_RUN/tansu-$BROKER_PORT.log"
+STORAGEFILE="$PAYSTREAM_RUN/tansu-$BROKER_PORT.storage"
 
 install() {
   if [ -x "$PAYSTREAM_TANSU_BIN" ]; then
@@ -29,7 +32,16 @@ up() {
   local storage=${1:-memory}
   install
   if port_open 127.0.0.1 "$BROKER_PORT"; then
-    log "a broker already listens on 127.0.0.1:$BROKER_PORT"
+    local running
+    running=$(cat "$STORAGEFILE" 2>/dev/null || echo "unknown")
+    # Tests make their own topics, so any broker serves them; data meant to last does not
+    # belong in one that forgets it.
+    if [ "$storage" = sqlite ] && [ "$running" != sqlite ]; then
+      log "a broker with $running storage already listens on 127.0.0.1:$BROKER_PORT;" \
+        "stop it (scripts/broker.sh down) so that one with durable storage can start"
+      exit 1
+    fi
+    log "a broker ($running storage) already listens on 127.0.0.1:$BROKER_PORT"
     return 0
   fi
   local engine
@@ -46,6 +58,7 @@ up() {
     --advertised-listener-url "tcp://127.0.0.1:$BROKER_PORT" \
     --storage-engine "$engine" >"$LOGFILE" 2>&1 &
   echo $! >"$PIDFILE"
+  echo "$storage" >"$STORAGEFILE"
   if ! wait_for 60 "tansu on 127.0.0.1:$BROKER_PORT" port_open 127.0.0.1 "$BROKER_PORT"; then
     tail -n 20 "$LOGFILE" >&2 || true
     exit 1
@@ -62,6 +75,7 @@ down() {
     fi
     rm -f "$PIDFILE"
   fi
+  rm -f "$STORAGEFILE"
 }
 
 case "${1:-up}" in
