@@ -491,6 +491,7 @@ async fn phase(
         .await?;
     }
     let delay_before = telemetry::bucket_counts(&METRICS.consume_delay, &["account"]);
+    let batches_before = Work::now();
     let mut sent = Sent::default();
     let cpu_before = CpuTicks::now();
     let started = Instant::now();
@@ -510,6 +511,7 @@ async fn phase(
     })
     .await?;
     let delay_after = telemetry::bucket_counts(&METRICS.consume_delay, &["account"]);
+    let batches = Work::now().since(batches_before);
     let cpu = cpu_before
         .zip(CpuTicks::now())
         .and_then(|(before, after)| after.share_since(before));
@@ -544,6 +546,16 @@ async fn phase(
         delay_ms(0.5),
         delay_ms(0.99)
     );
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "  phase {number}: {} batch transactions ({:.0}/s, {:.1} events each), {} relay rounds ({:.0}/s, {:.1} rows each)",
+        batches.transactions,
+        batches.transactions as f64 / seconds,
+        batches.events / batches.transactions.max(1) as f64,
+        batches.relay_rounds,
+        batches.relay_rounds as f64 / seconds,
+        batches.relay_rows / batches.relay_rounds.max(1) as f64,
+    );
     let received = received
         .lock()
         .map_err(|_| anyhow::anyhow!("results lock poisoned"))?
@@ -570,6 +582,38 @@ async fn phase(
         latencies,
         cpu,
     })
+}
+
+/// How the work was cut: batch transactions of the account processor and relay rounds, with
+/// what they carried, as counted by their metrics.
+#[derive(Debug, Clone, Copy)]
+struct Work {
+    transactions: u64,
+    events: f64,
+    relay_rounds: u64,
+    relay_rows: f64,
+}
+
+impl Work {
+    fn now() -> Self {
+        let batches = METRICS.batch_size.with_label_values(&["account"]);
+        let rounds = METRICS.relay_round_rows.with_label_values(&[] as &[&str]);
+        Self {
+            transactions: batches.get_sample_count(),
+            events: batches.get_sample_sum(),
+            relay_rounds: rounds.get_sample_count(),
+            relay_rows: rounds.get_sample_sum(),
+        }
+    }
+
+    fn since(self, before: Self) -> Self {
+        Self {
+            transactions: self.transactions.saturating_sub(before.transactions),
+            events: self.events - before.events,
+            relay_rounds: self.relay_rounds.saturating_sub(before.relay_rounds),
+            relay_rows: self.relay_rows - before.relay_rows,
+        }
+    }
 }
 
 /// When each order was produced: a monotonic instant and the wall clock (for the hops).

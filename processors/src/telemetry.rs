@@ -32,6 +32,7 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     pub fenced_commits: IntCounterVec,
     pub relay_published: IntCounterVec,
+    pub relay_round_rows: HistogramVec,
     pub relay_errors: IntCounterVec,
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
@@ -124,6 +125,12 @@ impl Metrics {
                 "paystream_relay_published_total",
                 "Outbox rows published by the relay, by topic.",
                 &["topic"],
+            ),
+            relay_round_rows: histogram(
+                "paystream_relay_round_rows",
+                "Outbox rows published per relay round (one transaction, one wake-up).",
+                &[],
+                exponential_buckets(1.0, 2.0, 12).expect("valid buckets"),
             ),
             relay_errors: counter(
                 "paystream_relay_errors_total",
