@@ -215,9 +215,22 @@ pub async fn check_offsets(pool: &PgPool, settings: &Settings) -> anyhow::Result
         let client: BaseConsumer = crate::kafka::base_config(&kafka).create()?;
         let mut violations = Vec::new();
         for (group, topic, partition, next_offset) in stored {
-            let (_, high) = client
-                .fetch_watermarks(&topic, partition, Duration::from_secs(10))
-                .map_err(|e| anyhow::anyhow!("Failed to read the watermarks of {topic}/{partition}: {e}"))?;
+            let high = match client.fetch_watermarks(&topic, partition, Duration::from_secs(10)) {
+                Ok((_, high)) => high,
+                // A log that does not exist has no messages: a stored position after its
+                // first message is past its end (a deleted or recreated topic, or a database
+                // restored from elsewhere).
+                Err(e) if names_a_missing_log(&e) => {
+                    if next_offset > 0 {
+                        violations.push(Violation {
+                            invariant: "stored_offsets_within_the_log",
+                            detail: format!("{group} {topic}/{partition}: stored offset {next_offset}, but the broker has no such topic or partition"),
+                        });
+                    }
+                    continue;
+                }
+                Err(e) => anyhow::bail!("Failed to read the watermarks of {topic}/{partition}: {e}"),
+            };
             if next_offset > high {
                 violations.push(Violation {
                     invariant: "stored_offsets_within_the_log",
@@ -228,6 +241,15 @@ pub async fn check_offsets(pool: &PgPool, settings: &Settings) -> anyhow::Result
         Ok(violations)
     })
     .await?
+}
+
+/// The broker's (or librdkafka's) word that a topic or partition does not exist.
+fn names_a_missing_log(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(Code::UnknownTopicOrPartition | Code::UnknownTopic | Code::UnknownPartition)
+    )
 }
 
 /// Runs the audit every `audit.interval_s` (0: never) until `cancel` fires, and exports the
