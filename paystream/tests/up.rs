@@ -190,3 +190,41 @@ async fn paystream_audit_passes_a_clean_ledger_and_names_each_injected_violation
         );
     }
 }
+
+/// Some brokers report a partition's high watermark at the start of its last record batch
+/// (tansu 0.6 answers ListOffsets(latest) with that batch's base offset + 1). An offset at
+/// the end of such a batch is inside the log; the audit must read the log to tell, not
+/// call it a violation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paystream_audit_accepts_a_stored_offset_at_the_end_of_a_multi_record_batch() {
+    const ORDERS: i64 = 5;
+    let env = TestEnv::new(1).await;
+    env.funded_account(80, 10_000).await;
+    // One record batch: the producer holds the sends until the batch is flushed.
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.settings.kafka.brokers)
+        .set("linger.ms", "60000")
+        .create()
+        .expect("producer");
+    let sends: Vec<_> = (1..=ORDERS)
+        .map(|order| {
+            let value = order_created(uuid::Uuid::new_v4(), order, 80, 100);
+            let record = rdkafka::producer::FutureRecord::to(&env.settings.topics.order_events)
+                .key("80")
+                .payload(&value);
+            producer
+                .send_result(record)
+                .map_err(|(e, _)| e)
+                .expect("queued")
+        })
+        .collect();
+    rdkafka::producer::Producer::flush(&producer, Duration::from_secs(30)).expect("flushed");
+    for send in sends {
+        send.await.expect("delivered").expect("acknowledged");
+    }
+    let worker = env.spawn_account_processor(env.settings.clone());
+    env.wait_consumed(ORDERS).await;
+    worker.stop().await;
+
+    assert_eq!(audit(&env).await, (Some(0), vec![]));
+}

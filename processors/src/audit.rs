@@ -231,7 +231,7 @@ pub async fn check_offsets(pool: &PgPool, settings: &Settings) -> anyhow::Result
                 }
                 Err(e) => anyhow::bail!("Failed to read the watermarks of {topic}/{partition}: {e}"),
             };
-            if next_offset > high {
+            if next_offset > high && !last_message_is_in_the_log(&kafka, &topic, partition, high, next_offset)? {
                 violations.push(Violation {
                     invariant: "stored_offsets_within_the_log",
                     detail: format!("{group} {topic}/{partition}: stored offset {next_offset} is past the high watermark {high}"),
@@ -241,6 +241,48 @@ pub async fn check_offsets(pool: &PgPool, settings: &Settings) -> anyhow::Result
         Ok(violations)
     })
     .await?
+}
+
+/// Whether the message just before `next_offset` is in the log, read from the log itself.
+/// Only asked when the reported high watermark is below `next_offset`: a broker may report
+/// it at the start of the last record batch (tansu 0.6 does), so the batch is read from
+/// there. On a broker that reports it exactly, nothing at or after it exists and this
+/// confirms the violation.
+fn last_message_is_in_the_log(
+    kafka: &crate::settings::KafkaSettings,
+    topic: &str,
+    partition: i32,
+    high: i64,
+    next_offset: i64,
+) -> anyhow::Result<bool> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::error::KafkaError;
+    use rdkafka::message::Message;
+    use rdkafka::types::RDKafkaErrorCode;
+    use rdkafka::{Offset, TopicPartitionList};
+
+    let reader: BaseConsumer = crate::kafka::base_config(kafka)
+        .set("group.id", "paystream-audit")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()?;
+    let mut from = TopicPartitionList::new();
+    from.add_partition_offset(topic, partition, Offset::Offset((high - 1).max(0)))?;
+    reader.assign(&from)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while let Some(wait) = deadline.checked_duration_since(std::time::Instant::now()) {
+        match reader.poll(wait) {
+            Some(Ok(message)) if message.offset() >= next_offset - 1 => return Ok(true),
+            Some(Ok(_)) => {}
+            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(false),
+            Some(Err(e)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::OffsetOutOfRange) => {
+                return Ok(false)
+            }
+            Some(Err(e)) => anyhow::bail!("Failed to read {topic}/{partition}: {e}"),
+            None => break,
+        }
+    }
+    Ok(false)
 }
 
 /// The broker's (or librdkafka's) word that a topic or partition does not exist.
