@@ -286,3 +286,45 @@ async fn sigterm_stops_a_worker_cleanly_and_a_successor_carries_on() {
     successor.stop().await;
     assert_each_order_debited_once(&env, 1_000).await;
 }
+
+/// A topic deleted and recreated under a live database leaves stored offsets past the end
+/// of the new, empty log. The worker applies nothing there and says so in its log instead of
+/// waiting silently: new messages arrive at offsets the database counts as applied, so an
+/// operator has to decide (docs/operations.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_offset_past_the_end_of_a_recreated_topic_is_reported_and_nothing_is_applied() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let env = TestEnv::new(1).await;
+    sqlx::query(
+        "INSERT INTO consumer_offsets (consumer_group, topic, partition, next_offset, epoch, owner) \
+         VALUES ($1, $2, 0, 3, 1, 'a worker of the old topic')",
+    )
+    .bind(&env.settings.processor.account_group)
+    .bind(&env.settings.topics.order_events)
+    .execute(&env.pool)
+    .await
+    .expect("stored offset");
+    let mut child = env.spawn_child_logged(&["process", "account"], &[]);
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let reported = async {
+        while let Some(line) = lines.next_line().await.expect("read the log") {
+            if line.contains("the log holds nothing from its start up to the stored offset") {
+                return true;
+            }
+        }
+        false
+    };
+    let reported = tokio::time::timeout(Duration::from_secs(60), reported).await;
+    child.kill().await.expect("stopped");
+    assert_eq!(
+        reported,
+        Ok(true),
+        "the worker named the problem in its log"
+    );
+    assert_eq!(env.scalar("SELECT count(*) FROM processed_events").await, 0);
+    assert_eq!(
+        env.scalar("SELECT next_offset FROM consumer_offsets").await,
+        3,
+        "the stored offset was left for an operator to decide"
+    );
+}

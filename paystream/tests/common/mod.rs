@@ -219,6 +219,18 @@ impl TestEnv {
             .expect("spawn paystream")
     }
 
+    /// Like `spawn_child`, with stderr (the log) captured.
+    pub fn spawn_child_logged(
+        &self,
+        args: &[&str],
+        extra_env: &[(&str, &str)],
+    ) -> tokio::process::Child {
+        self.child_command(args, extra_env)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn paystream")
+    }
+
     /// Runs an account processor worker in this process until the token is cancelled.
     pub fn spawn_account_processor(&self, settings: Settings) -> Worker {
         spawn_worker(&settings, account_processor::run)

@@ -153,6 +153,8 @@ struct PartitionState {
     /// When the fetch position was last set (claim or rewind). Repositioning must not
     /// depend on messages arriving: resuming inside the last record batch can bring none.
     moved_at: Instant,
+    /// Whether this claim already said that the log ends before the stored offset.
+    reported_past_end: bool,
 }
 
 /// The claim and stored offset a batch starts from: what its compare-and-set expects.
@@ -279,6 +281,7 @@ impl ConsumerContext for Context {
                     verified: false,
                     rewind: 0,
                     moved_at: Instant::now(),
+                    reported_past_end: false,
                 },
             );
         }
@@ -666,6 +669,19 @@ fn check_silent_partitions(consumer: &BaseConsumer<Context>, topic: &str) {
         if state.next_offset <= low {
             state.verified = true;
             continue;
+        }
+        // Read from the log start and still silent: the log ends before the stored offset
+        // (a topic deleted and recreated under this database, or a database restored from
+        // elsewhere). Nothing is applied until the position is proven, but new messages
+        // would arrive at offsets the database counts as applied: an operator must decide.
+        if state.next_offset - state.rewind <= low && !state.reported_past_end {
+            state.reported_past_end = true;
+            tracing::error!(
+                partition,
+                stored = state.next_offset,
+                low,
+                "the log holds nothing from its start up to the stored offset: the topic was probably recreated under this database; this partition waits (docs/operations.md, \"stored offset past the end of the log\")"
+            );
         }
         rewind(consumer, topic, *partition, state, low, state.next_offset);
     }
