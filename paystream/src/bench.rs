@@ -78,6 +78,7 @@ pub struct Report {
 struct Phase {
     events: u64,
     elapsed: Duration,
+    /// End-to-end latency of each order, in ascending order.
     latencies: Vec<Duration>,
     cpu: Option<CpuShare>,
 }
@@ -135,14 +136,14 @@ impl Phase {
     }
 
     fn percentile_ms(&self, p: f64) -> f64 {
-        if self.latencies.is_empty() {
-            return f64::NAN;
-        }
-        let mut sorted = self.latencies.clone();
-        sorted.sort_unstable();
-        let index = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-        sorted[index].as_secs_f64() * 1000.0
+        nearest_rank(&self.latencies, p).map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
     }
+}
+
+/// The nearest-rank percentile `p` (0..=1) of `sorted`, which must be in ascending order.
+fn nearest_rank<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
+    let rank = ((sorted.len() as f64 * p).ceil() as usize).max(1);
+    sorted.get(rank.min(sorted.len()).checked_sub(1)?).copied()
 }
 
 pub async fn run(base: Settings, args: BenchArgs) -> anyhow::Result<Report> {
@@ -375,11 +376,7 @@ async fn broker_floor(settings: &Settings, id: &str, args: &BenchArgs) -> anyhow
         ms.sort_unstable_by(f64::total_cmp);
         ms
     };
-    let pct = |ms: &[f64], p: f64| {
-        ms.get(((ms.len() as f64 * p).ceil() as usize).clamp(1, ms.len().max(1)) - 1)
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
+    let pct = |ms: &[f64], p: f64| nearest_rank(ms, p).unwrap_or(f64::NAN);
     let (ack, trip) = (millis(&acked), millis(&arrived));
     println!(
         "broker alone at {}/s: produce -> ack p50 {:.1} ms, p99 {:.1} ms; produce -> consumed p50 {:.1} ms, p99 {:.1} ms ({} messages)",
@@ -568,7 +565,7 @@ async fn phase(
     )
     .await?;
     let last = received.values().map(|r| r.at).max().unwrap_or(started);
-    let latencies = sent
+    let mut latencies: Vec<Duration> = sent
         .iter()
         .filter_map(|(order, at)| {
             received
@@ -576,6 +573,7 @@ async fn phase(
                 .map(|done| done.at.saturating_duration_since(*at))
         })
         .collect();
+    latencies.sort_unstable();
     Ok(Phase {
         events,
         elapsed: last.saturating_duration_since(started),
@@ -749,21 +747,18 @@ async fn hops(
             hop2.push(got.wall_ms - produced);
         }
     }
-    let pct = |v: &mut Vec<i64>, p: f64| -> i64 {
-        if v.is_empty() {
-            return -1;
-        }
+    for v in [&mut hop1, &mut middle, &mut hop2] {
         v.sort_unstable();
-        v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
-    };
+    }
+    let pct = |v: &[i64], p: f64| nearest_rank(v, p).unwrap_or(-1);
     println!(
         "  hops p50/p99 ms: produce -> txn start {}/{}, txn start -> relay send {}/{}, relay send -> received {}/{}",
-        pct(&mut hop1, 0.5),
-        pct(&mut hop1, 0.99),
-        pct(&mut middle, 0.5),
-        pct(&mut middle, 0.99),
-        pct(&mut hop2, 0.5),
-        pct(&mut hop2, 0.99)
+        pct(&hop1, 0.5),
+        pct(&hop1, 0.99),
+        pct(&middle, 0.5),
+        pct(&middle, 0.99),
+        pct(&hop2, 0.5),
+        pct(&hop2, 0.99)
     );
     Ok(())
 }
@@ -834,6 +829,17 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nearest_rank_picks_the_smallest_value_covering_the_share() {
+        let v: Vec<i64> = (1..=100).collect();
+        assert_eq!(nearest_rank(&v, 0.5), Some(50));
+        assert_eq!(nearest_rank(&v, 0.99), Some(99));
+        assert_eq!(nearest_rank(&v, 1.0), Some(100));
+        assert_eq!(nearest_rank(&v, 0.0), Some(1));
+        assert_eq!(nearest_rank(&[7], 0.99), Some(7));
+        assert_eq!(nearest_rank::<i64>(&[], 0.5), None);
+    }
 
     #[test]
     fn cpu_shares_come_from_the_machine_line_of_proc_stat() {
