@@ -595,7 +595,7 @@ struct Work {
 impl Work {
     fn now() -> Self {
         let batches = METRICS.batch_size.with_label_values(&["account"]);
-        let rounds = METRICS.relay_round_rows.with_label_values(&[] as &[&str]);
+        let rounds = &METRICS.relay_round_rows;
         Self {
             transactions: batches.get_sample_count(),
             events: batches.get_sample_sum(),

@@ -4,8 +4,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    exponential_buckets, Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    exponential_buckets, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tracing_subscriber::{fmt, EnvFilter};
 
@@ -32,7 +32,7 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     pub fenced_commits: IntCounterVec,
     pub relay_published: IntCounterVec,
-    pub relay_round_rows: HistogramVec,
+    pub relay_round_rows: Histogram,
     pub relay_errors: IntCounterVec,
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
@@ -126,12 +126,16 @@ impl Metrics {
                 "Outbox rows published by the relay, by topic.",
                 &["topic"],
             ),
-            relay_round_rows: histogram(
-                "paystream_relay_round_rows",
-                "Outbox rows published per relay round (one transaction, one wake-up).",
-                &[],
-                exponential_buckets(1.0, 2.0, 12).expect("valid buckets"),
-            ),
+            relay_round_rows: {
+                let opts = HistogramOpts::new(
+                    "paystream_relay_round_rows",
+                    "Outbox rows published per relay round (one transaction, one wake-up).",
+                )
+                .buckets(exponential_buckets(1.0, 2.0, 12).expect("valid buckets"));
+                let h = Histogram::with_opts(opts).expect("valid metric");
+                register(Box::new(h.clone()));
+                h
+            },
             relay_errors: counter(
                 "paystream_relay_errors_total",
                 "Relay batches that failed and will be retried, by stage.",

@@ -60,7 +60,7 @@ impl<'a> Columns<'a> {
         self.topics.is_empty()
     }
 
-    /// Binds the five arrays, in the order `INSERT_FROM` numbers them from `$first`.
+    /// Binds the five arrays, in the order `insert_sql` numbers them from `$first`.
     pub fn bind<'q>(
         &'q self,
         query: sqlx::query::Query<'q, Postgres, PgArguments>,

@@ -187,10 +187,7 @@ async fn publish_round(
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
-    METRICS
-        .relay_round_rows
-        .with_label_values(&[] as &[&str])
-        .observe(published.len() as f64);
+    METRICS.relay_round_rows.observe(published.len() as f64);
     for (topic, n) in per_topic {
         METRICS
             .relay_published
