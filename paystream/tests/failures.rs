@@ -287,14 +287,43 @@ async fn sigterm_stops_a_worker_cleanly_and_a_successor_carries_on() {
     assert_each_order_debited_once(&env, 1_000).await;
 }
 
+type Log = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>;
+
+/// Spawns `paystream process account` with its log captured.
+fn spawn_logged_processor(env: &TestEnv) -> (tokio::process::Child, Log) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = env.spawn_child_logged(&["process", "account"], &[]);
+    let log = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    (child, log)
+}
+
+/// Reads the log until a line contains `needle`. False when the log ends first or after 60 s.
+async fn log_says(log: &mut Log, needle: &str) -> bool {
+    let found = async {
+        while let Some(line) = log.next_line().await.expect("read the log") {
+            if line.contains(needle) {
+                return true;
+            }
+        }
+        false
+    };
+    tokio::time::timeout(Duration::from_secs(60), found)
+        .await
+        .unwrap_or(false)
+}
+
+const PAST_END: &str = "the log holds nothing from its start up to the stored offset";
+
 /// A topic deleted and recreated under a live database leaves stored offsets past the end
 /// of the new, empty log. The worker applies nothing there and says so in its log instead of
-/// waiting silently: new messages arrive at offsets the database counts as applied, so an
-/// operator has to decide (docs/operations.md).
+/// waiting silently. When the new log grows past the stored offset, its messages are not
+/// the ones the database counted as applied: the partition is held, nothing is skipped into
+/// (docs/operations.md). This stored offset has no fingerprint, as one written by a version
+/// before fingerprints: the report itself is the evidence.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stored_offset_past_the_end_of_a_recreated_topic_is_reported_and_nothing_is_applied() {
-    use tokio::io::{AsyncBufReadExt, BufReader};
+async fn a_stored_offset_past_the_end_of_a_recreated_topic_is_reported_and_the_partition_is_held() {
     let env = TestEnv::new(1).await;
+    fund_users(&env).await;
     sqlx::query(
         "INSERT INTO consumer_offsets (consumer_group, topic, partition, next_offset, epoch, owner) \
          VALUES ($1, $2, 0, 3, 1, 'a worker of the old topic')",
@@ -304,27 +333,66 @@ async fn a_stored_offset_past_the_end_of_a_recreated_topic_is_reported_and_nothi
     .execute(&env.pool)
     .await
     .expect("stored offset");
-    let mut child = env.spawn_child_logged(&["process", "account"], &[]);
-    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let reported = async {
-        while let Some(line) = lines.next_line().await.expect("read the log") {
-            if line.contains("the log holds nothing from its start up to the stored offset") {
-                return true;
-            }
-        }
+    let (mut child, mut log) = spawn_logged_processor(&env);
+    let reported = log_says(&mut log, PAST_END).await;
+    let held = if reported {
+        produce_orders(&env, 0..5).await;
+        log_says(&mut log, "the log reached the stored offset only after").await
+    } else {
         false
     };
-    let reported = tokio::time::timeout(Duration::from_secs(60), reported).await;
     child.kill().await.expect("stopped");
-    assert_eq!(
-        reported,
-        Ok(true),
-        "the worker named the problem in its log"
+    assert!(reported, "the worker named the problem in its log");
+    assert!(
+        held,
+        "the worker held the partition when the new log reached the stored offset"
     );
     assert_eq!(env.scalar("SELECT count(*) FROM processed_events").await, 0);
     assert_eq!(
         env.scalar("SELECT next_offset FROM consumer_offsets").await,
         3,
+        "the stored offset was left for an operator to decide"
+    );
+}
+
+/// The same, for real: events applied from a topic, the topic deleted and created again, new
+/// events produced to it. The message before the stored offset is another one than the group
+/// applied (its fingerprint differs), so the worker holds the partition instead of skipping
+/// the new topic's first events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_recreated_under_a_live_database_is_held_and_none_of_its_events_are_skipped() {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let env = TestEnv::new(1).await;
+    fund_users(&env).await;
+    produce_orders(&env, 0..5).await;
+    let worker = env.spawn_account_processor(env.settings.clone());
+    env.wait_consumed(5).await;
+    worker.stop().await;
+
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.settings.kafka.brokers)
+        .create()
+        .expect("admin client");
+    let deleted = admin
+        .delete_topics(&[&env.settings.topics.order_events], &AdminOptions::new())
+        .await
+        .expect("delete topic");
+    assert!(deleted.iter().all(Result::is_ok), "{deleted:?}");
+    paystream_processors::kafka::create_topics(&env.settings.kafka, &env.settings.topics)
+        .await
+        .expect("create the topic again");
+    // Eight new orders: offsets 0 to 7 of the new log, where the database stands at 5.
+    produce_orders(&env, 100..108).await;
+
+    let (mut child, mut log) = spawn_logged_processor(&env);
+    let held = log_says(&mut log, "is not the one this consumer group applied").await;
+    child.kill().await.expect("stopped");
+    assert!(held, "the worker held the partition and said why");
+    assert_each_order_debited_once(&env, 5).await;
+    assert_eq!(
+        env.scalar("SELECT next_offset FROM consumer_offsets").await,
+        5,
         "the stored offset was left for an operator to decide"
     );
 }

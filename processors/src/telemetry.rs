@@ -43,6 +43,7 @@ pub struct Metrics {
     pub orders_pending: IntGauge,
     pub oldest_pending_order_age: Gauge,
     pub assigned_partitions: IntGaugeVec,
+    pub partitions_held: IntGaugeVec,
     pub consumer_lag: IntGaugeVec,
     pub audit_violations: IntGauge,
     pub orders_by_status: IntGaugeVec,
@@ -176,6 +177,11 @@ impl Metrics {
             assigned_partitions: int_gauges(
                 "paystream_assigned_partitions",
                 "Partitions this worker holds, by processor.",
+                &["processor"],
+            ),
+            partitions_held: int_gauges(
+                "paystream_partitions_held",
+                "Assigned partitions held because the log does not continue the stored offset (a topic recreated under the database), by processor.",
                 &["processor"],
             ),
             consumer_lag: int_gauges(

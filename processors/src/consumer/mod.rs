@@ -29,6 +29,8 @@
 
 mod offsets;
 
+pub use offsets::fingerprint;
+
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
@@ -61,6 +63,15 @@ pub struct InboundMessage {
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
     pub headers: Vec<(String, Vec<u8>)>,
+    /// The message's timestamp in milliseconds, when it has one.
+    pub timestamp: Option<i64>,
+}
+
+impl InboundMessage {
+    /// See `fingerprint`: what the stored offset remembers of the last message applied.
+    pub fn fingerprint(&self) -> i64 {
+        fingerprint(self.key.as_deref(), self.payload.as_deref(), self.timestamp)
+    }
 }
 
 /// An event that decoded and has not been applied by this consumer group before.
@@ -146,15 +157,47 @@ struct PartitionState {
     /// Set once a commit was refused: this worker no longer owns the partition.
     fenced: bool,
     /// Whether the fetch position was checked against the stored offset since the claim.
-    /// Until it is, no message of the partition is applied (see `Positioning`).
+    /// Until it is, no message of the partition is applied (see `position`).
     verified: bool,
-    /// How far the last rewind went back, while looking for the stored offset.
+    /// The fingerprint of the message at `next_offset - 1` as the last commit stored it.
+    last_fp: Option<i64>,
+    /// How far back from the stored offset the fetch was last positioned (1 at the claim:
+    /// the fetch starts with the message before the stored offset, to compare it).
     rewind: i64,
-    /// When the fetch position was last set (claim or rewind). Repositioning must not
-    /// depend on messages arriving: resuming inside the last record batch can bring none.
+    /// When the fetch position was last set (claim or rewind) or, while unverified, when a
+    /// message last arrived. Repositioning must not depend on messages arriving: resuming
+    /// inside the last record batch can bring none.
     moved_at: Instant,
     /// Whether this claim already said that the log ends before the stored offset.
     reported_past_end: bool,
+    /// Set when the log does not continue the stored position (another message before the
+    /// stored offset): nothing more is fetched or applied until an operator acts and the
+    /// partition is claimed again.
+    held: bool,
+}
+
+impl PartitionState {
+    /// Checks the message just before the stored offset: is it the one this consumer group
+    /// applied last? `Err` says why not.
+    fn check_previous(&self, previous: &InboundMessage) -> Result<(), &'static str> {
+        match self.last_fp {
+            Some(fp) if fp != previous.fingerprint() => Err(
+                "the message before the stored offset is not the one this consumer group applied: the topic was probably recreated under this database",
+            ),
+            // No fingerprint (an offset stored by an older version): the only evidence is
+            // that the log ended before the stored offset and grew back to it afterwards.
+            None if self.reported_past_end => Err(
+                "the log reached the stored offset only after it was found to end before it: the topic was probably recreated under this database",
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether a fetch that starts exactly at the stored offset proves the position,
+    /// without seeing the message before it.
+    fn start_is_proof(&self) -> bool {
+        self.next_offset == 0 || (self.last_fp.is_none() && !self.reported_past_end)
+    }
 }
 
 /// The claim and stored offset a batch starts from: what its compare-and-set expects.
@@ -234,6 +277,17 @@ impl ConsumerContext for Context {
         err: RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
+        // librdkafka keeps a partition paused across a rebalance; a held partition must
+        // start afresh when it is claimed again.
+        let mut held = TopicPartitionList::new();
+        for (partition, _) in self.lock_partitions().iter().filter(|(_, s)| s.held) {
+            held.add_partition(&self.topic, *partition);
+        }
+        if held.count() > 0 {
+            if let Err(e) = consumer.resume(&held) {
+                tracing::warn!(error = %e, "cannot resume held partitions");
+            }
+        }
         for partition in self.lock_partitions().drain().map(|(p, _)| p) {
             let _ = METRICS
                 .consumer_lag
@@ -241,6 +295,10 @@ impl ConsumerContext for Context {
         }
         METRICS
             .assigned_partitions
+            .with_label_values(&[self.name])
+            .set(0);
+        METRICS
+            .partitions_held
             .with_label_values(&[self.name])
             .set(0);
         if err != RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS {
@@ -264,7 +322,10 @@ impl ConsumerContext for Context {
         };
         let mut states = self.lock_partitions();
         for claim in &claimed {
-            let offset = Offset::Offset(claim.next_offset);
+            // Start with the message before the stored offset: it is compared with the one
+            // the group applied last (`PartitionState::check_previous`).
+            let rewind = i64::from(claim.next_offset > 0);
+            let offset = Offset::Offset(claim.next_offset - rewind);
             if let Err(e) = tpl.set_partition_offset(&self.topic, claim.partition, offset) {
                 tracing::error!(error = %e, partition = claim.partition, "cannot position partition");
             }
@@ -279,9 +340,11 @@ impl ConsumerContext for Context {
                     batch_started: None,
                     fenced: false,
                     verified: false,
-                    rewind: 0,
+                    last_fp: claim.last_fp,
+                    rewind,
                     moved_at: Instant::now(),
                     reported_past_end: false,
+                    held: false,
                 },
             );
         }
@@ -373,6 +436,10 @@ fn consume<H: Handler>(
             .create_with_context(context)?;
     consumer.subscribe(&[config.topic.as_str()])?;
     tracing::info!(processor = handler.name(), group = %config.group, topic = %config.topic, %owner, "worker started");
+    METRICS
+        .partitions_held
+        .with_label_values(&[handler.name()])
+        .set(0);
 
     let (committed_tx, committed) = mpsc::channel();
     let lanes = Lanes {
@@ -450,13 +517,29 @@ fn consume<H: Handler>(
         }
         let mut states = lock(&partitions);
         for (partition, mut msgs) in by_partition {
-            let Some(state) = states.get_mut(&partition).filter(|s| !s.fenced) else {
+            let Some(state) = states.get_mut(&partition).filter(|s| !s.fenced && !s.held) else {
                 continue;
             };
-            // Having fetched the message just before the stored offset, the fetch is
-            // contiguous through it: the position is right.
-            if !state.verified && msgs.iter().any(|m| m.offset == state.next_offset - 1) {
-                state.verified = true;
+            if !state.verified {
+                // The fetch is moving: the partition is not silent.
+                state.moved_at = Instant::now();
+                // Having fetched the message just before the stored offset, the fetch is
+                // contiguous through it: the position is right, if that message is the
+                // one the group applied last.
+                if let Some(previous) = msgs.iter().find(|m| m.offset == state.next_offset - 1) {
+                    if let Err(why) = state.check_previous(previous) {
+                        hold(
+                            &consumer,
+                            &config.topic,
+                            partition,
+                            state,
+                            previous.offset,
+                            why,
+                        );
+                        continue;
+                    }
+                    state.verified = true;
+                }
             }
             // Older offsets were applied or queued already (a re-fetch after repositioning).
             msgs.retain(|m| m.offset >= state.dispatched);
@@ -552,16 +635,18 @@ impl<H: Handler> Lanes<H> {
     }
 }
 
-/// Checks the first message fetched after a claim against the stored offset. Returns whether
-/// the partition's messages may be applied now.
+/// Checks the first message fetched at or after the stored offset, when the message just
+/// before it was not seen (that case is settled in `consume`). Returns whether the
+/// partition's messages may be applied now.
 ///
-/// A fetch must resume exactly at the stored offset. When the first message is further on,
-/// the missing offsets are either not in the log (deleted by retention, compacted, or
-/// transaction markers) — then the gap is real and is logged — or the broker returned a later
-/// record batch than the one holding the stored offset (seen with tansu when resuming in the
-/// middle of a batch). The worker tells the two apart by rewinding, further each time, down
-/// to the low watermark, and dropping what lies below the stored offset. It never skips an
-/// event that is still in the topic.
+/// A fetch must resume exactly at the stored offset, and the message before it must be the
+/// one the group applied last. When the first message is further on, the missing offsets are
+/// either not in the log (deleted by retention, compacted, or transaction markers) — then the
+/// gap is real and is logged — or the broker returned a later record batch than the one
+/// holding the stored offset (seen with tansu when resuming in the middle of a batch). The
+/// worker tells the two apart by rewinding, further each time, down to the low watermark,
+/// and dropping what lies below the stored offset. It never skips an event that is still in
+/// the topic, and never resumes in a log whose message before the stored offset is another.
 fn position(
     consumer: &BaseConsumer<Context>,
     topic: &str,
@@ -569,7 +654,7 @@ fn position(
     state: &mut PartitionState,
     first: i64,
 ) -> bool {
-    if first == state.next_offset {
+    if first == state.next_offset && state.start_is_proof() {
         state.verified = true;
         return true;
     }
@@ -595,10 +680,13 @@ fn position(
         return true;
     }
     // Fetching from the log start (directly, or after rewinding to it) and still seeing a
-    // later offset first means the offsets in between do not exist.
+    // later offset first means the offsets in between do not exist; so does the message
+    // before the stored offset, and there is nothing to compare.
     let from = state.next_offset - state.rewind;
     if from <= low {
-        gap("offsets between the stored offset and the first message are not in the topic (transaction markers or compaction); continuing");
+        if first > state.next_offset {
+            gap("offsets between the stored offset and the first message are not in the topic (transaction markers or compaction); continuing");
+        }
         state.verified = true;
         return true;
     }
@@ -655,7 +743,14 @@ const SILENCE: Duration = Duration::from_secs(2);
 fn check_silent_partitions(consumer: &BaseConsumer<Context>, topic: &str) {
     let mut states = consumer.context().lock_partitions();
     for (partition, state) in states.iter_mut() {
-        if state.verified || state.fenced || state.moved_at.elapsed() < SILENCE {
+        // Once reported, the fetch reads on from the log start: the message before the
+        // stored offset is judged when (if ever) it arrives.
+        if state.verified
+            || state.fenced
+            || state.held
+            || state.reported_past_end
+            || state.moved_at.elapsed() < SILENCE
+        {
             continue;
         }
         state.moved_at = Instant::now();
@@ -674,7 +769,7 @@ fn check_silent_partitions(consumer: &BaseConsumer<Context>, topic: &str) {
         // (a topic deleted and recreated under this database, or a database restored from
         // elsewhere). Nothing is applied until the position is proven, but new messages
         // would arrive at offsets the database counts as applied: an operator must decide.
-        if state.next_offset - state.rewind <= low && !state.reported_past_end {
+        if state.next_offset - state.rewind <= low {
             state.reported_past_end = true;
             tracing::error!(
                 partition,
@@ -682,8 +777,39 @@ fn check_silent_partitions(consumer: &BaseConsumer<Context>, topic: &str) {
                 low,
                 "the log holds nothing from its start up to the stored offset: the topic was probably recreated under this database; this partition waits (docs/operations.md, \"stored offset past the end of the log\")"
             );
+            continue;
         }
         rewind(consumer, topic, *partition, state, low, state.next_offset);
+    }
+}
+
+/// Stops a partition whose log does not continue the stored position: pauses its fetch,
+/// drops what it had queued, and says so in the log and in `paystream_partitions_held`. It
+/// stays so until it is claimed again (a rebalance or a restart), after an operator acted.
+fn hold(
+    consumer: &BaseConsumer<Context>,
+    topic: &str,
+    partition: i32,
+    state: &mut PartitionState,
+    offset: i64,
+    why: &str,
+) {
+    state.held = true;
+    state.queue.clear();
+    tracing::error!(
+        partition,
+        stored = state.next_offset,
+        offset,
+        "{why}; this partition is held and nothing of it is applied (docs/operations.md, \"stored offset past the end of the log\")"
+    );
+    METRICS
+        .partitions_held
+        .with_label_values(&[consumer.context().name])
+        .inc();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    if let Err(e) = consumer.pause(&tpl) {
+        tracing::warn!(partition, error = %e, "cannot pause the held partition; its messages are dropped");
     }
 }
 
@@ -719,7 +845,8 @@ fn poll_batch(
                 break;
             }
             Some(Ok(m)) => {
-                if let Some(created) = m.timestamp().to_millis() {
+                let timestamp = m.timestamp().to_millis();
+                if let Some(created) = timestamp {
                     let now = chrono::Utc::now().timestamp_millis();
                     METRICS
                         .consume_delay
@@ -733,6 +860,7 @@ fn poll_batch(
                     key: m.key().map(<[u8]>::to_vec),
                     payload: m.payload().map(<[u8]>::to_vec),
                     headers: crate::kafka::owned_headers(&m),
+                    timestamp,
                 });
                 deadline.get_or_insert_with(|| Instant::now() + settings.processor.batch_linger());
             }
@@ -925,6 +1053,7 @@ impl<H: Handler> BatchRunner<H> {
             partition,
             at: state,
             next_offset: last,
+            last_fp: msgs.last().map(InboundMessage::fingerprint),
             outbox: outbox::Columns::new(applied.emitted.iter().chain(&dead_letters)),
             unclaim: &unclaim,
         };

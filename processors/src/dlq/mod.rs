@@ -104,6 +104,7 @@ mod tests {
             key: Some(b"42".to_vec()),
             payload: Some(b"\xffgarbage".to_vec()),
             headers: vec![],
+            timestamp: None,
         };
         let poison = Poison::new(PoisonClass::InvalidUtf8, "bad");
         let first = dead_letter("deadletter.events", "g", &msg, &poison, 3);
