@@ -280,18 +280,18 @@ impl ConsumerContext for Context {
         // librdkafka keeps a partition paused across a rebalance; a held partition must
         // start afresh when it is claimed again.
         let mut held = TopicPartitionList::new();
-        for (partition, _) in self.lock_partitions().iter().filter(|(_, s)| s.held) {
-            held.add_partition(&self.topic, *partition);
+        for (partition, state) in self.lock_partitions().drain() {
+            let _ = METRICS
+                .consumer_lag
+                .remove_label_values(&[self.name, &partition.to_string()]);
+            if state.held {
+                held.add_partition(&self.topic, partition);
+            }
         }
         if held.count() > 0 {
             if let Err(e) = consumer.resume(&held) {
                 tracing::warn!(error = %e, "cannot resume held partitions");
             }
-        }
-        for partition in self.lock_partitions().drain().map(|(p, _)| p) {
-            let _ = METRICS
-                .consumer_lag
-                .remove_label_values(&[self.name, &partition.to_string()]);
         }
         METRICS
             .assigned_partitions
@@ -528,14 +528,7 @@ fn consume<H: Handler>(
                 // one the group applied last.
                 if let Some(previous) = msgs.iter().find(|m| m.offset == state.next_offset - 1) {
                     if let Err(why) = state.check_previous(previous) {
-                        hold(
-                            &consumer,
-                            &config.topic,
-                            partition,
-                            state,
-                            previous.offset,
-                            why,
-                        );
+                        hold(&consumer, &config.topic, partition, state, why);
                         continue;
                     }
                     state.verified = true;
@@ -783,23 +776,21 @@ fn check_silent_partitions(consumer: &BaseConsumer<Context>, topic: &str) {
     }
 }
 
-/// Stops a partition whose log does not continue the stored position: pauses its fetch,
-/// drops what it had queued, and says so in the log and in `paystream_partitions_held`. It
-/// stays so until it is claimed again (a rebalance or a restart), after an operator acted.
+/// Stops a partition whose log does not continue the stored position (found before any of
+/// its messages was queued): pauses its fetch, and says so in the log and in
+/// `paystream_partitions_held`. It stays so until it is claimed again (a rebalance or a
+/// restart), after an operator acted.
 fn hold(
     consumer: &BaseConsumer<Context>,
     topic: &str,
     partition: i32,
     state: &mut PartitionState,
-    offset: i64,
     why: &str,
 ) {
     state.held = true;
-    state.queue.clear();
     tracing::error!(
         partition,
         stored = state.next_offset,
-        offset,
         "{why}; this partition is held and nothing of it is applied (docs/operations.md, \"stored offset past the end of the log\")"
     );
     METRICS
