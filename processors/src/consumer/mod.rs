@@ -815,8 +815,9 @@ fn seek(consumer: &BaseConsumer<Context>, topic: &str, partition: i32, target: i
     }
 }
 
-/// Collects up to `limit` messages: waits up to 100 ms for the first, then lingers
-/// briefly for more. Rebalance callbacks run inside these polls.
+/// Collects up to `limit` messages: waits up to 100 ms for the first, then lingers for
+/// more until the first message is `batch_linger` old. Rebalance callbacks run inside these
+/// polls.
 fn poll_batch(
     consumer: &BaseConsumer<Context>,
     settings: &Settings,
@@ -837,12 +838,13 @@ fn poll_batch(
             }
             Some(Ok(m)) => {
                 let timestamp = m.timestamp().to_millis();
-                if let Some(created) = timestamp {
-                    let now = chrono::Utc::now().timestamp_millis();
+                let age = timestamp
+                    .map(|created| (chrono::Utc::now().timestamp_millis() - created).max(0) as u64);
+                if let Some(age) = age {
                     METRICS
                         .consume_delay
                         .with_label_values(&[consumer.context().name])
-                        .observe((now - created).max(0) as f64 / 1000.0);
+                        .observe(age as f64 / 1000.0);
                 }
                 out.push(InboundMessage {
                     topic: m.topic().to_owned(),
@@ -853,11 +855,22 @@ fn poll_batch(
                     headers: crate::kafka::owned_headers(&m),
                     timestamp,
                 });
-                deadline.get_or_insert_with(|| Instant::now() + settings.processor.batch_linger());
+                deadline.get_or_insert_with(|| {
+                    Instant::now() + linger_left(settings.processor.batch_linger(), age)
+                });
             }
         }
     }
     out
+}
+
+/// How much longer a batch waits for more messages once it has its first, `age` ms after
+/// that message was created: the linger is a budget for the oldest event's wait, so time the
+/// event already spent in the producer and the broker counts against it. Never longer than
+/// the whole linger (a producer clock running ahead cannot stretch it), and nothing is left
+/// for an event already older than the linger (a backlog fills its batches anyway).
+fn linger_left(linger: Duration, age_ms: Option<u64>) -> Duration {
+    linger.saturating_sub(Duration::from_millis(age_ms.unwrap_or(0)))
 }
 
 struct BatchRunner<H> {
@@ -1140,5 +1153,23 @@ mod tests {
                 "{d:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_linger_counts_from_when_the_first_event_was_created() {
+        let linger = Duration::from_millis(20);
+        assert_eq!(linger_left(linger, Some(8)), Duration::from_millis(12));
+        assert_eq!(linger_left(linger, Some(0)), linger);
+        assert_eq!(
+            linger_left(linger, None),
+            linger,
+            "no timestamp: the whole linger"
+        );
+        assert_eq!(linger_left(linger, Some(20)), Duration::ZERO);
+        assert_eq!(
+            linger_left(linger, Some(5_000)),
+            Duration::ZERO,
+            "a backlog"
+        );
     }
 }
