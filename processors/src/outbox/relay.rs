@@ -182,7 +182,9 @@ async fn publish_round(
             }
         }
     }
-    sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
+    // clock_timestamp(), not now(): the time the acknowledgements were in, not when this
+    // round's transaction began (before its rows were even read).
+    sqlx::query("UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY($1)")
         .bind(&published)
         .execute(&mut *tx)
         .await?;
