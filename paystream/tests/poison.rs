@@ -3,7 +3,12 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
+use rdkafka::util::Timeout;
 use serde_json::json;
 use uuid::Uuid;
 
@@ -179,5 +184,79 @@ async fn a_debit_the_ledger_refuses_is_dead_lettered_and_applies_when_replayed_a
         1
     );
     assert_eq!(dead.snapshot().len(), 1, "the replay did not fail again");
+    env.assert_invariants().await;
+}
+
+/// A dead letter is a little larger than its message: provenance headers, and the text form
+/// the outbox keeps of a key or header value that is not UTF-8 (one byte becomes three). It
+/// must still go through the relay, which publishes in id order: a row refused for its size
+/// would hold back every event behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_near_the_size_limit_with_a_binary_key_is_dead_lettered_and_the_stream_keeps_flowing(
+) {
+    let mut env = TestEnv::new(1).await;
+    let limit = 64 * 1024;
+    env.settings.kafka.message_max_bytes = limit;
+    let account = env.funded_account(9, 1_000).await;
+    // 62 KB on the wire, under the limit; as text the key alone would be 36 KB.
+    let key = vec![0xff_u8; 12_000];
+    let value = vec![b'x'; 40_000];
+    let mut headers = OwnedHeaders::new();
+    for i in 0..10 {
+        headers = headers.insert(Header {
+            key: &format!("h{i}"),
+            value: Some(&[0xfe_u8; 1_000][..]),
+        });
+    }
+    let producer = env.producer();
+    producer
+        .send(
+            FutureRecord::to(&env.settings.topics.order_events)
+                .key(&key[..])
+                .payload(&value[..])
+                .headers(headers),
+            Timeout::After(Duration::from_secs(30)),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .expect("produce the poison message");
+    env.produce(&producer, "9", &order_created(Uuid::new_v4(), 90, 9, 250))
+        .await;
+
+    let dead = env.collect(&env.settings.topics.dead_letter);
+    let events = env.collect(&env.settings.topics.account_events);
+    let worker = env.spawn_account_processor(env.settings.clone());
+    let relay = env.spawn_relay();
+    let letters = dead.wait_for(1).await;
+    wait_until("the AccountDebited behind the dead letter", || async {
+        events
+            .snapshot()
+            .iter()
+            .any(|m| m.json()["eventType"] == "AccountDebited")
+            .then_some(())
+    })
+    .await;
+    worker.stop().await;
+    relay.stop().await;
+
+    let letter = &letters[0];
+    assert_eq!(letter.value, value, "the value is kept whole");
+    let h = &letter.headers;
+    assert_eq!(
+        h.get("x-dlq-error-class").map(String::as_str),
+        Some("NOT_JSON")
+    );
+    assert_eq!(h.get("x-dlq-key-lossy").map(String::as_str), Some("true"));
+    assert!(letter.key.as_ref().is_some_and(|k| k.len() <= 16 * 1024));
+    let copied = h.keys().filter(|k| k.starts_with('h')).count();
+    assert!(
+        copied > 0 && copied < 10,
+        "{copied} original headers copied"
+    );
+    assert_eq!(
+        h.get("x-dlq-headers-dropped"),
+        Some(&(10 - copied).to_string())
+    );
+    assert_eq!(env.balance(account).await, 750);
     env.assert_invariants().await;
 }

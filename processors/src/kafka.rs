@@ -70,6 +70,8 @@ pub fn consumer_config(kafka: &KafkaSettings, group: &str) -> ClientConfig {
             kafka.max_poll_interval_ms.to_string(),
         )
         .set("fetch.wait.max.ms", kafka.fetch_wait_max_ms.to_string())
+        // librdkafka wants fetch.max.bytes >= message.max.bytes (default 1,000,000).
+        .set("message.max.bytes", kafka.message_max_bytes.to_string())
         .set("fetch.max.bytes", (kafka.message_max_bytes * 2).to_string())
         .set(
             "max.partition.fetch.bytes",
@@ -78,23 +80,30 @@ pub fn consumer_config(kafka: &KafkaSettings, group: &str) -> ClientConfig {
     config
 }
 
+/// The largest record the dead-letter topic takes: a dead letter is its message plus at most
+/// `dlq::SIZE_ALLOWANCE` bytes (provenance headers, text forms of binary keys and headers).
+pub fn dead_letter_max_bytes(kafka: &KafkaSettings) -> usize {
+    kafka.message_max_bytes + crate::dlq::SIZE_ALLOWANCE
+}
+
 /// Creates the three topics. Topics that already exist are left as they are.
 pub async fn create_topics(kafka: &KafkaSettings, topics: &TopicSettings) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = base_config(kafka).create()?;
     let max_bytes = kafka.message_max_bytes.to_string();
+    let dead_letter_max = dead_letter_max_bytes(kafka).to_string();
     let new_topics: Vec<NewTopic<'_>> = [
-        &topics.order_events,
-        &topics.account_events,
-        &topics.dead_letter,
+        (&topics.order_events, &max_bytes),
+        (&topics.account_events, &max_bytes),
+        (&topics.dead_letter, &dead_letter_max),
     ]
     .into_iter()
-    .map(|name| {
+    .map(|(name, max)| {
         NewTopic::new(
             name,
             kafka.partitions,
             TopicReplication::Fixed(kafka.replication_factor),
         )
-        .set("max.message.bytes", &max_bytes)
+        .set("max.message.bytes", max)
     })
     .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));

@@ -1038,6 +1038,7 @@ impl<H: Handler> BatchRunner<H> {
                         msg,
                         poison,
                         self.config.settings.dlq.max_attempts,
+                        self.config.settings.kafka.message_max_bytes,
                     ))
                 }
                 _ => None,

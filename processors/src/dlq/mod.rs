@@ -5,6 +5,19 @@
 //! A dead letter that was replayed and failed again counts one more attempt; from
 //! `max_attempts` on it is marked parked (`x-dlq-parked: true`) and `paystream dlq replay`
 //! leaves it alone, so a message that can never succeed is not looped.
+//!
+//! A dead letter always fits on its topic. The relay publishes the outbox in id order, so a
+//! row the broker refuses for its size would hold back every event behind it. A dead letter
+//! is the original message plus at most [`SIZE_ALLOWANCE`] bytes, and the dead-letter topic
+//! and the relay's producer allow `kafka.message_max_bytes` plus that much:
+//! - provenance headers are small (the error message is cut to 1,000 characters);
+//! - the outbox keeps keys and header values as text, so bytes that are not UTF-8 are
+//!   replaced (one invalid byte becomes three): such a key is cut to [`LOSSY_KEY_MAX`] and
+//!   flagged `x-dlq-key-lossy: true`, and the original headers are copied only up to
+//!   [`COPIED_HEADERS_MAX`] bytes, the rest counted in `x-dlq-headers-dropped`;
+//! - a value larger than `kafka.message_max_bytes` (a source topic that allows more than
+//!   paystream is configured for) is cut to it, flagged `x-dlq-payload-truncated-from`, and
+//!   parked: it cannot be replayed as it was.
 
 pub mod tool;
 
@@ -23,19 +36,32 @@ pub const ERROR_MESSAGE: &str = "x-dlq-error-message";
 pub const FIRST_FAILED_AT: &str = "x-dlq-first-failed-at";
 pub const ATTEMPTS: &str = "x-dlq-attempts";
 pub const PARKED: &str = "x-dlq-parked";
+pub const KEY_LOSSY: &str = "x-dlq-key-lossy";
+pub const HEADERS_DROPPED: &str = "x-dlq-headers-dropped";
+pub const PAYLOAD_TRUNCATED_FROM: &str = "x-dlq-payload-truncated-from";
+
+/// How much larger than `kafka.message_max_bytes` a dead letter may be; the dead-letter
+/// topic and the relay's producer allow that much more.
+pub const SIZE_ALLOWANCE: usize = 64 * 1024;
+/// Most bytes of original headers (names and values, as text) a dead letter copies.
+pub const COPIED_HEADERS_MAX: usize = 16 * 1024;
+/// Longest key, as text, of a dead letter whose original key is not UTF-8.
+pub const LOSSY_KEY_MAX: usize = 16 * 1024;
 
 const HEADER_PREFIX: &str = "x-dlq-";
 /// Error messages are cut to this many characters (a 2 MiB payload must not echo itself).
 const MAX_ERROR_MESSAGE: usize = 1000;
 
 /// The dead-letter record for `msg`. A message that was itself replayed from the dead-letter
-/// topic keeps its first-failed time and counts one more attempt.
+/// topic keeps its first-failed time and counts one more attempt. `message_max_bytes` is
+/// the largest value it keeps whole (see the module documentation for the size bound).
 pub fn dead_letter(
     topic: &str,
     group: &str,
     msg: &InboundMessage,
     poison: &Poison,
     max_attempts: u32,
+    message_max_bytes: usize,
 ) -> OutboxRow {
     let previous = |name: &str| {
         msg.headers
@@ -52,12 +78,52 @@ pub fn dead_letter(
         .unwrap_or_else(|| Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true));
     let message: String = poison.message.chars().take(MAX_ERROR_MESSAGE).collect();
 
-    let mut headers: Vec<(String, String)> = msg
+    let mut headers: Vec<(String, String)> = Vec::new();
+    let (mut copied, mut dropped) = (0, 0);
+    for (k, v) in msg
         .headers
         .iter()
         .filter(|(k, _)| !k.starts_with(HEADER_PREFIX))
-        .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
-        .collect();
+    {
+        let value = String::from_utf8_lossy(v);
+        if copied + k.len() + value.len() > COPIED_HEADERS_MAX {
+            dropped += 1;
+            continue;
+        }
+        copied += k.len() + value.len();
+        headers.push((k.clone(), value.into_owned()));
+    }
+    // What an earlier failure of a replayed dead letter already lost stays said.
+    dropped += previous(HEADERS_DROPPED)
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(0);
+    if dropped > 0 {
+        headers.push((HEADERS_DROPPED.to_owned(), dropped.to_string()));
+    }
+    let key = msg.key.as_deref().map(|k| match std::str::from_utf8(k) {
+        Ok(text) => {
+            if previous(KEY_LOSSY).is_some() {
+                headers.push((KEY_LOSSY.to_owned(), "true".to_owned()));
+            }
+            text.to_owned()
+        }
+        Err(_) => {
+            headers.push((KEY_LOSSY.to_owned(), "true".to_owned()));
+            let lossy = String::from_utf8_lossy(k);
+            let mut end = lossy.len().min(LOSSY_KEY_MAX);
+            while !lossy.is_char_boundary(end) {
+                end -= 1;
+            }
+            lossy[..end].to_owned()
+        }
+    });
+    let mut payload = msg.payload.clone().unwrap_or_default();
+    let mut parked = attempts >= max_attempts;
+    if payload.len() > message_max_bytes {
+        headers.push((PAYLOAD_TRUNCATED_FROM.to_owned(), payload.len().to_string()));
+        payload.truncate(message_max_bytes);
+        parked = true;
+    }
     headers.extend([
         (ORIGINAL_TOPIC.to_owned(), msg.topic.clone()),
         (ORIGINAL_PARTITION.to_owned(), msg.partition.to_string()),
@@ -68,16 +134,13 @@ pub fn dead_letter(
         (FIRST_FAILED_AT.to_owned(), first_failed_at),
         (ATTEMPTS.to_owned(), attempts.to_string()),
     ]);
-    if attempts >= max_attempts {
+    if parked {
         headers.push((PARKED.to_owned(), "true".to_owned()));
     }
     OutboxRow {
         topic: topic.to_owned(),
-        key: msg
-            .key
-            .as_ref()
-            .map(|k| String::from_utf8_lossy(k).into_owned()),
-        payload: msg.payload.clone().unwrap_or_default(),
+        key,
+        payload,
         headers,
         event_id: None,
     }
@@ -107,7 +170,7 @@ mod tests {
             timestamp: None,
         };
         let poison = Poison::new(PoisonClass::InvalidUtf8, "bad");
-        let first = dead_letter("deadletter.events", "g", &msg, &poison, 3);
+        let first = dead_letter("deadletter.events", "g", &msg, &poison, 3, 1 << 20);
         assert_eq!(first.payload, b"\xffgarbage");
         assert_eq!(first.key.as_deref(), Some("42"));
         assert_eq!(header(&first, ATTEMPTS), Some("1"));
@@ -119,7 +182,7 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
             .collect();
-        let second = dead_letter("deadletter.events", "g", &msg, &poison, 3);
+        let second = dead_letter("deadletter.events", "g", &msg, &poison, 3, 1 << 20);
         assert_eq!(header(&second, ATTEMPTS), Some("2"));
         assert_eq!(
             header(&second, FIRST_FAILED_AT),
@@ -136,12 +199,114 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
             .collect();
-        let third = dead_letter("deadletter.events", "g", &msg, &poison, 3);
+        let third = dead_letter("deadletter.events", "g", &msg, &poison, 3, 1 << 20);
         assert_eq!(header(&third, ATTEMPTS), Some("3"));
         assert_eq!(
             header(&third, PARKED),
             Some("true"),
             "parked at the limit, not looped"
         );
+    }
+
+    /// The size a dead letter takes on the wire, roughly: key, value, and every header.
+    fn wire_size(row: &OutboxRow) -> usize {
+        row.key.as_ref().map_or(0, String::len)
+            + row.payload.len()
+            + row
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 2)
+                .sum::<usize>()
+    }
+
+    #[test]
+    fn a_dead_letter_is_never_more_than_the_allowance_larger_than_its_message() {
+        let limit = 64 * 1024;
+        // Not UTF-8 anywhere: every byte of the key and of each header value becomes three.
+        let key = vec![0xff; 20_000];
+        let value = vec![b'x'; limit - key.len() - 1];
+        let headers: Vec<(String, Vec<u8>)> = (0..40)
+            .map(|i| (format!("h{i}"), vec![0xfe; 1_000]))
+            .collect();
+        let original = key.len()
+            + value.len()
+            + headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
+        let msg = InboundMessage {
+            topic: "order.events".into(),
+            partition: 0,
+            offset: 7,
+            key: Some(key),
+            payload: Some(value.clone()),
+            headers,
+            timestamp: None,
+        };
+        let poison = Poison::new(PoisonClass::NotJson, "x".repeat(5_000).as_str());
+        let letter = dead_letter("deadletter.events", "g", &msg, &poison, 3, limit);
+        assert!(
+            wire_size(&letter) <= original + SIZE_ALLOWANCE / 2,
+            "{} bytes from a {original}-byte message",
+            wire_size(&letter)
+        );
+        assert_eq!(letter.payload, value, "the value is kept whole");
+        assert_eq!(header(&letter, KEY_LOSSY), Some("true"));
+        assert!(letter
+            .key
+            .as_ref()
+            .is_some_and(|k| k.len() <= LOSSY_KEY_MAX));
+        let dropped: usize = header(&letter, HEADERS_DROPPED)
+            .and_then(|n| n.parse().ok())
+            .expect("dropped count");
+        assert_eq!(
+            dropped,
+            40 - (letter
+                .headers
+                .iter()
+                .filter(|(k, _)| k.starts_with('h'))
+                .count())
+        );
+        assert!(dropped > 0);
+        assert_eq!(header(&letter, PARKED), None);
+
+        // Replayed and failing again: what was lost stays said.
+        let mut again = msg.clone();
+        again.key = letter.key.clone().map(String::into_bytes);
+        again.headers = letter
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
+            .collect();
+        let second = dead_letter("deadletter.events", "g", &again, &poison, 3, limit);
+        assert_eq!(header(&second, KEY_LOSSY), Some("true"));
+        assert_eq!(
+            header(&second, HEADERS_DROPPED),
+            Some(dropped.to_string().as_str())
+        );
+    }
+
+    #[test]
+    fn a_value_larger_than_the_limit_is_cut_flagged_and_parked() {
+        let msg = InboundMessage {
+            topic: "order.events".into(),
+            partition: 0,
+            offset: 7,
+            key: Some(b"7".to_vec()),
+            payload: Some(vec![b'x'; 5_000]),
+            headers: vec![],
+            timestamp: None,
+        };
+        let poison = Poison::new(PoisonClass::TooLarge, "too large");
+        let letter = dead_letter("deadletter.events", "g", &msg, &poison, 3, 4_096);
+        assert_eq!(letter.payload.len(), 4_096);
+        assert_eq!(header(&letter, PAYLOAD_TRUNCATED_FROM), Some("5000"));
+        assert_eq!(
+            header(&letter, PARKED),
+            Some("true"),
+            "cannot be replayed as it was"
+        );
+        assert_eq!(letter.key.as_deref(), Some("7"));
+        assert_eq!(header(&letter, KEY_LOSSY), None);
     }
 }

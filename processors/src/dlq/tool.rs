@@ -213,11 +213,11 @@ pub fn read_all(settings: &Settings) -> anyhow::Result<Vec<DeadLetter>> {
         .set("enable.partition.eof", "false")
         .set(
             "fetch.max.bytes",
-            (settings.kafka.message_max_bytes * 2).to_string(),
+            (kafka::dead_letter_max_bytes(&settings.kafka) * 2).to_string(),
         )
         .set(
             "max.partition.fetch.bytes",
-            settings.kafka.message_max_bytes.to_string(),
+            kafka::dead_letter_max_bytes(&settings.kafka).to_string(),
         );
     let consumer: BaseConsumer = config.create()?;
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;

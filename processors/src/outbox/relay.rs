@@ -42,8 +42,14 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let delivery_timeout = Duration::from_millis(settings.relay.delivery_timeout_ms);
-    let producer: FutureProducer =
-        crate::kafka::producer_config(&settings.kafka, delivery_timeout).create()?;
+    // Dead letters may be a little larger than the messages they carry (`dlq`); the relay
+    // publishes them, so its limit is the dead-letter topic's.
+    let producer: FutureProducer = crate::kafka::producer_config(&settings.kafka, delivery_timeout)
+        .set(
+            "message.max.bytes",
+            crate::kafka::dead_letter_max_bytes(&settings.kafka).to_string(),
+        )
+        .create()?;
     let retry = Backoff {
         initial: Duration::from_millis(settings.processor.retry_initial_ms),
         max: Duration::from_millis(settings.processor.retry_max_ms),
