@@ -82,6 +82,10 @@ pub struct Report {
     /// how much time the hypervisor gave to other guests (steal).
     pub latency_cpu_busy_pct: Option<f64>,
     pub latency_cpu_steal_pct: Option<f64>,
+    /// The same for the throughput phase: a few seconds long, so a burst of host steal
+    /// there shows in `debits_per_sec`.
+    pub throughput_cpu_busy_pct: Option<f64>,
+    pub throughput_cpu_steal_pct: Option<f64>,
 }
 
 struct Phase {
@@ -242,6 +246,12 @@ async fn phases(
         throughput.percentile_ms(0.50),
         throughput.percentile_ms(0.99)
     );
+    if let Some(cpu) = throughput.cpu {
+        println!(
+            "  machine CPU during the throughput phase: {:.0} % busy, {:.0} % stolen by the host",
+            cpu.busy_pct, cpu.steal_pct
+        );
+    }
     let steady_events = args.rate * args.seconds;
     let latency = phase(
         settings,
@@ -298,6 +308,8 @@ async fn phases(
         partitions: settings.kafka.partitions,
         latency_cpu_busy_pct: latency.cpu.map(|c| round1(c.busy_pct)),
         latency_cpu_steal_pct: latency.cpu.map(|c| round1(c.steal_pct)),
+        throughput_cpu_busy_pct: throughput.cpu.map(|c| round1(c.busy_pct)),
+        throughput_cpu_steal_pct: throughput.cpu.map(|c| round1(c.steal_pct)),
     })
 }
 
