@@ -564,21 +564,18 @@ async fn phase(
     relay.await??;
 
     // Where the time goes: from the batch transaction's start to the relay's mark.
-    let (relay_p50, relay_p99): (Option<f64>, Option<f64>) = sqlx::query_as(
-        r#"
-        SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)
-        FROM (SELECT extract(epoch FROM published_at - created_at) * 1000 AS ms
-              FROM outbox WHERE topic = $1 AND published_at IS NOT NULL
-                AND headers @> '[["eventType", "AccountDebited"]]') t
-        "#,
-    )
-    .bind(&settings.topics.account_events)
-    .fetch_one(pool)
-    .await?;
+    let timeline = Timeline::read(pool, &settings.topics.account_events).await?;
+    let mut marked: Vec<i64> = timeline
+        .rows
+        .values()
+        .map(|(started, published)| published - started)
+        .collect();
+    marked.sort_unstable();
+    let us_as_ms = |us: Option<i64>| us.map_or(f64::NAN, |us| us as f64 / 1000.0);
     println!(
         "  phase {number}: transaction start -> relay marked published: p50 {:.1} ms, p99 {:.1} ms",
-        relay_p50.unwrap_or(f64::NAN),
-        relay_p99.unwrap_or(f64::NAN)
+        us_as_ms(nearest_rank(&marked, 0.5)),
+        us_as_ms(nearest_rank(&marked, 0.99))
     );
 
     let delay_ms = |q| {
@@ -603,7 +600,6 @@ async fn phase(
         .lock()
         .map_err(|_| anyhow::anyhow!("results lock poisoned"))?
         .clone();
-    let timeline = Timeline::read(pool, &settings.topics.account_events).await?;
     timeline.print_hops(&sent_wall_us, &received);
     let last = received.values().map(|r| r.at).max().unwrap_or(started);
     let mut latencies: Vec<Duration> = sent_wall_us
@@ -805,27 +801,29 @@ impl Timeline {
                 continue;
             };
             hop1.push(started - sent);
-            if let Some(relay_sent) = received.get(order).and_then(|r| r.produced_ms) {
-                let relay_sent = relay_sent * 1000;
+            let Some(got) = received.get(order) else {
+                continue;
+            };
+            if let Some(relay_sent) = got.produced_ms.map(|ms| ms * 1000) {
                 middle.push(relay_sent - started);
                 acked.push(published - relay_sent);
-                hop2.push(received[order].wall_ms * 1000 - relay_sent);
+                hop2.push(got.wall_ms * 1000 - relay_sent);
             }
         }
-        let pct = |v: &mut Vec<i64>, p: f64| {
+        for v in [&mut hop1, &mut middle, &mut acked, &mut hop2] {
             v.sort_unstable();
-            nearest_rank(v, p).map_or(-1, |us| us / 1000)
-        };
+        }
+        let pct = |v: &[i64], p: f64| nearest_rank(v, p).map_or(-1, |us| us / 1000);
         println!(
             "  hops p50/p99 ms: produce -> txn start {}/{}, txn start -> relay send {}/{}, relay send -> published {}/{}, relay send -> received {}/{}",
-            pct(&mut hop1, 0.5),
-            pct(&mut hop1, 0.99),
-            pct(&mut middle, 0.5),
-            pct(&mut middle, 0.99),
-            pct(&mut acked, 0.5),
-            pct(&mut acked, 0.99),
-            pct(&mut hop2, 0.5),
-            pct(&mut hop2, 0.99)
+            pct(&hop1, 0.5),
+            pct(&hop1, 0.99),
+            pct(&middle, 0.5),
+            pct(&middle, 0.99),
+            pct(&acked, 0.5),
+            pct(&acked, 0.99),
+            pct(&hop2, 0.5),
+            pct(&hop2, 0.99)
         );
     }
 }

@@ -100,23 +100,11 @@ pub fn dead_letter(
     if dropped > 0 {
         headers.push((HEADERS_DROPPED.to_owned(), dropped.to_string()));
     }
-    let key = msg.key.as_deref().map(|k| match std::str::from_utf8(k) {
-        Ok(text) => {
-            if previous(KEY_LOSSY).is_some() {
-                headers.push((KEY_LOSSY.to_owned(), "true".to_owned()));
-            }
-            text.to_owned()
-        }
-        Err(_) => {
-            headers.push((KEY_LOSSY.to_owned(), "true".to_owned()));
-            let lossy = String::from_utf8_lossy(k);
-            let mut end = lossy.len().min(LOSSY_KEY_MAX);
-            while !lossy.is_char_boundary(end) {
-                end -= 1;
-            }
-            lossy[..end].to_owned()
-        }
-    });
+    let key = msg.key.as_deref().map(text_key);
+    // A key made lossy by an earlier failure of a replayed dead letter stays flagged.
+    if key.as_ref().is_some_and(|(_, lossy)| *lossy) || previous(KEY_LOSSY).is_some() {
+        headers.push((KEY_LOSSY.to_owned(), "true".to_owned()));
+    }
     let mut payload = msg.payload.clone().unwrap_or_default();
     let mut parked = attempts >= max_attempts;
     if payload.len() > message_max_bytes {
@@ -139,11 +127,25 @@ pub fn dead_letter(
     }
     OutboxRow {
         topic: topic.to_owned(),
-        key,
+        key: key.map(|(text, _)| text),
         payload,
         headers,
         event_id: None,
     }
+}
+
+/// A key as the text the outbox keeps, and whether that text is lossy: a key that is not
+/// UTF-8 has its invalid bytes replaced and is cut to `LOSSY_KEY_MAX`.
+fn text_key(key: &[u8]) -> (String, bool) {
+    if let Ok(text) = std::str::from_utf8(key) {
+        return (text.to_owned(), false);
+    }
+    let lossy = String::from_utf8_lossy(key);
+    let mut end = lossy.len().min(LOSSY_KEY_MAX);
+    while !lossy.is_char_boundary(end) {
+        end -= 1;
+    }
+    (lossy[..end].to_owned(), true)
 }
 
 #[cfg(test)]
