@@ -220,3 +220,99 @@ async fn every_event_the_code_emits_validates_against_its_json_schema() {
         assert_valid(&schemas, event["eventType"].as_str().expect("type"), &event);
     }
 }
+
+/// The dedupe table is bounded: a worker deletes its group's event ids older than
+/// `dedupe_retention_hours` (more than one chunk of them here), and leaves alone the ids
+/// inside the retention, which still dedupe, and other groups' ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processed_event_ids_past_their_retention_are_pruned_and_newer_ones_still_dedupe() {
+    let env = TestEnv::new(1).await;
+    let group = env.settings.processor.account_group.clone();
+    let backdate = |group: &str, n: i64, age: &str| {
+        sqlx::query(
+            "INSERT INTO processed_events (consumer_group, event_id, topic, partition, \"offset\", processed_at) \
+             SELECT $1, gen_random_uuid(), 'earlier', 0, g, now() - $3::interval FROM generate_series(1, $2) AS g",
+        )
+        .bind(group.to_owned())
+        .bind(n)
+        .bind(age.to_owned())
+        .execute(&env.pool)
+    };
+    backdate(&group, 25_000, "2 hours")
+        .await
+        .expect("expired ids");
+    backdate(&group, 1, "30 minutes")
+        .await
+        .expect("a recent id");
+    backdate("another-group", 1, "2 hours")
+        .await
+        .expect("another group's id");
+
+    // An order the balance cannot pay: only its processed id stops a late copy from being
+    // applied once the balance is there (no debit exists for the ledger to refuse a second).
+    let account = env.funded_account(7, 1_000).await;
+    let producer = env.producer();
+    let event_id = Uuid::new_v4();
+    let order = order_created(event_id, 70, 7, 2_000);
+    env.produce(&producer, "7", &order).await;
+
+    let mut settings = env.settings.clone();
+    settings.processor.dedupe_retention_hours = 1;
+    let worker = env.spawn_account_processor(settings);
+    env.wait_consumed(1).await;
+    let expired = format!(
+        "SELECT count(*) FROM processed_events WHERE consumer_group = '{group}' \
+         AND processed_at < now() - interval '1 hour'"
+    );
+    wait_until("the expired ids to be pruned", || async {
+        (env.scalar(&expired).await == 0).then_some(())
+    })
+    .await;
+
+    let mut tx = env.pool.begin().await.expect("begin");
+    let amount = paystream_processors::domain::Amount::new(5_000).expect("amount");
+    paystream_processors::ledger::deposit(
+        &mut tx,
+        account,
+        amount,
+        "test",
+        &env.settings.topics.account_events,
+    )
+    .await
+    .expect("deposit query")
+    .expect("deposit posts");
+    tx.commit().await.expect("commit");
+    env.produce(&producer, "7", &order).await;
+    env.wait_consumed(2).await;
+    worker.stop().await;
+
+    assert_eq!(
+        env.scalar(&format!(
+            "SELECT count(*) FROM processed_events WHERE consumer_group = '{group}'"
+        ))
+        .await,
+        2,
+        "the recent id and the order's id stay"
+    );
+    assert_eq!(
+        env.scalar(&format!(
+            "SELECT count(*) FROM processed_events WHERE consumer_group = '{group}' AND event_id = '{event_id}'"
+        ))
+        .await,
+        1
+    );
+    assert_eq!(
+        env.scalar("SELECT count(*) FROM processed_events WHERE consumer_group = 'another-group'")
+            .await,
+        1,
+        "another group's ids are its own workers' business"
+    );
+    assert_eq!(
+        env.scalar("SELECT count(*) FROM transfers WHERE kind = 'DEBIT'")
+            .await,
+        0,
+        "the late copy was a duplicate"
+    );
+    assert_eq!(env.balance(account).await, 6_000);
+    env.assert_invariants().await;
+}

@@ -59,6 +59,8 @@ pub struct ProcessorSettings {
     pub retry_initial_ms: u64,
     pub retry_max_ms: u64,
     pub stall_before_commit_ms: u64,
+    pub dedupe_retention_hours: u64,
+    pub dedupe_prune_interval_s: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -31,6 +31,7 @@ pub struct Metrics {
     pub consume_delay: HistogramVec,
     pub retries: IntCounterVec,
     pub fenced_commits: IntCounterVec,
+    pub dedupe_pruned: IntCounterVec,
     pub relay_published: IntCounterVec,
     pub relay_round_rows: Histogram,
     pub relay_errors: IntCounterVec,
@@ -120,6 +121,11 @@ impl Metrics {
             fenced_commits: counter(
                 "paystream_fenced_commits_total",
                 "Commits refused because this worker no longer owns the partition (zombie).",
+                &["processor"],
+            ),
+            dedupe_pruned: counter(
+                "paystream_dedupe_pruned_total",
+                "Applied event ids deleted from the dedupe table past their retention, by processor.",
                 &["processor"],
             ),
             relay_published: counter(

@@ -28,6 +28,7 @@
 //! partitions to a healthy worker, as it would for a stuck poll loop.
 
 mod offsets;
+mod retention;
 
 pub use offsets::fingerprint;
 
@@ -232,6 +233,20 @@ pub async fn run<H: Handler>(
     let handle = Handle::current();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let name = handler.name();
+    let processor = &config.settings.processor;
+    // Stops with the worker, whether it was cancelled or failed.
+    let pruning = cancel.child_token();
+    let _stop_pruning = pruning.clone().drop_guard();
+    if processor.dedupe_retention_hours > 0 {
+        tokio::spawn(retention::run(
+            pool.clone(),
+            name,
+            config.group.clone(),
+            processor.dedupe_retention_hours,
+            Duration::from_secs(processor.dedupe_prune_interval_s.max(1)),
+            pruning,
+        ));
+    }
     std::thread::Builder::new()
         .name(format!("{name}-consumer"))
         .spawn(move || {
