@@ -314,5 +314,13 @@ async fn processed_event_ids_past_their_retention_are_pruned_and_newer_ones_stil
         "the late copy was a duplicate"
     );
     assert_eq!(env.balance(account).await, 6_000);
+    assert_eq!(
+        paystream_processors::telemetry::METRICS
+            .dedupe_pruned
+            .with_label_values(&["account"])
+            .get(),
+        25_000,
+        "paystream_dedupe_pruned_total counts what was deleted"
+    );
     env.assert_invariants().await;
 }

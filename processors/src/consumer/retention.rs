@@ -27,13 +27,9 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     loop {
-        match prune(&pool, &group, retention_hours, &cancel).await {
+        match prune(&pool, name, &group, retention_hours, &cancel).await {
             Ok(0) => {}
             Ok(rows) => {
-                METRICS
-                    .dedupe_pruned
-                    .with_label_values(&[name])
-                    .inc_by(rows);
                 tracing::info!(
                     rows,
                     group,
@@ -53,15 +49,18 @@ pub async fn run(
 }
 
 /// Deletes `group`'s rows older than `retention_hours`, a chunk at a time; returns how many.
+/// `name` is the processor, the metric's label.
 /// A chunk finds its rows through `processed_events_by_age` and deletes them by `ctid` (they
 /// are locked, so it cannot move), which keeps the plan a TID scan however large the table.
-pub async fn prune(
+async fn prune(
     pool: &PgPool,
+    name: &'static str,
     group: &str,
     retention_hours: u64,
     cancel: &CancellationToken,
 ) -> Result<u64, sqlx::Error> {
-    let hours = i32::try_from(retention_hours).unwrap_or(i32::MAX);
+    // A century keeps everything and still leaves `now() - interval` inside the timestamp range.
+    let hours = retention_hours.min(876_000) as i32;
     let mut total = 0;
     while !cancel.is_cancelled() {
         let deleted = sqlx::query(
@@ -83,6 +82,11 @@ pub async fn prune(
         .await?
         .rows_affected();
         total += deleted;
+        // Counted per chunk: a later chunk's failure does not hide what was deleted.
+        METRICS
+            .dedupe_pruned
+            .with_label_values(&[name])
+            .inc_by(deleted);
         if deleted < CHUNK as u64 {
             break;
         }
