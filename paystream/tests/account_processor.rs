@@ -258,6 +258,8 @@ async fn processed_event_ids_past_their_retention_are_pruned_and_newer_ones_stil
 
     let mut settings = env.settings.clone();
     settings.processor.dedupe_retention_hours = 1;
+    // One pass, at start, must delete every expired chunk.
+    settings.processor.dedupe_prune_interval_s = 3600;
     let worker = env.spawn_account_processor(settings);
     env.wait_consumed(1).await;
     let expired = format!(

@@ -233,3 +233,67 @@ async fn two_relays_running_at_once_neither_reorder_a_key_nor_lose_a_row() {
     }
     assert_eq!(seen.len(), (keys * per_key) as usize, "a row was lost");
 }
+
+/// Published rows are deleted once older than `relay.retention_hours` (more than one prune
+/// chunk of them here); newer published rows stay, and an old row that was never published
+/// is published, not pruned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_outbox_rows_past_the_retention_are_pruned_and_the_rest_stay() {
+    let env = TestEnv::new(1).await;
+    let topic = env.settings.topics.account_events.clone();
+    let insert = |marker: &str, n: i64, published_ago: Option<&str>| {
+        sqlx::query(
+            "INSERT INTO outbox (topic, message_key, payload, event_id, created_at, published_at) \
+             SELECT $1, '1', convert_to($2, 'UTF8'), gen_random_uuid(), now() - interval '3 hours', \
+                    now() - $4::interval \
+             FROM generate_series(1, $3)",
+        )
+        .bind(topic.clone())
+        .bind(marker.to_owned())
+        .bind(n)
+        .bind(published_ago.map(str::to_owned))
+        .execute(&env.pool)
+    };
+    insert("expired", 12_000, Some("2 hours"))
+        .await
+        .expect("expired rows");
+    insert("recent", 1, Some("30 minutes"))
+        .await
+        .expect("a recent row");
+    insert("never-published", 1, None)
+        .await
+        .expect("an unpublished row");
+    let count = |marker: &str| {
+        format!("SELECT count(*) FROM outbox WHERE payload = convert_to('{marker}', 'UTF8')")
+    };
+
+    let wire = env.collect(&topic);
+    let mut settings = env.settings.clone();
+    settings.relay.retention_hours = 1;
+    // One pass, at the first idle moment, must delete every expired chunk.
+    settings.relay.prune_interval_s = 3600;
+    let relay = spawn_worker(&settings, outbox::relay::run);
+    wait_until("the expired rows to be pruned", || async {
+        (env.scalar(&count("expired")).await == 0).then_some(())
+    })
+    .await;
+    let received = wire.wait_for(1).await;
+    relay.stop().await;
+
+    assert_eq!(received.len(), 1, "{received:?}");
+    assert_eq!(received[0].value, b"never-published");
+    assert_eq!(env.scalar(&count("recent")).await, 1);
+    assert_eq!(
+        env.scalar(
+            "SELECT count(*) FROM outbox WHERE payload = convert_to('never-published', 'UTF8') \
+             AND published_at IS NOT NULL"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        paystream_processors::telemetry::METRICS.outbox_pruned.get(),
+        12_000,
+        "paystream_outbox_pruned_total counts what was deleted"
+    );
+}

@@ -3,8 +3,10 @@
 
 use std::time::Duration;
 
+use prometheus::IntCounter;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
+use tokio_util::sync::CancellationToken;
 
 use crate::settings::DatabaseSettings;
 
@@ -27,6 +29,40 @@ pub fn connect(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
 /// advisory lock and skips what is applied.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
+}
+
+/// Rows one prune statement deletes at most.
+pub const PRUNE_CHUNK: i64 = 10_000;
+
+/// Deletes rows past a retention of `retention_hours`, a chunk at a time, until a chunk comes
+/// back short or `cancel` fires; returns how many. `sql` deletes at most `$2` rows older than
+/// `$1` hours (of the consumer group `$3`, when `group` is given). Chunks are short
+/// transactions of their own, so a large backlog never holds locks or a snapshot for long
+/// next to the batch transactions; `counter` counts each chunk as it commits.
+pub async fn prune_in_chunks(
+    pool: &PgPool,
+    sql: &str,
+    retention_hours: u64,
+    group: Option<&str>,
+    cancel: &CancellationToken,
+    counter: &IntCounter,
+) -> Result<u64, sqlx::Error> {
+    // A century keeps everything and still leaves `now() - interval` inside the timestamp range.
+    let hours = retention_hours.min(876_000) as i32;
+    let mut total = 0;
+    while !cancel.is_cancelled() {
+        let mut query = sqlx::query(sql).bind(hours).bind(PRUNE_CHUNK);
+        if let Some(group) = group {
+            query = query.bind(group);
+        }
+        let deleted = query.execute(pool).await?.rows_affected();
+        total += deleted;
+        counter.inc_by(deleted);
+        if deleted < PRUNE_CHUNK as u64 {
+            break;
+        }
+    }
+    Ok(total)
 }
 
 /// What to do about a failed database call.

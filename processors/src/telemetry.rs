@@ -4,8 +4,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    exponential_buckets, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    exponential_buckets, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tracing_subscriber::{fmt, EnvFilter};
 
@@ -40,6 +40,7 @@ pub struct Metrics {
     pub idempotency: IntCounterVec,
     pub orders_timed_out: IntCounterVec,
     pub outbox_backlog: IntGauge,
+    pub outbox_pruned: IntCounter,
     pub outbox_oldest_age: Gauge,
     pub orders_pending: IntGauge,
     pub oldest_pending_order_age: Gauge,
@@ -171,6 +172,15 @@ impl Metrics {
                 &["reason"],
             ),
             outbox_backlog: int_gauge("paystream_outbox_backlog", "Outbox rows not yet published."),
+            outbox_pruned: {
+                let c = IntCounter::new(
+                    "paystream_outbox_pruned_total",
+                    "Published outbox rows deleted past relay.retention_hours.",
+                )
+                .expect("valid metric");
+                register(Box::new(c.clone()));
+                c
+            },
             outbox_oldest_age: gauge(
                 "paystream_outbox_oldest_unpublished_age_seconds",
                 "Age of the oldest unpublished outbox row (0 when none).",

@@ -56,7 +56,9 @@ pub async fn run(
     };
     let poll = Duration::from_millis(settings.relay.poll_interval_ms);
     let mut listener: Option<PgListener> = None;
-    let mut last_prune = Instant::now();
+    let prune_every = Duration::from_secs(settings.relay.prune_interval_s);
+    // None: prune at the first idle moment, then every `prune_every`.
+    let mut last_prune: Option<Instant> = None;
     let mut failures = 0;
     tracing::info!("relay started");
 
@@ -81,9 +83,9 @@ pub async fn run(
                 continue;
             }
         }
-        if last_prune.elapsed() >= Duration::from_secs(settings.relay.prune_interval_s) {
-            last_prune = Instant::now();
-            match prune(&pool, settings.relay.retention_hours).await {
+        if last_prune.is_none_or(|at| at.elapsed() >= prune_every) {
+            last_prune = Some(Instant::now());
+            match prune(&pool, settings.relay.retention_hours, &cancel).await {
                 Ok(n) if n > 0 => tracing::info!(rows = n, "pruned published outbox rows"),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "outbox prune failed"),
@@ -224,12 +226,29 @@ fn to_headers(headers: &serde_json::Value) -> OwnedHeaders {
     out
 }
 
-async fn prune(pool: &PgPool, retention_hours: u64) -> Result<u64, sqlx::Error> {
-    let result = sqlx::query(
-        "DELETE FROM outbox WHERE published_at IS NOT NULL AND published_at < now() - make_interval(hours => $1)",
+/// Deletes published rows older than `retention_hours`, never a row that is not published;
+/// returns how many.
+async fn prune(
+    pool: &PgPool,
+    retention_hours: u64,
+    cancel: &CancellationToken,
+) -> Result<u64, sqlx::Error> {
+    crate::db::prune_in_chunks(
+        pool,
+        r#"
+        DELETE FROM outbox
+        WHERE ctid = ANY(ARRAY(
+            SELECT ctid FROM outbox
+            WHERE published_at IS NOT NULL AND published_at < now() - make_interval(hours => $1)
+            ORDER BY published_at
+            LIMIT $2
+            FOR UPDATE SKIP LOCKED
+        ))
+        "#,
+        retention_hours,
+        None,
+        cancel,
+        &METRICS.outbox_pruned,
     )
-    .bind(retention_hours as i32)
-    .execute(pool)
-    .await?;
-    Ok(result.rows_affected())
+    .await
 }
