@@ -34,12 +34,57 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 /// Rows one prune statement deletes at most.
 pub const PRUNE_CHUNK: i64 = 10_000;
 
+/// A table kept to a retention: see [`prune_in_chunks`] for what `sql` must do.
+pub struct Pruning {
+    /// What is pruned, for the logs.
+    pub what: &'static str,
+    pub sql: &'static str,
+    pub retention_hours: u64,
+    pub group: Option<String>,
+    pub interval: Duration,
+    pub counter: IntCounter,
+}
+
+/// Prunes now and then every `interval`, until `cancel` fires. A task of its own, so a long
+/// prune never holds up the work next to it; failures are logged and retried at the next
+/// interval (a late prune costs only disk).
+pub async fn run_pruning(pool: PgPool, pruning: Pruning, cancel: CancellationToken) {
+    let Pruning {
+        what,
+        sql,
+        retention_hours,
+        group,
+        interval,
+        counter,
+    } = pruning;
+    loop {
+        match prune_in_chunks(
+            &pool,
+            sql,
+            retention_hours,
+            group.as_deref(),
+            &cancel,
+            &counter,
+        )
+        .await
+        {
+            Ok(0) => {}
+            Ok(rows) => tracing::info!(rows, what, group, retention_hours, "pruned expired rows"),
+            Err(e) => tracing::warn!(error = %e, what, group, "prune failed; retrying later"),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
 /// Deletes rows past a retention of `retention_hours`, a chunk at a time, until a chunk comes
 /// back short or `cancel` fires; returns how many. `sql` deletes at most `$2` rows older than
 /// `$1` hours (of the consumer group `$3`, when `group` is given). Chunks are short
 /// transactions of their own, so a large backlog never holds locks or a snapshot for long
 /// next to the batch transactions; `counter` counts each chunk as it commits.
-pub async fn prune_in_chunks(
+async fn prune_in_chunks(
     pool: &PgPool,
     sql: &str,
     retention_hours: u64,

@@ -233,19 +233,11 @@ pub async fn run<H: Handler>(
     let handle = Handle::current();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let name = handler.name();
-    let processor = &config.settings.processor;
     // Stops with the worker, whether it was cancelled or failed.
-    let pruning = cancel.child_token();
-    let _stop_pruning = pruning.clone().drop_guard();
-    if processor.dedupe_retention_hours > 0 {
-        tokio::spawn(retention::run(
-            pool.clone(),
-            name,
-            config.group.clone(),
-            processor.dedupe_retention_hours,
-            Duration::from_secs(processor.dedupe_prune_interval_s.max(1)),
-            pruning,
-        ));
+    let stop_pruning = cancel.child_token();
+    let _stop_pruning = stop_pruning.clone().drop_guard();
+    if let Some(pruning) = retention::pruning(name, &config.group, &config.settings.processor) {
+        tokio::spawn(crate::db::run_pruning(pool.clone(), pruning, stop_pruning));
     }
     std::thread::Builder::new()
         .name(format!("{name}-consumer"))

@@ -17,7 +17,7 @@
 //!   fallback, and prunes published rows past the retention.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::future::join_all;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -28,6 +28,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::consumer::Backoff;
+use crate::db::Pruning;
 use crate::settings::Settings;
 use crate::telemetry::METRICS;
 
@@ -56,9 +57,22 @@ pub async fn run(
     };
     let poll = Duration::from_millis(settings.relay.poll_interval_ms);
     let mut listener: Option<PgListener> = None;
-    let prune_every = Duration::from_secs(settings.relay.prune_interval_s);
-    // None: prune at the first idle moment, then every `prune_every`.
-    let mut last_prune: Option<Instant> = None;
+    // Pruning runs beside the publishing, so that it happens under a steady load too (the
+    // loop below drains without pausing while rows keep coming) and never delays a round.
+    let stop_pruning = cancel.child_token();
+    let _stop_pruning = stop_pruning.clone().drop_guard();
+    tokio::spawn(crate::db::run_pruning(
+        pool.clone(),
+        Pruning {
+            what: "published outbox rows",
+            sql: PRUNE_SQL,
+            retention_hours: settings.relay.retention_hours,
+            group: None,
+            interval: Duration::from_secs(settings.relay.prune_interval_s.max(1)),
+            counter: METRICS.outbox_pruned.clone(),
+        },
+        stop_pruning,
+    ));
     let mut failures = 0;
     tracing::info!("relay started");
 
@@ -81,14 +95,6 @@ pub async fn run(
                     _ = tokio::time::sleep(delay) => {}
                 }
                 continue;
-            }
-        }
-        if last_prune.is_none_or(|at| at.elapsed() >= prune_every) {
-            last_prune = Some(Instant::now());
-            match prune(&pool, settings.relay.retention_hours, &cancel).await {
-                Ok(n) if n > 0 => tracing::info!(rows = n, "pruned published outbox rows"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "outbox prune failed"),
             }
         }
         // Wait for a notification, the fallback poll, or shutdown.
@@ -226,29 +232,15 @@ fn to_headers(headers: &serde_json::Value) -> OwnedHeaders {
     out
 }
 
-/// Deletes published rows older than `retention_hours`, never a row that is not published;
-/// returns how many.
-async fn prune(
-    pool: &PgPool,
-    retention_hours: u64,
-    cancel: &CancellationToken,
-) -> Result<u64, sqlx::Error> {
-    crate::db::prune_in_chunks(
-        pool,
-        r#"
-        DELETE FROM outbox
-        WHERE ctid = ANY(ARRAY(
-            SELECT ctid FROM outbox
-            WHERE published_at IS NOT NULL AND published_at < now() - make_interval(hours => $1)
-            ORDER BY published_at
-            LIMIT $2
-            FOR UPDATE SKIP LOCKED
-        ))
-        "#,
-        retention_hours,
-        None,
-        cancel,
-        &METRICS.outbox_pruned,
-    )
-    .await
-}
+/// Deletes published rows past `relay.retention_hours` (see `db::prune_in_chunks`), never a
+/// row that is not published.
+const PRUNE_SQL: &str = r#"
+    DELETE FROM outbox
+    WHERE ctid = ANY(ARRAY(
+        SELECT ctid FROM outbox
+        WHERE published_at IS NOT NULL AND published_at < now() - make_interval(hours => $1)
+        ORDER BY published_at
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    ))
+"#;
