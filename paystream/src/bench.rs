@@ -93,6 +93,11 @@ pub struct Report {
     /// there shows in `debits_per_sec`.
     pub throughput_cpu_busy_pct: Option<f64>,
     pub throughput_cpu_steal_pct: Option<f64>,
+    /// Latency-phase p99 over the orders no host steal touched (no 100 ms interval in which
+    /// the machine's steal counter moved lies between their produce and publish), and how
+    /// many of the orders those were. A diagnostic beside `p99_ms`, not instead of it.
+    pub unstolen_p99_ms: Option<f64>,
+    pub unstolen_events_pct: Option<f64>,
 }
 
 struct Phase {
@@ -103,6 +108,9 @@ struct Phase {
     /// Produced -> `AccountDebited` received by the bench's consumer, in ascending order.
     received: Vec<Duration>,
     cpu: Option<CpuShare>,
+    /// Produced -> published for the orders that no host steal touched (see `StealWindows`),
+    /// in ascending order; `None` where steal cannot be read.
+    unstolen: Option<Vec<Duration>>,
 }
 
 /// The machine's CPU time counters from `/proc/stat`, in ticks.
@@ -152,6 +160,52 @@ struct CpuShare {
     steal_pct: f64,
 }
 
+/// When the host stole CPU during a phase: `/proc/stat` read every 100 ms, and the
+/// intervals (wall clock, microseconds) in which the machine's steal counter moved. A
+/// phase's steal percentage says how much; this says when, so that the orders in flight at
+/// those moments can be told from the rest. The counter moves in 10 ms ticks, so a steal
+/// shorter than that may show in the next interval.
+#[derive(Debug, Default)]
+struct StealWindows {
+    stolen: Vec<(i64, i64)>,
+}
+
+impl StealWindows {
+    const EVERY: Duration = Duration::from_millis(100);
+
+    /// Samples until `stop` fires; `None` where there is no `/proc/stat` (not Linux).
+    async fn sample(stop: CancellationToken) -> Option<Self> {
+        let read = || Some((wall_us(), CpuTicks::now()?.steal));
+        let mut last = read()?;
+        let mut windows = Self::default();
+        let mut tick = tokio::time::interval(Self::EVERY);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let now = read()?;
+            if now.1 > last.1 {
+                windows.stolen.push((last.0, now.0));
+            }
+            last = now;
+        }
+        Some(windows)
+    }
+
+    /// Whether `[from, to]` (microseconds) overlaps a window with steal.
+    fn touches(&self, from: i64, to: i64) -> bool {
+        // Windows are in time order and do not overlap: the first one ending after `from`
+        // is the only candidate.
+        let i = self.stolen.partition_point(|&(_, end)| end <= from);
+        self.stolen.get(i).is_some_and(|&(start, _)| start < to)
+    }
+}
+
+fn wall_us() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
 impl Phase {
     fn rate(&self) -> f64 {
         self.events as f64 / self.elapsed.as_secs_f64()
@@ -163,6 +217,16 @@ impl Phase {
 
     fn received_percentile_ms(&self, p: f64) -> f64 {
         ms(nearest_rank(&self.received, p))
+    }
+
+    fn unstolen_percentile_ms(&self, p: f64) -> Option<f64> {
+        Some(ms(nearest_rank(self.unstolen.as_ref()?, p)))
+    }
+
+    /// The share of the measured orders that no host steal touched.
+    fn unstolen_pct(&self) -> Option<f64> {
+        let clean = self.unstolen.as_ref()?.len();
+        Some(clean as f64 * 100.0 / self.latencies.len().max(1) as f64)
     }
 }
 
@@ -288,6 +352,15 @@ async fn phases(
             cpu.busy_pct, cpu.steal_pct
         );
     }
+    if let (Some(p50), Some(p99), Some(pct)) = (
+        latency.unstolen_percentile_ms(0.50),
+        latency.unstolen_percentile_ms(0.99),
+        latency.unstolen_pct(),
+    ) {
+        println!(
+            "  orders no host steal touched (no 100 ms interval with steal between produced and published): {pct:.1} %, p50 {p50:.1} ms, p99 {p99:.1} ms"
+        );
+    }
     let naive = if args.skip_naive {
         None
     } else {
@@ -319,6 +392,8 @@ async fn phases(
         latency_cpu_steal_pct: latency.cpu.map(|c| round1(c.steal_pct)),
         throughput_cpu_busy_pct: throughput.cpu.map(|c| round1(c.busy_pct)),
         throughput_cpu_steal_pct: throughput.cpu.map(|c| round1(c.steal_pct)),
+        unstolen_p99_ms: latency.unstolen_percentile_ms(0.99).map(round1),
+        unstolen_events_pct: latency.unstolen_pct().map(round1),
     })
 }
 
@@ -535,6 +610,8 @@ async fn phase(
     let batches_before = Work::now();
     let mut sent = Sent::default();
     let cpu_before = CpuTicks::now();
+    let stop_sampling = CancellationToken::new();
+    let steal_sampler = tokio::spawn(StealWindows::sample(stop_sampling.clone()));
     let started = Instant::now();
     orders.produce(0..events, rate, &mut sent).await?;
     producer.flush(Timeout::After(Duration::from_secs(10)))?;
@@ -567,6 +644,8 @@ async fn phase(
     let cpu = cpu_before
         .zip(CpuTicks::now())
         .and_then(|(before, after)| after.share_since(before));
+    stop_sampling.cancel();
+    let steal_windows = steal_sampler.await?;
     cancel.cancel();
     results.abort();
     processor.await??;
@@ -621,6 +700,18 @@ async fn phase(
         })
         .collect();
     latencies.sort_unstable();
+    let unstolen = steal_windows.map(|windows| {
+        let mut clean: Vec<Duration> = sent_wall_us
+            .iter()
+            .filter_map(|(order, sent)| {
+                let (_, published) = timeline.rows.get(order)?;
+                (!windows.touches(*sent, *published))
+                    .then(|| Duration::from_micros((published - sent).max(0) as u64))
+            })
+            .collect();
+        clean.sort_unstable();
+        clean
+    });
     let mut received_latencies: Vec<Duration> = sent
         .iter()
         .filter_map(|(order, at)| {
@@ -636,6 +727,7 @@ async fn phase(
         latencies,
         received: received_latencies,
         cpu,
+        unstolen,
     })
 }
 
@@ -720,8 +812,7 @@ impl Orders<'_> {
                 let value = order_created(order_id, user_id)?;
                 let key = user_id.to_string();
                 sent.at.insert(order_id, Instant::now());
-                sent.wall_us
-                    .insert(order_id, chrono::Utc::now().timestamp_micros());
+                sent.wall_us.insert(order_id, wall_us());
                 let mut record = FutureRecord::to(self.topic).key(&key).payload(&value);
                 loop {
                     match self.producer.send_result(record) {
@@ -905,6 +996,27 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_order_is_touched_by_steal_only_when_its_flight_overlaps_a_stolen_interval() {
+        let windows = StealWindows {
+            stolen: vec![(100, 200), (500, 600)],
+        };
+        for (from, to, touched) in [
+            (0, 50, false),
+            (0, 100, false),
+            (0, 101, true),
+            (150, 160, true),
+            (199, 300, true),
+            (200, 500, false),
+            (250, 550, true),
+            (50, 700, true),
+            (600, 800, false),
+        ] {
+            assert_eq!(windows.touches(from, to), touched, "[{from}, {to}]");
+        }
+        assert!(!StealWindows::default().touches(0, i64::MAX));
+    }
 
     #[test]
     fn nearest_rank_picks_the_smallest_value_covering_the_share() {
