@@ -291,3 +291,67 @@ async fn a_dead_letter_that_keeps_failing_is_parked_at_the_attempt_limit_not_loo
     worker.stop().await;
     relay.stop().await;
 }
+
+/// A poison message whose key and headers are not UTF-8, dead-lettered by the processor (so
+/// through the outbox and the relay), is replayed with exactly its key and headers: it lands
+/// on the partition the original did, and fails again as the same message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_with_a_binary_key_and_headers_is_replayed_byte_for_byte() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::FutureRecord;
+    use rdkafka::util::Timeout;
+    use std::time::Duration;
+
+    let env = TestEnv::new(4).await;
+    let key = vec![0x00, 0xff, 0xfe, 0x80, 0x01];
+    let binary = vec![0xc3, 0x28, 0xa0, 0xa1];
+    let headers = OwnedHeaders::new().insert(Header {
+        key: "trace",
+        value: Some(&binary[..]),
+    });
+    let original = env
+        .producer()
+        .send(
+            FutureRecord::to(&env.settings.topics.order_events)
+                .key(&key[..])
+                .payload(&b"not json"[..])
+                .headers(headers),
+            Timeout::After(Duration::from_secs(30)),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .expect("produce the poison message");
+    let dead = env.collect(&env.settings.topics.dead_letter);
+    let orders = env.collect(&env.settings.topics.order_events);
+    let worker = env.spawn_account_processor(env.settings.clone());
+    let relay = env.spawn_relay();
+    let letter = dead.wait_for(1).await.remove(0);
+    assert_eq!(letter.key.as_ref(), Some(&key));
+    assert!(letter
+        .header_bytes
+        .contains(&("trace".to_owned(), binary.clone())));
+
+    let replayed = report(&run_dlq(&env, &["replay", "--error-class", "NOT_JSON"]).await);
+    assert_eq!(replayed["replayed"], 1, "{replayed}");
+    let on_orders = orders.wait_for(2).await;
+    let again = dead.wait_for(2).await;
+    worker.stop().await;
+    relay.stop().await;
+
+    let copy = &on_orders[1];
+    assert_eq!(copy.key.as_ref(), Some(&key));
+    assert_eq!(
+        copy.partition, original.partition,
+        "the original's partition"
+    );
+    assert!(copy
+        .header_bytes
+        .contains(&("trace".to_owned(), binary.clone())));
+    let second = &again[1];
+    assert_eq!(second.key.as_ref(), Some(&key));
+    assert_eq!(
+        second.headers.get(dlq::ATTEMPTS).map(String::as_str),
+        Some("2")
+    );
+    assert_eq!(second.headers.get(dlq::KEY_LOSSY), None);
+}

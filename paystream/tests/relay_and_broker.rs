@@ -12,7 +12,7 @@ use uuid::Uuid;
 fn row(env: &TestEnv, marker: &str) -> OutboxRow {
     OutboxRow {
         topic: env.settings.topics.account_events.clone(),
-        key: Some("1".into()),
+        key: Some(b"1".to_vec()),
         payload: marker.as_bytes().to_vec(),
         headers: vec![],
         event_id: Some(Uuid::new_v4()),
@@ -188,7 +188,7 @@ async fn two_relays_running_at_once_neither_reorder_a_key_nor_lose_a_row() {
     let rows: Vec<OutboxRow> = (0..keys * per_key)
         .map(|i| OutboxRow {
             topic: env.settings.topics.account_events.clone(),
-            key: Some(format!("user-{}", i % keys)),
+            key: Some(format!("user-{}", i % keys).into_bytes()),
             payload: format!("{}:{}", i % keys, i / keys).into_bytes(),
             headers: vec![],
             event_id: Some(Uuid::new_v4()),

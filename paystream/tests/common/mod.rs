@@ -17,7 +17,7 @@ use paystream_processors::outbox::relay;
 use paystream_processors::settings::Settings;
 use paystream_processors::{db, kafka, ledger};
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use rdkafka::ClientConfig;
@@ -421,7 +421,10 @@ pub struct Received {
     pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub value: Vec<u8>,
+    /// Header values as text (lossy), by name.
     pub headers: HashMap<String, String>,
+    /// Every header as it came, in order.
+    pub header_bytes: Vec<(String, Vec<u8>)>,
 }
 
 impl Received {
@@ -452,26 +455,18 @@ impl Collector {
         let task = tokio::spawn(async move {
             let mut stream = consumer.stream();
             while let Some(Ok(m)) = stream.next().await {
-                let headers = m
-                    .headers()
-                    .map(|hs| {
-                        hs.iter()
-                            .map(|h| {
-                                (
-                                    h.key.to_owned(),
-                                    String::from_utf8_lossy(h.value.unwrap_or_default())
-                                        .into_owned(),
-                                )
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let header_bytes = paystream_processors::kafka::owned_headers(&m);
+                let headers = header_bytes
+                    .iter()
+                    .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
+                    .collect();
                 let received = Received {
                     partition: m.partition(),
                     offset: m.offset(),
                     key: m.key().map(<[u8]>::to_vec),
                     value: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
                     headers,
+                    header_bytes,
                 };
                 sink.lock().expect("lock").push(received);
             }

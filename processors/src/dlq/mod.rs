@@ -10,14 +10,18 @@
 //! row the broker refuses for its size would hold back every event behind it. A dead letter
 //! is the original message plus at most [`SIZE_ALLOWANCE`] bytes, and the dead-letter topic
 //! and the relay's producer allow `kafka.message_max_bytes` plus that much:
+//! - the key and the header values are kept as the bytes they were (the outbox stores bytes
+//!   that are not UTF-8 as such), so a replay lands on the original's partition;
 //! - provenance headers are small (the error message is cut to 1,000 characters);
-//! - the outbox keeps keys and header values as text, so bytes that are not UTF-8 are
-//!   replaced (one invalid byte becomes three): such a key is cut to [`LOSSY_KEY_MAX`] and
-//!   flagged `x-dlq-key-lossy: true`, and the original headers are copied only up to
-//!   [`COPIED_HEADERS_MAX`] bytes, the rest counted in `x-dlq-headers-dropped`;
-//! - a value larger than `kafka.message_max_bytes` (a source topic that allows more than
-//!   paystream is configured for) is cut to it, flagged `x-dlq-payload-truncated-from`, and
-//!   parked: it cannot be replayed as it was.
+//! - the original headers are copied only up to [`COPIED_HEADERS_MAX`] bytes, the rest
+//!   counted in `x-dlq-headers-dropped`;
+//! - a key longer than [`KEY_MAX`] or a value larger than `kafka.message_max_bytes` (a source
+//!   topic that allows more than paystream is configured for) is cut, flagged
+//!   (`x-dlq-key-truncated-from`, `x-dlq-payload-truncated-from`) and parked: it cannot be
+//!   replayed as it was.
+//!
+//! Dead letters written before keys were kept as bytes may carry `x-dlq-key-lossy: true`
+//! (their key is a lossy text form of the original); that flag is kept if they fail again.
 
 pub mod tool;
 
@@ -39,14 +43,15 @@ pub const PARKED: &str = "x-dlq-parked";
 pub const KEY_LOSSY: &str = "x-dlq-key-lossy";
 pub const HEADERS_DROPPED: &str = "x-dlq-headers-dropped";
 pub const PAYLOAD_TRUNCATED_FROM: &str = "x-dlq-payload-truncated-from";
+pub const KEY_TRUNCATED_FROM: &str = "x-dlq-key-truncated-from";
 
 /// How much larger than `kafka.message_max_bytes` a dead letter may be; the dead-letter
 /// topic and the relay's producer allow that much more.
 pub const SIZE_ALLOWANCE: usize = 64 * 1024;
-/// Most bytes of original headers (names and values, as text) a dead letter copies.
+/// Most bytes of original headers (names and values) a dead letter copies.
 pub const COPIED_HEADERS_MAX: usize = 16 * 1024;
-/// Longest key, as text, of a dead letter whose original key is not UTF-8.
-pub const LOSSY_KEY_MAX: usize = 16 * 1024;
+/// Longest key a dead letter keeps whole.
+pub const KEY_MAX: usize = 16 * 1024;
 
 const HEADER_PREFIX: &str = "x-dlq-";
 /// Error messages are cut to this many characters (a 2 MiB payload must not echo itself).
@@ -78,74 +83,63 @@ pub fn dead_letter(
         .unwrap_or_else(|| Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true));
     let message: String = poison.message.chars().take(MAX_ERROR_MESSAGE).collect();
 
-    let mut headers: Vec<(String, String)> = Vec::new();
+    let mut headers: Vec<(String, Vec<u8>)> = Vec::new();
     let (mut copied, mut dropped) = (0, 0);
     for (k, v) in msg
         .headers
         .iter()
         .filter(|(k, _)| !k.starts_with(HEADER_PREFIX))
     {
-        let value = String::from_utf8_lossy(v);
-        if copied + k.len() + value.len() > COPIED_HEADERS_MAX {
+        if copied + k.len() + v.len() > COPIED_HEADERS_MAX {
             dropped += 1;
             continue;
         }
-        copied += k.len() + value.len();
-        headers.push((k.clone(), value.into_owned()));
+        copied += k.len() + v.len();
+        headers.push((k.clone(), v.clone()));
     }
+    let mut provenance =
+        |name: &str, value: String| headers.push((name.to_owned(), value.into_bytes()));
     // What an earlier failure of a replayed dead letter already lost stays said.
     dropped += previous(HEADERS_DROPPED)
         .and_then(|n| n.parse::<usize>().ok())
         .unwrap_or(0);
     if dropped > 0 {
-        headers.push((HEADERS_DROPPED.to_owned(), dropped.to_string()));
+        provenance(HEADERS_DROPPED, dropped.to_string());
     }
-    let key = msg.key.as_deref().map(text_key);
-    // A key made lossy by an earlier failure of a replayed dead letter stays flagged.
-    if key.as_ref().is_some_and(|(_, lossy)| *lossy) || previous(KEY_LOSSY).is_some() {
-        headers.push((KEY_LOSSY.to_owned(), "true".to_owned()));
+    if previous(KEY_LOSSY).is_some() {
+        provenance(KEY_LOSSY, "true".to_owned());
+    }
+    let mut parked = attempts >= max_attempts;
+    let mut key = msg.key.clone();
+    if let Some(key) = key.as_mut().filter(|k| k.len() > KEY_MAX) {
+        provenance(KEY_TRUNCATED_FROM, key.len().to_string());
+        key.truncate(KEY_MAX);
+        parked = true;
     }
     let mut payload = msg.payload.clone().unwrap_or_default();
-    let mut parked = attempts >= max_attempts;
     if payload.len() > message_max_bytes {
-        headers.push((PAYLOAD_TRUNCATED_FROM.to_owned(), payload.len().to_string()));
+        provenance(PAYLOAD_TRUNCATED_FROM, payload.len().to_string());
         payload.truncate(message_max_bytes);
         parked = true;
     }
-    headers.extend([
-        (ORIGINAL_TOPIC.to_owned(), msg.topic.clone()),
-        (ORIGINAL_PARTITION.to_owned(), msg.partition.to_string()),
-        (ORIGINAL_OFFSET.to_owned(), msg.offset.to_string()),
-        (CONSUMER_GROUP.to_owned(), group.to_owned()),
-        (ERROR_CLASS.to_owned(), poison.class.as_str().to_owned()),
-        (ERROR_MESSAGE.to_owned(), message),
-        (FIRST_FAILED_AT.to_owned(), first_failed_at),
-        (ATTEMPTS.to_owned(), attempts.to_string()),
-    ]);
+    provenance(ORIGINAL_TOPIC, msg.topic.clone());
+    provenance(ORIGINAL_PARTITION, msg.partition.to_string());
+    provenance(ORIGINAL_OFFSET, msg.offset.to_string());
+    provenance(CONSUMER_GROUP, group.to_owned());
+    provenance(ERROR_CLASS, poison.class.as_str().to_owned());
+    provenance(ERROR_MESSAGE, message);
+    provenance(FIRST_FAILED_AT, first_failed_at);
+    provenance(ATTEMPTS, attempts.to_string());
     if parked {
-        headers.push((PARKED.to_owned(), "true".to_owned()));
+        provenance(PARKED, "true".to_owned());
     }
     OutboxRow {
         topic: topic.to_owned(),
-        key: key.map(|(text, _)| text),
+        key,
         payload,
         headers,
         event_id: None,
     }
-}
-
-/// A key as the text the outbox keeps, and whether that text is lossy: a key that is not
-/// UTF-8 has its invalid bytes replaced and is cut to `LOSSY_KEY_MAX`.
-fn text_key(key: &[u8]) -> (String, bool) {
-    if let Ok(text) = std::str::from_utf8(key) {
-        return (text.to_owned(), false);
-    }
-    let lossy = String::from_utf8_lossy(key);
-    let mut end = lossy.len().min(LOSSY_KEY_MAX);
-    while !lossy.is_char_boundary(end) {
-        end -= 1;
-    }
-    (lossy[..end].to_owned(), true)
 }
 
 #[cfg(test)]
@@ -157,33 +151,33 @@ mod tests {
         row.headers
             .iter()
             .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+    }
+
+    fn message(key: &[u8], payload: Vec<u8>, headers: Vec<(String, Vec<u8>)>) -> InboundMessage {
+        InboundMessage {
+            topic: "order.events".into(),
+            partition: 3,
+            offset: 99,
+            key: Some(key.to_vec()),
+            payload: Some(payload),
+            headers,
+            timestamp: None,
+        }
     }
 
     #[test]
     fn a_replayed_dead_letter_keeps_its_first_failure_and_counts_attempts() {
-        let mut msg = InboundMessage {
-            topic: "order.events".into(),
-            partition: 3,
-            offset: 99,
-            key: Some(b"42".to_vec()),
-            payload: Some(b"\xffgarbage".to_vec()),
-            headers: vec![],
-            timestamp: None,
-        };
+        let mut msg = message(b"42", b"\xffgarbage".to_vec(), vec![]);
         let poison = Poison::new(PoisonClass::InvalidUtf8, "bad");
         let first = dead_letter("deadletter.events", "g", &msg, &poison, 3, 1 << 20);
         assert_eq!(first.payload, b"\xffgarbage");
-        assert_eq!(first.key.as_deref(), Some("42"));
+        assert_eq!(first.key.as_deref(), Some(&b"42"[..]));
         assert_eq!(header(&first, ATTEMPTS), Some("1"));
         assert_eq!(header(&first, ORIGINAL_OFFSET), Some("99"));
         assert_eq!(header(&first, ERROR_CLASS), Some("INVALID_UTF8"));
 
-        msg.headers = first
-            .headers
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
-            .collect();
+        msg.headers = first.headers.clone();
         let second = dead_letter("deadletter.events", "g", &msg, &poison, 3, 1 << 20);
         assert_eq!(header(&second, ATTEMPTS), Some("2"));
         assert_eq!(
@@ -196,11 +190,7 @@ mod tests {
         );
         assert_eq!(header(&second, PARKED), None);
 
-        msg.headers = second
-            .headers
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
-            .collect();
+        msg.headers = second.headers.clone();
         let third = dead_letter("deadletter.events", "g", &msg, &poison, 3, 1 << 20);
         assert_eq!(header(&third, ATTEMPTS), Some("3"));
         assert_eq!(
@@ -212,7 +202,7 @@ mod tests {
 
     /// The size a dead letter takes on the wire, roughly: key, value, and every header.
     fn wire_size(row: &OutboxRow) -> usize {
-        row.key.as_ref().map_or(0, String::len)
+        row.key.as_ref().map_or(0, Vec::len)
             + row.payload.len()
             + row
                 .headers
@@ -222,10 +212,10 @@ mod tests {
     }
 
     #[test]
-    fn a_dead_letter_is_never_more_than_the_allowance_larger_than_its_message() {
+    fn a_dead_letter_keeps_binary_keys_and_headers_and_is_never_more_than_the_allowance_larger() {
         let limit = 64 * 1024;
-        // Not UTF-8 anywhere: every byte of the key and of each header value becomes three.
-        let key = vec![0xff; 20_000];
+        // Not UTF-8 anywhere.
+        let key = vec![0xff; 12_000];
         let value = vec![b'x'; limit - key.len() - 1];
         let headers: Vec<(String, Vec<u8>)> = (0..40)
             .map(|i| (format!("h{i}"), vec![0xfe; 1_000]))
@@ -236,15 +226,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| k.len() + v.len())
                 .sum::<usize>();
-        let msg = InboundMessage {
-            topic: "order.events".into(),
-            partition: 0,
-            offset: 7,
-            key: Some(key),
-            payload: Some(value.clone()),
-            headers,
-            timestamp: None,
-        };
+        let msg = message(&key, value.clone(), headers.clone());
         let poison = Poison::new(PoisonClass::NotJson, "x".repeat(5_000).as_str());
         let letter = dead_letter("deadletter.events", "g", &msg, &poison, 3, limit);
         assert!(
@@ -253,35 +235,33 @@ mod tests {
             wire_size(&letter)
         );
         assert_eq!(letter.payload, value, "the value is kept whole");
-        assert_eq!(header(&letter, KEY_LOSSY), Some("true"));
-        assert!(letter
-            .key
-            .as_ref()
-            .is_some_and(|k| k.len() <= LOSSY_KEY_MAX));
+        assert_eq!(letter.key, Some(key), "the key is kept exactly");
+        let copied: Vec<&(String, Vec<u8>)> = letter
+            .headers
+            .iter()
+            .filter(|(k, _)| k.starts_with('h'))
+            .collect();
+        assert!(!copied.is_empty());
+        for (k, v) in &copied {
+            assert!(
+                headers.contains(&(k.clone(), v.clone())),
+                "{k} kept exactly"
+            );
+        }
         let dropped: usize = header(&letter, HEADERS_DROPPED)
             .and_then(|n| n.parse().ok())
             .expect("dropped count");
-        assert_eq!(
-            dropped,
-            40 - (letter
-                .headers
-                .iter()
-                .filter(|(k, _)| k.starts_with('h'))
-                .count())
-        );
-        assert!(dropped > 0);
+        assert_eq!(dropped, 40 - copied.len());
+        assert_eq!(header(&letter, KEY_LOSSY), None);
         assert_eq!(header(&letter, PARKED), None);
 
-        // Replayed and failing again: what was lost stays said.
+        // Replayed and failing again: the key is still the original's, and what was lost
+        // stays said.
         let mut again = msg.clone();
-        again.key = letter.key.clone().map(String::into_bytes);
-        again.headers = letter
-            .headers
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
-            .collect();
+        again.key = letter.key.clone();
+        again.headers = letter.headers.clone();
         let second = dead_letter("deadletter.events", "g", &again, &poison, 3, limit);
-        assert_eq!(header(&second, KEY_LOSSY), Some("true"));
+        assert_eq!(second.key, msg.key);
         assert_eq!(
             header(&second, HEADERS_DROPPED),
             Some(dropped.to_string().as_str())
@@ -289,16 +269,19 @@ mod tests {
     }
 
     #[test]
+    fn a_key_longer_than_the_limit_is_cut_flagged_and_parked() {
+        let msg = message(&[0xff; KEY_MAX + 10], b"x".to_vec(), vec![]);
+        let poison = Poison::new(PoisonClass::NotJson, "bad");
+        let letter = dead_letter("deadletter.events", "g", &msg, &poison, 3, 1 << 20);
+        assert_eq!(letter.key.as_ref().map(Vec::len), Some(KEY_MAX));
+        let expected = (KEY_MAX + 10).to_string();
+        assert_eq!(header(&letter, KEY_TRUNCATED_FROM), Some(expected.as_str()));
+        assert_eq!(header(&letter, PARKED), Some("true"));
+    }
+
+    #[test]
     fn a_value_larger_than_the_limit_is_cut_flagged_and_parked() {
-        let msg = InboundMessage {
-            topic: "order.events".into(),
-            partition: 0,
-            offset: 7,
-            key: Some(b"7".to_vec()),
-            payload: Some(vec![b'x'; 5_000]),
-            headers: vec![],
-            timestamp: None,
-        };
+        let msg = message(b"7", vec![b'x'; 5_000], vec![]);
         let poison = Poison::new(PoisonClass::TooLarge, "too large");
         let letter = dead_letter("deadletter.events", "g", &msg, &poison, 3, 4_096);
         assert_eq!(letter.payload.len(), 4_096);
@@ -308,7 +291,19 @@ mod tests {
             Some("true"),
             "cannot be replayed as it was"
         );
-        assert_eq!(letter.key.as_deref(), Some("7"));
-        assert_eq!(header(&letter, KEY_LOSSY), None);
+        assert_eq!(letter.key.as_deref(), Some(&b"7"[..]));
+        assert_eq!(header(&letter, KEY_TRUNCATED_FROM), None);
+    }
+
+    #[test]
+    fn a_letter_from_before_keys_were_bytes_stays_flagged_lossy_when_it_fails_again() {
+        let msg = message(
+            "\u{fffd}\u{fffd}".as_bytes(),
+            b"x".to_vec(),
+            vec![(KEY_LOSSY.to_owned(), b"true".to_vec())],
+        );
+        let poison = Poison::new(PoisonClass::NotJson, "bad");
+        let letter = dead_letter("deadletter.events", "g", &msg, &poison, 3, 1 << 20);
+        assert_eq!(header(&letter, KEY_LOSSY), Some("true"));
     }
 }

@@ -9,13 +9,14 @@ use uuid::Uuid;
 
 use crate::events::{Envelope, EventPayload};
 
-/// One message to publish.
+/// One message to publish. Keys and header values are bytes, as Kafka has them: a dead
+/// letter keeps its original's exactly, whatever they hold.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutboxRow {
     pub topic: String,
-    pub key: Option<String>,
+    pub key: Option<Vec<u8>>,
     pub payload: Vec<u8>,
-    pub headers: Vec<(String, String)>,
+    pub headers: Vec<(String, Vec<u8>)>,
     pub event_id: Option<Uuid>,
 }
 
@@ -25,19 +26,69 @@ impl OutboxRow {
     pub fn event<P: EventPayload>(topic: &str, user_id: i64, envelope: &Envelope<P>) -> Self {
         Self {
             topic: topic.to_owned(),
-            key: Some(user_id.to_string()),
+            key: Some(user_id.to_string().into_bytes()),
             payload: envelope.to_bytes(),
-            headers: vec![("eventType".to_owned(), P::TYPE.to_owned())],
+            headers: vec![("eventType".to_owned(), P::TYPE.as_bytes().to_vec())],
             event_id: Some(envelope.event_id),
         }
     }
 }
 
-/// The rows of one outbox insert as column arrays, for `unnest`.
+/// Headers as the outbox stores them: `[[name, value], ...]` in order, a value as a JSON
+/// string when it is UTF-8 (readable when an operator looks at the table), else as
+/// `{"hex": "..."}`. `headers_from_json` reads both.
+pub fn headers_to_json(headers: &[(String, Vec<u8>)]) -> serde_json::Value {
+    headers
+        .iter()
+        .map(|(name, value)| {
+            let value = match std::str::from_utf8(value) {
+                Ok(text) => serde_json::Value::from(text),
+                Err(_) => serde_json::json!({ "hex": hex(value) }),
+            };
+            serde_json::json!([name, value])
+        })
+        .collect()
+}
+
+/// The headers `headers_to_json` stored; an entry of any other shape is skipped.
+pub fn headers_from_json(headers: &serde_json::Value) -> Vec<(String, Vec<u8>)> {
+    headers
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|pair| {
+            let name = pair.get(0)?.as_str()?;
+            let value = pair.get(1)?;
+            let bytes = match value.as_str() {
+                Some(text) => text.as_bytes().to_vec(),
+                None => unhex(value.get("hex")?.as_str()?)?,
+            };
+            Some((name.to_owned(), bytes))
+        })
+        .collect()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// The rows of one outbox insert as column arrays, for `unnest`. A key that is UTF-8 goes to
+/// `message_key` (text, readable), any other to `message_key_raw`.
 #[derive(Debug, Default)]
 pub struct Columns<'a> {
     topics: Vec<&'a str>,
     keys: Vec<Option<&'a str>>,
+    raw_keys: Vec<Option<&'a [u8]>>,
     payloads: Vec<&'a [u8]>,
     headers: Vec<serde_json::Value>,
     event_ids: Vec<Option<Uuid>>,
@@ -47,10 +98,14 @@ impl<'a> Columns<'a> {
     pub fn new(rows: impl IntoIterator<Item = &'a OutboxRow>) -> Self {
         let mut c = Self::default();
         for row in rows {
+            let key = row.key.as_deref();
+            let text = key.map(std::str::from_utf8);
             c.topics.push(row.topic.as_str());
-            c.keys.push(row.key.as_deref());
+            c.keys.push(text.and_then(Result::ok));
+            c.raw_keys
+                .push(key.filter(|_| text.is_some_and(|t| t.is_err())));
             c.payloads.push(row.payload.as_slice());
-            c.headers.push(serde_json::json!(row.headers));
+            c.headers.push(headers_to_json(&row.headers));
             c.event_ids.push(row.event_id);
         }
         c
@@ -60,7 +115,7 @@ impl<'a> Columns<'a> {
         self.topics.is_empty()
     }
 
-    /// Binds the five arrays, in the order `insert_sql` numbers them from `$first`.
+    /// Binds the six arrays, in the order `insert_sql` numbers them from `$first`.
     pub fn bind<'q>(
         &'q self,
         query: sqlx::query::Query<'q, Postgres, PgArguments>,
@@ -68,6 +123,7 @@ impl<'a> Columns<'a> {
         query
             .bind(&self.topics)
             .bind(&self.keys)
+            .bind(&self.raw_keys)
             .bind(&self.payloads)
             .bind(&self.headers)
             .bind(&self.event_ids)
@@ -77,13 +133,13 @@ impl<'a> Columns<'a> {
 /// The insert of `Columns` bound from parameter `$first` on, in the given order (ids follow
 /// it). Usable on its own or as a data-modifying CTE.
 pub fn insert_sql(first: usize) -> String {
-    let [a, b, c, d, e] = [first, first + 1, first + 2, first + 3, first + 4];
+    let [a, b, c, d, e, f] = [first, first + 1, first + 2, first + 3, first + 4, first + 5];
     format!(
         r#"
-        INSERT INTO outbox (topic, message_key, payload, headers, event_id)
-        SELECT topic, message_key, payload, headers, event_id
-        FROM unnest(${a}::text[], ${b}::text[], ${c}::bytea[], ${d}::jsonb[], ${e}::uuid[])
-            WITH ORDINALITY AS r(topic, message_key, payload, headers, event_id, n)
+        INSERT INTO outbox (topic, message_key, message_key_raw, payload, headers, event_id)
+        SELECT topic, message_key, message_key_raw, payload, headers, event_id
+        FROM unnest(${a}::text[], ${b}::text[], ${c}::bytea[], ${d}::bytea[], ${e}::jsonb[], ${f}::uuid[])
+            WITH ORDINALITY AS r(topic, message_key, message_key_raw, payload, headers, event_id, n)
         ORDER BY n
         "#
     )
@@ -98,4 +154,28 @@ pub async fn insert(conn: &mut PgConnection, rows: &[OutboxRow]) -> Result<(), s
     let sql = insert_sql(1);
     columns.bind(sqlx::query(&sql)).execute(conn).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_keep_their_bytes_through_the_outbox() {
+        let headers = vec![
+            ("eventType".to_owned(), b"AccountDebited".to_vec()),
+            ("binary".to_owned(), vec![0x00, 0xff, 0xfe, 0x41]),
+            ("empty".to_owned(), vec![]),
+            ("eventType".to_owned(), b"again, in order".to_vec()),
+        ];
+        let json = headers_to_json(&headers);
+        assert_eq!(json[0], serde_json::json!(["eventType", "AccountDebited"]));
+        assert_eq!(json[1], serde_json::json!(["binary", {"hex": "00fffe41"}]));
+        assert_eq!(headers_from_json(&json), headers);
+        // Rows written before binary values were kept: text pairs only.
+        assert_eq!(
+            headers_from_json(&serde_json::json!([["a", "b"], ["bad"], ["c", {"hex": "zz"}]])),
+            vec![("a".to_owned(), b"b".to_vec())]
+        );
+    }
 }

@@ -29,13 +29,21 @@ use tokio_util::sync::CancellationToken;
 
 use crate::consumer::Backoff;
 use crate::db::Pruning;
+use crate::outbox::headers_from_json;
 use crate::settings::Settings;
 use crate::telemetry::METRICS;
 
 /// `pg_try_advisory_xact_lock` key of the relay ("paystrm" in ASCII).
 const RELAY_LOCK: i64 = 0x0070_6179_7374_726d;
 
-type Row = (i64, String, Option<String>, Vec<u8>, serde_json::Value);
+type Row = (
+    i64,
+    String,
+    Option<String>,
+    Option<Vec<u8>>,
+    Vec<u8>,
+    serde_json::Value,
+);
 
 pub async fn run(
     settings: Settings,
@@ -154,7 +162,7 @@ async fn publish_round(
     }
     let rows: Vec<Row> = sqlx::query_as(
         r#"
-        SELECT id, topic, message_key, payload, headers FROM outbox
+        SELECT id, topic, message_key, message_key_raw, payload, headers FROM outbox
         WHERE published_at IS NULL ORDER BY id LIMIT $1
         "#,
     )
@@ -166,16 +174,26 @@ async fn publish_round(
     }
 
     // Enqueue in id order; the idempotent producer keeps that order per partition.
-    let deliveries = rows.iter().map(|(id, topic, key, payload, headers)| {
-        let mut record = FutureRecord::<str, [u8]>::to(topic)
-            .payload(payload)
-            .headers(to_headers(headers));
-        if let Some(key) = key {
-            record = record.key(key.as_str());
-        }
-        let send = producer.send(record, Timeout::Never);
-        async move { (*id, topic.as_str(), send.await) }
-    });
+    let deliveries = rows
+        .iter()
+        .map(|(id, topic, key, raw_key, payload, headers)| {
+            let headers = headers_from_json(headers);
+            let mut out = OwnedHeaders::new_with_capacity(headers.len());
+            for (name, value) in &headers {
+                out = out.insert(Header {
+                    key: name,
+                    value: Some(value),
+                });
+            }
+            let mut record = FutureRecord::<[u8], [u8]>::to(topic)
+                .payload(payload)
+                .headers(out);
+            if let Some(key) = raw_key.as_deref().or(key.as_ref().map(String::as_bytes)) {
+                record = record.key(key);
+            }
+            let send = producer.send(record, Timeout::Never);
+            async move { (*id, topic.as_str(), send.await) }
+        });
     let results = join_all(deliveries).await;
 
     // Mark only the id-ordered prefix that was delivered: after a failure, later rows are
@@ -214,22 +232,6 @@ async fn publish_round(
         Some(e) => anyhow::bail!("publish failed: {e}"),
         None => Ok(Round::Published(published.len())),
     }
-}
-
-fn to_headers(headers: &serde_json::Value) -> OwnedHeaders {
-    let mut out = OwnedHeaders::new();
-    for pair in headers.as_array().into_iter().flatten() {
-        if let (Some(k), Some(v)) = (
-            pair.get(0).and_then(|k| k.as_str()),
-            pair.get(1).and_then(|v| v.as_str()),
-        ) {
-            out = out.insert(Header {
-                key: k,
-                value: Some(v),
-            });
-        }
-    }
-    out
 }
 
 /// Deletes published rows past `relay.retention_hours` (see `db::prune_in_chunks`), never a
