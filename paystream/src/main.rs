@@ -277,6 +277,13 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("Failed to listen on {}", settings.api.listen))?;
             let ops = OpsState::new(&settings, pool.clone(), vec!["account", "order"])?;
+            // The printed session opens an account, so it is for a user who has none yet: it
+            // can be pasted again after every start, on the same database.
+            let demo_user: i64 = sqlx::query_scalar(
+                "SELECT GREATEST(COALESCE(max(user_id), 1000), 1000) + 1 FROM accounts WHERE kind = 'USER'",
+            )
+            .fetch_one(&pool)
+            .await?;
             serve(|tracker, cancel| {
                 let state = api::AppState::new(settings.clone(), pool.clone(), ops);
                 let api_cancel = cancel.clone();
@@ -287,7 +294,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                 spawn_account_processor(tracker, cancel.clone(), &settings, &pool);
                 spawn_order_processor(tracker, cancel.clone(), &settings, &pool);
                 spawn_relay(tracker, cancel, &settings, &pool);
-                print_welcome(&settings);
+                print_welcome(&settings, demo_user);
             })
             .await
         }
@@ -516,11 +523,11 @@ fn spawn_part<F, Fut>(
 }
 
 /// What `paystream up` prints once everything runs: where to look, and a session to paste.
-fn print_welcome(settings: &Settings) {
+fn print_welcome(settings: &Settings, user_id: i64) {
     let url = settings.api.public_url.trim_end_matches('/');
     let day = Duration::from_secs(24 * 3600);
     let (user, admin) = match (
-        api::auth::mint(&settings.api.jwt_secret, 1001, false, day),
+        api::auth::mint(&settings.api.jwt_secret, user_id, false, day),
         api::auth::mint(&settings.api.jwt_secret, 1, true, day),
     ) {
         (Ok(user), Ok(admin)) => (user, admin),
@@ -531,15 +538,15 @@ fn print_welcome(settings: &Settings) {
   API:     {url}/v1   (OpenAPI: {url}/openapi.json)
   Metrics: {url}/metrics   Health: {url}/healthz   Ready: {url}/readyz
 
-Try it — user 1001 opens an account, an admin deposits, user 1001 orders and cancels:
+Try it — user {user_id} opens an account, an admin deposits, user {user_id} orders and cancels:
 
 export API={url} TOKEN={user} ADMIN={admin}
-ACCOUNT=$(curl -s -X POST $API/v1/accounts -H "Authorization: Bearer $TOKEN" -H "Idempotency-Key: acct-1" -d '{{"currency":"CNY"}}' | grep -o '"id":[0-9]*' | cut -d: -f2); echo "account $ACCOUNT"
-curl -s -X POST $API/v1/accounts/$ACCOUNT/deposits -H "Authorization: Bearer $ADMIN" -H "Idempotency-Key: dep-1" -d '{{"amountFen":10000}}'; echo
-ORDER=$(curl -s -X POST $API/v1/orders -H "Authorization: Bearer $TOKEN" -H "Idempotency-Key: order-1" -d '{{"amountFen":2500,"currency":"CNY","items":[{{"sku":"tea","qty":1,"priceFen":2500}}]}}' | grep -o '"id":[0-9]*' | cut -d: -f2); echo "order $ORDER"
+ACCOUNT=$(curl -s -X POST $API/v1/accounts -H "Authorization: Bearer $TOKEN" -H "Idempotency-Key: acct-{user_id}" -d '{{"currency":"CNY"}}' | grep -o '"id":[0-9]*' | cut -d: -f2); echo "account $ACCOUNT"
+curl -s -X POST $API/v1/accounts/$ACCOUNT/deposits -H "Authorization: Bearer $ADMIN" -H "Idempotency-Key: dep-{user_id}" -d '{{"amountFen":10000}}'; echo
+ORDER=$(curl -s -X POST $API/v1/orders -H "Authorization: Bearer $TOKEN" -H "Idempotency-Key: order-{user_id}" -d '{{"amountFen":2500,"currency":"CNY","items":[{{"sku":"tea","qty":1,"priceFen":2500}}]}}' | grep -o '"id":[0-9]*' | cut -d: -f2); echo "order $ORDER"
 for i in $(seq 50); do curl -s $API/v1/orders/$ORDER -H "Authorization: Bearer $TOKEN" | grep -q '"status":"PAID"' && break; sleep 0.1; done
 curl -s $API/v1/orders/$ORDER -H "Authorization: Bearer $TOKEN"; echo
-curl -s -X POST $API/v1/orders/$ORDER/cancel -H "Authorization: Bearer $TOKEN" -H "Idempotency-Key: cancel-1"; echo
+curl -s -X POST $API/v1/orders/$ORDER/cancel -H "Authorization: Bearer $TOKEN" -H "Idempotency-Key: cancel-{user_id}"; echo
 for i in $(seq 50); do curl -s $API/v1/orders/$ORDER -H "Authorization: Bearer $TOKEN" | grep -q '"status":"REFUNDED"' && break; sleep 0.1; done
 curl -s $API/v1/orders/$ORDER -H "Authorization: Bearer $TOKEN"; echo
 curl -s "$API/v1/accounts/$ACCOUNT/entries" -H "Authorization: Bearer $TOKEN"; echo"#

@@ -54,6 +54,8 @@ async fn paystream_up_runs_everything_and_its_printed_curl_session_works() {
         .join("\n");
     assert!(!session.is_empty(), "no curl session in:\n{text}");
 
+    // A fresh database: the first user id after the 1000s.
+    assert!(text.contains("Try it — user 1001 opens"), "{text}");
     let output = tokio::process::Command::new("bash")
         .arg("-c")
         .arg(format!("set -e\n{session}"))
