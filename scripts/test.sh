@@ -16,6 +16,11 @@ if [ "${#missing[@]}" -gt 0 ]; then
   sudo_if_needed apt-get update -q
   sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
+# A broker this run starts is stopped when it ends, so that `scripts/run.sh` (which wants
+# durable storage and refuses a memory broker) works right after the tests.
+if ! port_open 127.0.0.1 "$BROKER_PORT"; then
+  trap 'scripts/broker.sh down' EXIT
+fi
 scripts/broker.sh up memory
 if ! cargo nextest --version >/dev/null 2>&1; then
   log "installing cargo-nextest"
