@@ -131,7 +131,7 @@ async fn exec(env: &TestEnv, sql: &str) {
 async fn paystream_audit_passes_a_clean_ledger_and_names_each_injected_violation() {
     const UNLOCK: &str = "ALTER TABLE ledger_entries DISABLE TRIGGER ledger_entries_append_only;";
     const LAST_ENTRY: &str = "(SELECT max(id) FROM ledger_entries WHERE delta_fen > 0)";
-    let cases: [(&str, String, &str); 6] = [
+    let cases: [(&str, String, &str); 7] = [
         ("a balance changed directly", "UPDATE accounts SET balance_fen = balance_fen + 1 WHERE kind = 'USER';".into(), "balance_equals_sum_of_entries"),
         (
             "an entry altered, its balance fixed up to match",
@@ -157,6 +157,11 @@ async fn paystream_audit_passes_a_clean_ledger_and_names_each_injected_violation
             "a stored offset moved past the end of the log",
             "UPDATE consumer_offsets SET next_offset = next_offset + 1000 WHERE partition = 0 AND consumer_group LIKE '%-account';".into(),
             "stored_offsets_within_the_log",
+        ),
+        (
+            "a stored offset whose message is not the one the group applied (a recreated topic)",
+            "UPDATE consumer_offsets SET last_message_fp = last_message_fp # 1 WHERE last_message_fp IS NOT NULL;".into(),
+            "stored_offsets_match_the_log",
         ),
         (
             "a stored offset for a topic the broker does not have",
