@@ -234,6 +234,16 @@ fn ms(d: Option<Duration>) -> f64 {
     d.map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
 }
 
+/// Produced -> published of each (produced, published) flight in microseconds, in ascending
+/// order.
+fn flight_times<'a>(flights: impl Iterator<Item = &'a (i64, i64)>) -> Vec<Duration> {
+    let mut times: Vec<Duration> = flights
+        .map(|(sent, published)| Duration::from_micros((published - sent).max(0) as u64))
+        .collect();
+    times.sort_unstable();
+    times
+}
+
 /// The nearest-rank percentile `p` (0..=1) of `sorted`, which must be in ascending order.
 fn nearest_rank<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
     let rank = ((sorted.len() as f64 * p).ceil() as usize).max(1);
@@ -692,26 +702,14 @@ async fn phase(
         .clone();
     timeline.print_hops(&sent_wall_us, &received);
     let last = received.values().map(|r| r.at).max().unwrap_or(started);
-    let mut latencies: Vec<Duration> = sent_wall_us
+    // Each measured order's flight: produced and published, wall clock in microseconds.
+    let flights: Vec<(i64, i64)> = sent_wall_us
         .iter()
-        .filter_map(|(order, sent)| {
-            let (_, published) = timeline.rows.get(order)?;
-            Some(Duration::from_micros((published - sent).max(0) as u64))
-        })
+        .filter_map(|(order, sent)| Some((*sent, timeline.rows.get(order)?.1)))
         .collect();
-    latencies.sort_unstable();
-    let unstolen = steal_windows.map(|windows| {
-        let mut clean: Vec<Duration> = sent_wall_us
-            .iter()
-            .filter_map(|(order, sent)| {
-                let (_, published) = timeline.rows.get(order)?;
-                (!windows.touches(*sent, *published))
-                    .then(|| Duration::from_micros((published - sent).max(0) as u64))
-            })
-            .collect();
-        clean.sort_unstable();
-        clean
-    });
+    let latencies = flight_times(flights.iter());
+    let unstolen = steal_windows
+        .map(|windows| flight_times(flights.iter().filter(|(s, p)| !windows.touches(*s, *p))));
     let mut received_latencies: Vec<Duration> = sent
         .iter()
         .filter_map(|(order, at)| {

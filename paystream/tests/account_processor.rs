@@ -271,19 +271,7 @@ async fn processed_event_ids_past_their_retention_are_pruned_and_newer_ones_stil
     })
     .await;
 
-    let mut tx = env.pool.begin().await.expect("begin");
-    let amount = paystream_processors::domain::Amount::new(5_000).expect("amount");
-    paystream_processors::ledger::deposit(
-        &mut tx,
-        account,
-        amount,
-        "test",
-        &env.settings.topics.account_events,
-    )
-    .await
-    .expect("deposit query")
-    .expect("deposit posts");
-    tx.commit().await.expect("commit");
+    env.deposit(account, 5_000).await;
     env.produce(&producer, "7", &order).await;
     env.wait_consumed(2).await;
     worker.stop().await;

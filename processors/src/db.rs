@@ -32,9 +32,10 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 }
 
 /// Rows one prune statement deletes at most.
-pub const PRUNE_CHUNK: i64 = 10_000;
+const PRUNE_CHUNK: i64 = 10_000;
 
-/// A table kept to a retention: see [`prune_in_chunks`] for what `sql` must do.
+/// A table kept to a retention: `sql` deletes at most `$2` rows older than `$1` hours (of
+/// the consumer group `$3`, when `group` is given).
 pub struct Pruning {
     /// What is pruned, for the logs.
     pub what: &'static str,
@@ -42,6 +43,7 @@ pub struct Pruning {
     pub retention_hours: u64,
     pub group: Option<String>,
     pub interval: Duration,
+    /// Counts each chunk as it commits.
     pub counter: IntCounter,
 }
 
@@ -51,63 +53,46 @@ pub struct Pruning {
 pub async fn run_pruning(pool: PgPool, pruning: Pruning, cancel: CancellationToken) {
     let Pruning {
         what,
-        sql,
         retention_hours,
-        group,
-        interval,
-        counter,
+        ref group,
+        ..
     } = pruning;
     loop {
-        match prune_in_chunks(
-            &pool,
-            sql,
-            retention_hours,
-            group.as_deref(),
-            &cancel,
-            &counter,
-        )
-        .await
-        {
+        match pruning.prune(&pool, &cancel).await {
             Ok(0) => {}
             Ok(rows) => tracing::info!(rows, what, group, retention_hours, "pruned expired rows"),
             Err(e) => tracing::warn!(error = %e, what, group, "prune failed; retrying later"),
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep(pruning.interval) => {}
         }
     }
 }
 
-/// Deletes rows past a retention of `retention_hours`, a chunk at a time, until a chunk comes
-/// back short or `cancel` fires; returns how many. `sql` deletes at most `$2` rows older than
-/// `$1` hours (of the consumer group `$3`, when `group` is given). Chunks are short
-/// transactions of their own, so a large backlog never holds locks or a snapshot for long
-/// next to the batch transactions; `counter` counts each chunk as it commits.
-async fn prune_in_chunks(
-    pool: &PgPool,
-    sql: &str,
-    retention_hours: u64,
-    group: Option<&str>,
-    cancel: &CancellationToken,
-    counter: &IntCounter,
-) -> Result<u64, sqlx::Error> {
-    // A century keeps everything and still leaves `now() - interval` inside the timestamp range.
-    let hours = retention_hours.min(876_000) as i32;
-    let mut total = 0;
-    while !cancel.is_cancelled() {
-        let mut query = sqlx::query(sql).bind(hours).bind(PRUNE_CHUNK);
-        if let Some(group) = group {
-            query = query.bind(group);
+impl Pruning {
+    /// Deletes the expired rows a chunk at a time, until a chunk comes back short or `cancel`
+    /// fires; returns how many. Chunks are short transactions of their own, so a large
+    /// backlog never holds locks or a snapshot for long next to the batch transactions.
+    async fn prune(&self, pool: &PgPool, cancel: &CancellationToken) -> Result<u64, sqlx::Error> {
+        // A century keeps everything and still leaves `now() - interval` inside the
+        // timestamp range.
+        let hours = self.retention_hours.min(876_000) as i32;
+        let mut total = 0;
+        while !cancel.is_cancelled() {
+            let mut query = sqlx::query(self.sql).bind(hours).bind(PRUNE_CHUNK);
+            if let Some(group) = &self.group {
+                query = query.bind(group);
+            }
+            let deleted = query.execute(pool).await?.rows_affected();
+            total += deleted;
+            self.counter.inc_by(deleted);
+            if deleted < PRUNE_CHUNK as u64 {
+                break;
+            }
         }
-        let deleted = query.execute(pool).await?.rows_affected();
-        total += deleted;
-        counter.inc_by(deleted);
-        if deleted < PRUNE_CHUNK as u64 {
-            break;
-        }
+        Ok(total)
     }
-    Ok(total)
 }
 
 /// What to do about a failed database call.

@@ -81,7 +81,8 @@ pub fn consumer_config(kafka: &KafkaSettings, group: &str) -> ClientConfig {
 }
 
 /// The largest record the dead-letter topic takes: a dead letter is its message plus at most
-/// `dlq::SIZE_ALLOWANCE` bytes (provenance headers, text forms of binary keys and headers).
+/// `dlq::SIZE_ALLOWANCE` bytes (provenance headers, and a key and copied headers of bounded
+/// size).
 pub fn dead_letter_max_bytes(kafka: &KafkaSettings) -> usize {
     kafka.message_max_bytes + crate::dlq::SIZE_ALLOWANCE
 }

@@ -77,6 +77,11 @@ impl Metrics {
             register(Box::new(g.clone()));
             g
         };
+        let int_counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            register(Box::new(c.clone()));
+            c
+        };
         let int_gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric");
             register(Box::new(g.clone()));
@@ -172,15 +177,10 @@ impl Metrics {
                 &["reason"],
             ),
             outbox_backlog: int_gauge("paystream_outbox_backlog", "Outbox rows not yet published."),
-            outbox_pruned: {
-                let c = IntCounter::new(
-                    "paystream_outbox_pruned_total",
-                    "Published outbox rows deleted past relay.retention_hours.",
-                )
-                .expect("valid metric");
-                register(Box::new(c.clone()));
-                c
-            },
+            outbox_pruned: int_counter(
+                "paystream_outbox_pruned_total",
+                "Published outbox rows deleted past relay.retention_hours.",
+            ),
             outbox_oldest_age: gauge(
                 "paystream_outbox_oldest_unpublished_age_seconds",
                 "Age of the oldest unpublished outbox row (0 when none).",

@@ -246,10 +246,23 @@ impl TestEnv {
         let id = ledger::open_account(&mut tx, user_id, Currency::CNY)
             .await
             .expect("open");
-        if let Some(amount) = Amount::new(balance) {
+        self.deposit_in(&mut tx, id, balance).await;
+        tx.commit().await.expect("commit");
+        id
+    }
+
+    /// Deposits `fen` into the account through the ledger.
+    pub async fn deposit(&self, account_id: i64, fen: i64) {
+        let mut tx = self.pool.begin().await.expect("begin");
+        self.deposit_in(&mut tx, account_id, fen).await;
+        tx.commit().await.expect("commit");
+    }
+
+    async fn deposit_in(&self, conn: &mut PgConnection, account_id: i64, fen: i64) {
+        if let Some(amount) = Amount::new(fen) {
             ledger::deposit(
-                &mut tx,
-                id,
+                conn,
+                account_id,
                 amount,
                 "test",
                 &self.settings.topics.account_events,
@@ -258,8 +271,6 @@ impl TestEnv {
             .expect("deposit query")
             .expect("deposit posts");
         }
-        tx.commit().await.expect("commit");
-        id
     }
 
     pub async fn balance(&self, account_id: i64) -> i64 {

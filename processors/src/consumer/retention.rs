@@ -3,7 +3,7 @@
 //!
 //! Safe with any number of workers of a group: each chunk takes its rows with
 //! `FOR UPDATE SKIP LOCKED`, so workers pruning at once split the rows instead of queueing on
-//! them (see `db::prune_in_chunks` for the chunking). A chunk finds its rows through
+//! them (see `db::Pruning` for the chunking). A chunk finds its rows through
 //! `processed_events_by_age` and deletes them by `ctid` (they are locked, so it cannot move),
 //! which keeps the plan a TID scan however large the table.
 

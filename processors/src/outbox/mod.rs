@@ -98,12 +98,16 @@ impl<'a> Columns<'a> {
     pub fn new(rows: impl IntoIterator<Item = &'a OutboxRow>) -> Self {
         let mut c = Self::default();
         for row in rows {
-            let key = row.key.as_deref();
-            let text = key.map(std::str::from_utf8);
+            let (key, raw_key) = match row.key.as_deref() {
+                Some(key) => match std::str::from_utf8(key) {
+                    Ok(text) => (Some(text), None),
+                    Err(_) => (None, Some(key)),
+                },
+                None => (None, None),
+            };
             c.topics.push(row.topic.as_str());
-            c.keys.push(text.and_then(Result::ok));
-            c.raw_keys
-                .push(key.filter(|_| text.is_some_and(|t| t.is_err())));
+            c.keys.push(key);
+            c.raw_keys.push(raw_key);
             c.payloads.push(row.payload.as_slice());
             c.headers.push(headers_to_json(&row.headers));
             c.event_ids.push(row.event_id);

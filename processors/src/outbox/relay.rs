@@ -234,7 +234,7 @@ async fn publish_round(
     }
 }
 
-/// Deletes published rows past `relay.retention_hours` (see `db::prune_in_chunks`), never a
+/// Deletes published rows past `relay.retention_hours` (see `db::Pruning`), never a
 /// row that is not published.
 const PRUNE_SQL: &str = r#"
     DELETE FROM outbox
