@@ -234,6 +234,98 @@ async fn two_relays_running_at_once_neither_reorder_a_key_nor_lose_a_row() {
     assert_eq!(seen.len(), (keys * per_key) as usize, "a row was lost");
 }
 
+/// The relay publishes on notifications alone: with the fallback poll an hour away, a
+/// stream of single-row commits from three writers is published completely, through rounds
+/// that are full (the relay drains on at once) and partial (it waits for the next
+/// notification, and takes every notification already delivered as covered by one round).
+/// The only relay never finds its own lock taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_publishes_every_commit_on_its_notification_without_the_fallback_poll() {
+    let env = TestEnv::new(1).await;
+    let mut settings = env.settings.clone();
+    settings.relay.poll_interval_ms = 3_600_000;
+    // Small rounds, so that both a full round (drain on at once) and a partial one (wait for
+    // the next notification) happen many times.
+    settings.relay.batch_max = 7;
+    let wire = env.collect(&env.settings.topics.account_events);
+    let relay = spawn_worker(&settings, outbox::relay::run);
+    let (writers, per_writer) = (3, 200);
+    let tasks: Vec<_> = (0..writers)
+        .map(|w| {
+            let pool = env.pool.clone();
+            let topic = env.settings.topics.account_events.clone();
+            tokio::spawn(async move {
+                for i in 0..per_writer {
+                    let row = OutboxRow {
+                        topic: topic.clone(),
+                        key: Some(format!("writer-{w}").into_bytes()),
+                        payload: format!("{w}:{i}").into_bytes(),
+                        headers: vec![],
+                        event_id: Some(Uuid::new_v4()),
+                    };
+                    let mut tx = pool.begin().await.expect("begin");
+                    outbox::insert(&mut tx, &[row]).await.expect("row");
+                    tx.commit().await.expect("commit");
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("writer");
+    }
+    let total = writers * per_writer;
+    wait_until("every row marked published", || async {
+        (env.scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+            .await
+            == 0)
+            .then_some(())
+    })
+    .await;
+    let received = wire.wait_for(total).await;
+    relay.stop().await;
+    let distinct: std::collections::HashSet<&[u8]> =
+        received.iter().map(|m| m.value.as_slice()).collect();
+    assert_eq!(distinct.len(), total, "a row was lost");
+    assert_eq!(
+        paystream_processors::telemetry::METRICS
+            .relay_standby_rounds
+            .get(),
+        0,
+        "the only relay found its own lock taken"
+    );
+}
+
+/// A round that found nothing gives the relay lock back before it returns. Dropping its
+/// transaction instead only queues the rollback for when the connection is next used, so
+/// the relay's next round, on another pooled connection, found the lock held by its own
+/// relay, stood by, and left the rows that woke it for the next notification or the poll.
+/// A current-thread runtime runs the dropped connection's rollback only once the next round
+/// has sent its lock request, which makes the old behaviour fail here every time.
+#[tokio::test]
+async fn an_empty_relay_round_releases_the_relay_lock_before_the_next_round() {
+    let env = TestEnv::new(1).await;
+    let producer: rdkafka::producer::FutureProducer = paystream_processors::kafka::producer_config(
+        &env.settings.kafka,
+        std::time::Duration::from_secs(30),
+    )
+    .create()
+    .expect("producer");
+    // Two idle connections, so that consecutive rounds can use different ones.
+    let first = env.pool.acquire().await.expect("connection");
+    let second = env.pool.acquire().await.expect("connection");
+    drop((first, second));
+    wait_until("two idle connections", || async {
+        (env.pool.num_idle() >= 2).then_some(())
+    })
+    .await;
+    for _ in 0..20 {
+        let round = outbox::relay::publish_round(&env.pool, &producer, 10)
+            .await
+            .expect("round");
+        assert_eq!(round, outbox::relay::Round::Published(0));
+    }
+}
+
 /// Published rows are deleted once older than `relay.retention_hours` (more than one prune
 /// chunk of them here); newer published rows stay, and an old row that was never published
 /// is published, not pruned.

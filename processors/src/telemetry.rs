@@ -35,6 +35,7 @@ pub struct Metrics {
     pub relay_published: IntCounterVec,
     pub relay_round_rows: Histogram,
     pub relay_errors: IntCounterVec,
+    pub relay_standby_rounds: IntCounter,
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
     pub idempotency: IntCounterVec,
@@ -153,6 +154,11 @@ impl Metrics {
                 "paystream_relay_errors_total",
                 "Relay batches that failed and will be retried, by stage.",
                 &["stage"],
+            ),
+            relay_standby_rounds: int_counter(
+                "paystream_relay_standby_rounds_total",
+                "Relay rounds that found another relay holding the relay lock and published \
+                 nothing (a standby relay counts up; with a single relay it stays 0).",
             ),
             http_requests: counter(
                 "paystream_http_requests_total",

@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::future::join_all;
+use futures::FutureExt;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
@@ -89,11 +90,18 @@ pub async fn run(
             listener = listen(&pool).await;
         }
         match publish_round(&pool, &producer, settings.relay.batch_max).await {
-            Ok(Round::Published(n)) if n > 0 => {
+            Ok(Round::Published(n)) if n as i64 >= settings.relay.batch_max => {
                 failures = 0;
-                continue; // there may be more: drain before waiting
+                continue; // a full round: there may be more, drain before waiting
             }
-            Ok(_) => failures = 0,
+            // Fewer than a full round: every row committed before this round's snapshot was
+            // taken, and each row committed since has notified (or will); waiting for that
+            // notification saves a round that would find nothing.
+            Ok(Round::Published(_)) => failures = 0,
+            Ok(Round::NotLeader) => {
+                failures = 0;
+                METRICS.relay_standby_rounds.inc();
+            }
             Err(e) => {
                 let delay = retry.delay(failures);
                 failures += 1;
@@ -123,6 +131,15 @@ pub async fn run(
             ok = notified => if !ok { listener = None },
             _ = tokio::time::sleep(poll) => {}
         }
+        // Notifications that are already here are covered by the round about to start (its
+        // snapshot comes after their commits): one round for all of them, not one each.
+        while let Some(l) = listener.as_mut() {
+            match l.try_recv().now_or_never() {
+                Some(Ok(Some(_))) => {}
+                Some(Ok(None) | Err(_)) => listener = None,
+                None => break,
+            }
+        }
     }
     tracing::info!("relay stopping; flushing producer");
     let _ = producer.flush(Timeout::After(Duration::from_secs(5)));
@@ -135,15 +152,18 @@ async fn listen(pool: &PgPool) -> Option<PgListener> {
     Some(listener)
 }
 
-enum Round {
+/// What one relay round did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Round {
     /// Another relay holds the lock this round.
     NotLeader,
     Published(usize),
 }
 
-/// Publishes up to `limit` unpublished rows in id order and marks them, all inside one
-/// transaction that holds the relay lock.
-async fn publish_round(
+/// One relay round: publishes up to `limit` unpublished rows in id order and marks them, all
+/// inside one transaction that holds the relay lock, which is released when this returns.
+/// `run` loops over it; it is public for tests.
+pub async fn publish_round(
     pool: &PgPool,
     producer: &FutureProducer,
     limit: i64,
@@ -158,6 +178,7 @@ async fn publish_round(
     .fetch_one(&mut *tx)
     .await?;
     if !leader {
+        tx.rollback().await?;
         return Ok(Round::NotLeader);
     }
     let rows: Vec<Row> = sqlx::query_as(
@@ -170,6 +191,12 @@ async fn publish_round(
     .fetch_all(&mut *tx)
     .await?;
     if rows.is_empty() {
+        // Explicitly, not by dropping `tx`: a dropped transaction's rollback only runs when
+        // its connection is next used, and until then it holds the relay lock, so this
+        // relay's next round (on another pooled connection) would find itself "not the
+        // leader" and leave the rows of the notification that woke it waiting for the next
+        // notification or the fallback poll.
+        tx.rollback().await?;
         return Ok(Round::Published(0));
     }
 
