@@ -162,6 +162,49 @@ async fn an_expired_idempotency_key_is_a_new_request() {
     system.stop().await;
 }
 
+/// Expired keys are deleted however many there are: the order worker's first pass clears
+/// 25,000 of them (the sweeper used to delete 1,000 per round, fewer than a busy API stores,
+/// and only after its first interval), while a key that has not expired stays and replays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_idempotency_keys_are_deleted_however_many_and_a_live_key_still_replays() {
+    let env = TestEnv::new(1).await;
+    let system = System::start(&env, &env.settings, NO_WORKERS).await;
+    let api = &system.api;
+    let live = api.place_order(13, "live-key", 700).await.expect(201);
+    sqlx::query(
+        "INSERT INTO idempotency_keys (user_id, key, request_hash, response_status, response_body, expires_at) \
+         SELECT 99, 'old-' || g, '\\x00', 201, '{}', now() - interval '1 minute' \
+         FROM generate_series(1, 25000) AS g",
+    )
+    .execute(&env.pool)
+    .await
+    .expect("expired keys");
+
+    let mut settings = env.settings.clone();
+    // No sweeper round during the test: the expiry must not depend on it.
+    settings.orders.sweep_interval_ms = 3_600_000;
+    let sweeper = spawn_worker(&settings, paystream_processors::orders::sweeper::run);
+    wait_until("the expired keys to be deleted", || async {
+        (env.scalar("SELECT count(*) FROM idempotency_keys WHERE user_id = 99")
+            .await
+            == 0)
+            .then_some(())
+    })
+    .await;
+    sweeper.stop().await;
+    assert_eq!(
+        paystream_processors::telemetry::METRICS
+            .idempotency_keys_expired
+            .get(),
+        25_000,
+        "paystream_idempotency_keys_expired_total counts what was deleted"
+    );
+    let again = api.place_order(13, "live-key", 700).await.expect(201);
+    assert!(again.replayed, "the live key was deleted: {again:?}");
+    assert_eq!(again.id(), live.id());
+    system.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_see_and_touch_only_their_own_orders_and_accounts() {
     let env = TestEnv::new(1).await;

@@ -39,6 +39,7 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
     pub idempotency: IntCounterVec,
+    pub idempotency_keys_expired: IntCounter,
     pub orders_timed_out: IntCounterVec,
     pub outbox_backlog: IntGauge,
     pub outbox_pruned: IntCounter,
@@ -176,6 +177,10 @@ impl Metrics {
                 "Requests with an Idempotency-Key that were not fresh, by result \
                  (replayed, reused_with_other_request, in_flight).",
                 &["result"],
+            ),
+            idempotency_keys_expired: int_counter(
+                "paystream_idempotency_keys_expired_total",
+                "Idempotency keys deleted past their expiry (api.idempotency_retention_hours).",
             ),
             orders_timed_out: counter(
                 "paystream_orders_timed_out_total",
