@@ -254,6 +254,135 @@ async fn a_zombie_worker_cannot_commit_after_a_rebalance() {
     env.assert_invariants().await;
 }
 
+/// Small batches of several partitions commit in one transaction (`processor.group_commit`),
+/// and every partition's stored offset still advances to its end by its own compare-and-set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_batches_of_several_partitions_commit_together_and_each_is_applied_once() {
+    let env = TestEnv::new(3).await;
+    fund_users(&env).await;
+    let worker = env.spawn_account_processor(env.settings.clone());
+    // Rounds of a few orders, each round after the previous one is applied: every round is a
+    // small batch on each partition its users hash to.
+    let (rounds, per_round) = (20, 12);
+    for round in 0..rounds {
+        produce_orders(&env, round * per_round..(round + 1) * per_round).await;
+        env.wait_consumed((round + 1) * per_round).await;
+    }
+    worker.stop().await;
+    assert_each_order_debited_once(&env, rounds * per_round).await;
+    let partitions = METRICS.batch_partitions.with_label_values(&["account"]);
+    assert!(
+        partitions.get_sample_sum() > partitions.get_sample_count() as f64,
+        "no batch transaction held more than one partition ({} transactions)",
+        partitions.get_sample_count()
+    );
+    // The topic holds only these orders: each partition's stored offset is one past the last
+    // of its messages that was applied, and all of them were.
+    let ends: Vec<(i32, i64, i64, i64)> = sqlx::query_as(
+        "SELECT o.partition, o.next_offset, max(p.\"offset\") + 1, count(*) \
+         FROM consumer_offsets o JOIN processed_events p USING (consumer_group, topic, partition) \
+         WHERE o.consumer_group = $1 GROUP BY o.partition, o.next_offset ORDER BY o.partition",
+    )
+    .bind(&env.settings.processor.account_group)
+    .fetch_all(&env.pool)
+    .await
+    .expect("offsets");
+    assert_eq!(ends.len(), 3, "every partition got orders: {ends:?}");
+    for (partition, next_offset, after_last, applied) in ends {
+        assert_eq!(
+            next_offset, after_last,
+            "partition {partition}: {next_offset} stored"
+        );
+        assert_eq!(
+            applied, next_offset,
+            "partition {partition}: a message was not applied"
+        );
+    }
+}
+
+/// One partition of a transaction that holds several partitions' batches is claimed away
+/// while the transaction runs (here by bumping its claim epoch, as another worker's claim
+/// does). Its refused compare-and-set rolls the whole transaction back; the worker commits the
+/// other partitions without it, and applies nothing of the claimed partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_claimed_away_during_a_shared_transaction_is_left_out_and_the_rest_commit() {
+    let env = TestEnv::new(3).await;
+    fund_users(&env).await;
+    let mut stalled = env.settings.clone();
+    stalled.processor.stall_before_commit_ms = 2_000;
+    let worker = env.spawn_account_processor(stalled);
+    // Once the worker fetches all three partitions, orders produced at once reach it in one
+    // poll window, and one transaction holds all three partitions' batches.
+    wait_until("the worker to claim every partition", || async {
+        (env.scalar("SELECT count(*) FROM consumer_offsets").await == 3).then_some(())
+    })
+    .await;
+    produce_orders(&env, 0..30).await;
+    wait_until("the worker to sit inside its batch transaction", || async {
+        (env.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'idle in transaction'").await > 0).then_some(())
+    })
+    .await;
+    // Partition 2 comes last in the transaction: its compare-and-set is the third.
+    sqlx::query(
+        "UPDATE consumer_offsets SET epoch = epoch + 1 WHERE consumer_group = $1 AND partition = 2",
+    )
+    .bind(&env.settings.processor.account_group)
+    .execute(&env.pool)
+    .await
+    .expect("claim partition 2 away");
+    wait_until(
+        "partitions 0 and 1 to commit without partition 2",
+        || async {
+            (env.scalar(
+            "SELECT count(*) FROM consumer_offsets WHERE partition IN (0, 1) AND next_offset > 0",
+        )
+        .await
+            == 2)
+            .then_some(())
+        },
+    )
+    .await;
+    worker.stop().await;
+
+    assert_eq!(
+        METRICS.fenced_commits.with_label_values(&["account"]).get(),
+        1,
+        "partition 2's compare-and-set must be refused once"
+    );
+    let together = METRICS.batch_partitions.with_label_values(&["account"]);
+    assert_eq!(
+        (together.get_sample_count(), together.get_sample_sum()),
+        (1, 2.0),
+        "one transaction must have committed partitions 0 and 1 together"
+    );
+    assert_eq!(
+        env.scalar("SELECT count(*) FROM processed_events WHERE partition = 2")
+            .await,
+        0,
+        "nothing of the claimed partition may be applied"
+    );
+    assert_eq!(
+        env.scalar("SELECT next_offset FROM consumer_offsets WHERE partition = 2")
+            .await,
+        0
+    );
+    let applied = env.scalar("SELECT count(*) FROM processed_events").await;
+    assert!(applied > 0 && applied < 30, "{applied} of 30 applied");
+    assert_eq!(
+        env.scalar(
+            "SELECT sum(next_offset)::bigint FROM consumer_offsets WHERE partition IN (0, 1)"
+        )
+        .await,
+        applied
+    );
+    assert_eq!(
+        env.scalar("SELECT count(*) FROM transfers WHERE kind = 'DEBIT'")
+            .await,
+        applied
+    );
+    env.assert_invariants().await;
+}
+
 /// SIGTERM: the worker finishes (or abandons) its in-flight batch, leaves the group and exits
 /// 0; what it committed is consistent and a successor carries on from the stored offsets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

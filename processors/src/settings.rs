@@ -54,6 +54,7 @@ pub struct ProcessorSettings {
     pub account_group: String,
     pub batch_max: usize,
     pub batch_linger_ms: u64,
+    pub group_commit: bool,
     pub max_event_bytes: usize,
     pub settlement_shards: i32,
     pub retry_initial_ms: u64,

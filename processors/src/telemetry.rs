@@ -27,6 +27,7 @@ pub struct Metrics {
     pub registry: Registry,
     pub events_consumed: IntCounterVec,
     pub batch_size: HistogramVec,
+    pub batch_partitions: HistogramVec,
     pub batch_duration: HistogramVec,
     pub consume_delay: HistogramVec,
     pub retries: IntCounterVec,
@@ -104,9 +105,15 @@ impl Metrics {
             ),
             batch_size: histogram(
                 "paystream_batch_size",
-                "Messages per partition batch transaction.",
+                "Messages per batch transaction (all of its partitions).",
                 &["processor"],
                 exponential_buckets(1.0, 2.0, 12).expect("valid buckets"),
+            ),
+            batch_partitions: histogram(
+                "paystream_batch_partitions",
+                "Partitions committed together in one batch transaction (processor.group_commit).",
+                &["processor"],
+                vec![1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0],
             ),
             batch_duration: histogram(
                 "paystream_batch_transaction_duration_seconds",

@@ -4,10 +4,12 @@
 //! PostgreSQL **exactly once**, in partition order, whatever crashes, redeliveries or
 //! rebalances happen. What makes that hold:
 //!
-//! 1. One PostgreSQL transaction per batch of messages from one partition writes the
-//!    business effects, the outbox rows for what the processor emits (dead letters
-//!    included), the ids of the applied events, and the partition's new stored offset.
-//!    Either all of it commits or none of it does.
+//! 1. One PostgreSQL transaction per batch writes the business effects, the outbox rows for
+//!    what the processor emits (dead letters included), the ids of the applied events, and
+//!    the new stored offset of each partition in the batch. Either all of it commits or none
+//!    of it does. A batch is one partition's messages, or, at a steady rate, the small
+//!    batches of several partitions that became ready together (`processor.group_commit`),
+//!    each partition's offset by its own compare-and-set in the same transaction.
 //! 2. Positions come from PostgreSQL, not from Kafka: on assignment the worker *claims*
 //!    each partition (bumping its epoch) and starts fetching at the stored offset.
 //! 3. The stored offset only advances by compare-and-set on (epoch, offset) read at claim
@@ -20,10 +22,11 @@
 //!
 //! The Kafka client runs on its own thread: rebalance callbacks must talk to PostgreSQL
 //! synchronously (claim, then assign at the stored offsets), which a runtime worker thread
-//! must not do. That thread only fetches and queues; each partition with queued messages
-//! has one *lane* task on the runtime that applies its queue a batch at a time, in order.
-//! So fetching goes on while batches commit, partitions commit in parallel, and one
-//! partition never has two batches in flight. A batch stuck for half of
+//! must not do. That thread only fetches and queues; partitions with queued messages are
+//! applied by *lane* tasks on the runtime, a batch at a time, in order: one lane for the
+//! partitions that became ready together while their batches are small, one lane each once
+//! they are large (a backlog). So fetching goes on while batches commit, a backlog's
+//! partitions commit in parallel, and one partition never has two batches in flight. A batch stuck for half of
 //! `max.poll.interval.ms` stops the fetching, so that Kafka's liveness check moves the
 //! partitions to a healthy worker, as it would for a stuck poll loop.
 
@@ -210,7 +213,8 @@ pub(super) struct Position {
 
 #[derive(Debug)]
 enum BatchError {
-    Fenced,
+    /// This partition's commit was refused (the whole transaction rolled back).
+    Fenced(i32),
     Cancelled,
 }
 
@@ -523,6 +527,7 @@ fn consume<H: Handler>(
             by_partition.entry(msg.partition).or_default().push(msg);
         }
         let mut states = lock(&partitions);
+        let mut starting = Vec::new();
         for (partition, mut msgs) in by_partition {
             let Some(state) = states.get_mut(&partition).filter(|s| !s.fenced && !s.held) else {
                 continue;
@@ -553,7 +558,17 @@ fn consume<H: Handler>(
             state.queue.extend(msgs);
             if !state.running {
                 state.running = true;
-                tasks.push(handle.spawn(lanes.clone().run(partition, state.epoch)));
+                starting.push((partition, state.epoch));
+            }
+        }
+        drop(states);
+        if settings.processor.group_commit {
+            if !starting.is_empty() {
+                tasks.push(handle.spawn(lanes.clone().run(starting)));
+            }
+        } else {
+            for member in starting {
+                tasks.push(handle.spawn(lanes.clone().run(vec![member])));
             }
         }
     }
@@ -584,51 +599,125 @@ impl<H> Clone for Lanes<H> {
 }
 
 impl<H: Handler> Lanes<H> {
-    /// Applies `partition`'s queue, a batch at a time, until it is empty, the claim `epoch`
-    /// is gone (revoked or re-claimed), the worker is fenced, or it is cancelled.
-    async fn run(self, partition: i32, epoch: i64) {
+    /// Applies the queues of `members` (partition, claim epoch) until they are empty, a
+    /// claim is gone (revoked or re-claimed), a partition is fenced, or the worker is
+    /// cancelled. While more than one member has messages and their batches are small, one
+    /// transaction commits them all: at a steady rate every partition of a poll window has a
+    /// few messages, and a transaction per partition would cost a commit, a relay round and
+    /// about ten round trips each. Once the members' batches together fill `batch_max` (a
+    /// backlog), each goes on in a lane of its own, and partitions commit in parallel.
+    async fn run(self, members: Vec<(i32, i64)>) {
         let batch_max = self.runner.config.settings.processor.batch_max;
+        let mut members = members;
         loop {
-            let (at, batch) = {
+            // Take each member's next batch; a member with nothing left leaves.
+            let mut taken: Vec<(i32, i64, Position, Vec<InboundMessage>)> = Vec::new();
+            {
                 let mut states = lock(&self.partitions);
-                let Some(state) = states.get_mut(&partition).filter(|s| s.epoch == epoch) else {
-                    return; // revoked or re-claimed; the new claim has its own lane
-                };
-                if state.queue.is_empty() || state.fenced {
-                    state.running = false;
-                    return;
-                }
-                let n = state.queue.len().min(batch_max);
-                let batch: Vec<InboundMessage> = state.queue.drain(..n).collect();
-                state.batch_started = Some(Instant::now());
-                (
-                    Position {
+                members.retain(|&(partition, epoch)| {
+                    let Some(state) = states.get_mut(&partition).filter(|s| s.epoch == epoch)
+                    else {
+                        return false; // revoked or re-claimed; the new claim has its own lane
+                    };
+                    if state.queue.is_empty() || state.fenced {
+                        state.running = false;
+                        return false;
+                    }
+                    let n = state.queue.len().min(batch_max);
+                    let batch: Vec<InboundMessage> = state.queue.drain(..n).collect();
+                    state.batch_started = Some(Instant::now());
+                    let at = Position {
                         epoch,
                         next_offset: state.next_offset,
-                    },
-                    batch,
-                )
-            };
-            let result = self.runner.run(partition, at, &batch).await;
-            let mut states = lock(&self.partitions);
-            let Some(state) = states.get_mut(&partition).filter(|s| s.epoch == epoch) else {
+                    };
+                    taken.push((partition, epoch, at, batch));
+                    true
+                });
+            }
+            if taken.is_empty() {
                 return;
-            };
-            state.batch_started = None;
-            match result {
-                Ok(next_offset) => {
-                    state.next_offset = next_offset;
-                    let _ = self.committed.send((partition, epoch, next_offset));
+            }
+            let total: usize = taken.iter().map(|t| t.3.len()).sum();
+            let together = taken.len() > 1 && total < batch_max;
+            if taken.len() > 1 && !together {
+                // A backlog: put the batches back and give every member its own lane.
+                {
+                    let mut states = lock(&self.partitions);
+                    for (partition, epoch, _, batch) in taken.into_iter().rev() {
+                        if let Some(state) = states.get_mut(&partition).filter(|s| s.epoch == epoch)
+                        {
+                            state.batch_started = None;
+                            for msg in batch.into_iter().rev() {
+                                state.queue.push_front(msg);
+                            }
+                        }
+                    }
                 }
-                Err(BatchError::Fenced) => {
-                    state.fenced = true;
-                    state.queue.clear();
-                    state.running = false;
-                    return;
-                }
-                Err(BatchError::Cancelled) => {
-                    state.running = false;
-                    return;
+                join_all(
+                    members
+                        .into_iter()
+                        .map(|m| Box::pin(self.clone().run(vec![m]))),
+                )
+                .await;
+                return;
+            }
+            let mut pending = taken;
+            // A fenced member is dropped and the others are tried again at once: their
+            // transaction was rolled back with it.
+            loop {
+                let parts: Vec<PartBatch<'_>> = pending
+                    .iter()
+                    .map(|(partition, _, at, batch)| PartBatch {
+                        partition: *partition,
+                        at: *at,
+                        msgs: batch,
+                    })
+                    .collect();
+                let result = self.runner.run(&parts).await;
+                let mut states = lock(&self.partitions);
+                match result {
+                    Ok(next_offsets) => {
+                        for ((partition, epoch, _, _), next_offset) in
+                            pending.iter().zip(next_offsets)
+                        {
+                            if let Some(state) =
+                                states.get_mut(partition).filter(|s| s.epoch == *epoch)
+                            {
+                                state.batch_started = None;
+                                state.next_offset = next_offset;
+                                let _ = self.committed.send((*partition, *epoch, next_offset));
+                            }
+                        }
+                        break;
+                    }
+                    Err(BatchError::Fenced(fenced)) => {
+                        if let Some((_, epoch, _, _)) = pending.iter().find(|p| p.0 == fenced) {
+                            if let Some(state) =
+                                states.get_mut(&fenced).filter(|s| s.epoch == *epoch)
+                            {
+                                state.batch_started = None;
+                                state.fenced = true;
+                                state.queue.clear();
+                                state.running = false;
+                            }
+                        }
+                        pending.retain(|p| p.0 != fenced);
+                        members.retain(|m| m.0 != fenced);
+                        if pending.is_empty() {
+                            break;
+                        }
+                    }
+                    Err(BatchError::Cancelled) => {
+                        for (partition, epoch, _, _) in &pending {
+                            if let Some(state) =
+                                states.get_mut(partition).filter(|s| s.epoch == *epoch)
+                            {
+                                state.batch_started = None;
+                                state.running = false;
+                            }
+                        }
+                        return;
+                    }
                 }
             }
         }
@@ -888,57 +977,93 @@ struct BatchRunner<H> {
     cancel: CancellationToken,
 }
 
+/// Where a message sits in a batch transaction: (part, index in the part).
+type Slot = (usize, usize);
+
+/// One partition's part of a batch transaction: the messages and the position they start from.
+struct PartBatch<'a> {
+    partition: i32,
+    at: Position,
+    msgs: &'a [InboundMessage],
+}
+
+impl PartBatch<'_> {
+    /// The stored offset once this part commits.
+    fn next_offset(&self) -> i64 {
+        self.msgs
+            .last()
+            .map_or(self.at.next_offset, |m| m.offset + 1)
+    }
+}
+
+/// How one try of a batch transaction ended, when the database answered.
+enum Attempt {
+    /// Committed; one outcome per message, per part.
+    Committed(Vec<Vec<Outcome>>),
+    /// The compare-and-set of this partition's offset was refused: this worker no longer owns
+    /// it. Everything was rolled back, the other parts included.
+    Fenced(i32),
+}
+
 impl<H: Handler> BatchRunner<H> {
-    /// Applies one partition's batch, retrying transient failures until it commits, the
-    /// worker is fenced, or the worker is cancelled. Returns the new stored offset.
-    async fn run(
-        &self,
-        partition: i32,
-        state: Position,
-        msgs: &[InboundMessage],
-    ) -> Result<i64, BatchError> {
+    /// Applies the parts of one batch transaction (one partition's messages, or several
+    /// partitions' small batches committed together), retrying transient failures until it
+    /// commits, a partition is fenced, or the worker is cancelled. Returns the new stored
+    /// offset of each part.
+    async fn run(&self, parts: &[PartBatch<'_>]) -> Result<Vec<i64>, BatchError> {
         let name = self.handler.name();
         let mut attempt = 0;
         loop {
             let started = Instant::now();
-            match self.attempt(partition, state, msgs).await {
-                Ok(Some(outcomes)) => {
+            match self.attempt(parts).await {
+                Ok(Attempt::Committed(outcomes)) => {
                     let elapsed = started.elapsed().as_secs_f64();
                     METRICS
                         .batch_duration
                         .with_label_values(&[name])
                         .observe(elapsed);
+                    let messages: usize = parts.iter().map(|p| p.msgs.len()).sum();
                     METRICS
                         .batch_size
                         .with_label_values(&[name])
-                        .observe(msgs.len() as f64);
-                    for outcome in &outcomes {
+                        .observe(messages as f64);
+                    METRICS
+                        .batch_partitions
+                        .with_label_values(&[name])
+                        .observe(parts.len() as f64);
+                    for outcome in outcomes.iter().flatten() {
                         METRICS
                             .events_consumed
                             .with_label_values(&[name, &self.config.topic, outcome.label()])
                             .inc();
                     }
-                    let last = msgs.last().map_or(state.next_offset, |m| m.offset + 1);
-                    tracing::debug!(
-                        processor = name,
-                        partition,
-                        stored = state.next_offset,
-                        first = msgs.first().map(|m| m.offset),
-                        next = last,
-                        "batch committed"
-                    );
-                    return Ok(last);
+                    for part in parts {
+                        tracing::debug!(
+                            processor = name,
+                            partition = part.partition,
+                            stored = part.at.next_offset,
+                            first = part.msgs.first().map(|m| m.offset),
+                            next = part.next_offset(),
+                            together = parts.len(),
+                            "batch committed"
+                        );
+                    }
+                    return Ok(parts.iter().map(PartBatch::next_offset).collect());
                 }
-                Ok(None) => {
+                Ok(Attempt::Fenced(partition)) => {
                     METRICS.fenced_commits.with_label_values(&[name]).inc();
+                    let at = parts
+                        .iter()
+                        .find(|p| p.partition == partition)
+                        .map(|p| p.at);
                     tracing::warn!(
                         processor = name,
                         partition,
-                        epoch = state.epoch,
-                        offset = state.next_offset,
+                        epoch = at.map(|a| a.epoch),
+                        offset = at.map(|a| a.next_offset),
                         "commit fenced: this worker no longer owns the partition; batch rolled back"
                     );
-                    return Err(BatchError::Fenced);
+                    return Err(BatchError::Fenced(partition));
                 }
                 Err(e) => {
                     let class = classify(&e);
@@ -947,10 +1072,11 @@ impl<H: Handler> BatchRunner<H> {
                         .with_label_values(&[name, class.as_str()])
                         .inc();
                     let delay = self.retry.delay(attempt);
+                    let partitions: Vec<i32> = parts.iter().map(|p| p.partition).collect();
                     if class == ErrorClass::Transient {
-                        tracing::warn!(processor = name, partition, attempt, error = %e, ?delay, "transient failure; retrying batch");
+                        tracing::warn!(processor = name, ?partitions, attempt, error = %e, ?delay, "transient failure; retrying batch");
                     } else {
-                        tracing::error!(processor = name, partition, attempt, error = ?e, ?delay, "unexpected failure; retrying batch (nothing is skipped)");
+                        tracing::error!(processor = name, ?partitions, attempt, error = ?e, ?delay, "unexpected failure; retrying batch (nothing is skipped)");
                     }
                     tokio::select! {
                         _ = self.cancel.cancelled() => return Err(BatchError::Cancelled),
@@ -962,30 +1088,29 @@ impl<H: Handler> BatchRunner<H> {
         }
     }
 
-    /// One try. `Ok(None)`: fenced, rolled back.
-    async fn attempt(
-        &self,
-        partition: i32,
-        state: Position,
-        msgs: &[InboundMessage],
-    ) -> Result<Option<Vec<Outcome>>, sqlx::Error> {
+    /// One try of one batch transaction.
+    async fn attempt(&self, parts: &[PartBatch<'_>]) -> Result<Attempt, sqlx::Error> {
         let settings = &self.config.settings;
         let group = &self.config.group;
-        let mut outcomes: Vec<Option<Outcome>> = vec![None; msgs.len()];
-        let mut decoded: Vec<(usize, Fresh<H::Event>)> = Vec::with_capacity(msgs.len());
-        for (i, msg) in msgs.iter().enumerate() {
-            let result =
-                decode_envelope(msg.payload.as_deref(), settings.processor.max_event_bytes)
-                    .and_then(|raw| {
-                        Ok(Fresh {
-                            event_id: raw.event_id,
-                            event: self.handler.decode(&raw)?,
-                            raw,
-                        })
-                    });
-            match result {
-                Ok(fresh) => decoded.push((i, fresh)),
-                Err(poison) => outcomes[i] = Some(Outcome::DeadLettered(poison)),
+        // Outcomes per part, per message; decoded events in (part, message) order.
+        let mut outcomes: Vec<Vec<Option<Outcome>>> =
+            parts.iter().map(|p| vec![None; p.msgs.len()]).collect();
+        let mut decoded: Vec<(Slot, Fresh<H::Event>)> = Vec::new();
+        for (k, part) in parts.iter().enumerate() {
+            for (i, msg) in part.msgs.iter().enumerate() {
+                let result =
+                    decode_envelope(msg.payload.as_deref(), settings.processor.max_event_bytes)
+                        .and_then(|raw| {
+                            Ok(Fresh {
+                                event_id: raw.event_id,
+                                event: self.handler.decode(&raw)?,
+                                raw,
+                            })
+                        });
+                match result {
+                    Ok(fresh) => decoded.push(((k, i), fresh)),
+                    Err(poison) => outcomes[k][i] = Some(Outcome::DeadLettered(poison)),
+                }
             }
         }
 
@@ -995,62 +1120,66 @@ impl<H: Handler> BatchRunner<H> {
         // again at the end, so that a replay after a fix can apply them.
         let mut in_batch = HashSet::new();
         let mut claims = ProcessedRows::default();
-        for (i, f) in &decoded {
+        for ((k, i), f) in &decoded {
             if in_batch.insert(f.event_id) {
-                claims.push(f.event_id, msgs[*i].offset);
+                claims.push(f.event_id, parts[*k].partition, parts[*k].msgs[*i].offset);
             } else {
-                outcomes[*i] = Some(Outcome::Duplicate);
+                outcomes[*k][*i] = Some(Outcome::Duplicate);
             }
         }
         let mut tx = self.pool.begin().await?;
-        let claimed = claims
-            .claim(&mut tx, group, &self.config.topic, partition)
-            .await?;
-        let (positions, fresh): (Vec<usize>, Vec<Fresh<H::Event>>) = decoded
+        let claimed = claims.claim(&mut tx, group, &self.config.topic).await?;
+        let (positions, fresh): (Vec<Slot>, Vec<Fresh<H::Event>>) = decoded
             .into_iter()
-            .filter(|(i, f)| {
-                if outcomes[*i].is_some() {
+            .filter(|((k, i), f)| {
+                if outcomes[*k][*i].is_some() {
                     return false; // a repeat within the batch
                 }
                 let new = claimed.contains(&f.event_id);
                 if !new {
-                    outcomes[*i] = Some(Outcome::Duplicate);
+                    outcomes[*k][*i] = Some(Outcome::Duplicate);
                 }
                 new
             })
             .unzip();
 
-        let applied = self.handler.apply(&mut tx, partition, &fresh).await?;
+        // One handler call for every part: the settlement side takes the first part's shard.
+        let applied = self
+            .handler
+            .apply(&mut tx, parts[0].partition, &fresh)
+            .await?;
         let mut unclaim = Vec::new();
-        for ((i, f), outcome) in positions.into_iter().zip(&fresh).zip(applied.outcomes) {
+        for (((k, i), f), outcome) in positions.into_iter().zip(&fresh).zip(applied.outcomes) {
             if matches!(outcome, Outcome::DeadLettered(_)) {
                 unclaim.push(f.event_id);
             }
-            outcomes[i] = Some(outcome);
+            outcomes[k][i] = Some(outcome);
         }
 
-        let outcomes: Vec<Outcome> = outcomes
+        let outcomes: Vec<Vec<Outcome>> = outcomes
             .into_iter()
-            .map(|o| o.unwrap_or(Outcome::Ignored))
+            .map(|part| {
+                part.into_iter()
+                    .map(|o| o.unwrap_or(Outcome::Ignored))
+                    .collect()
+            })
             .collect();
-        let dead_letters: Vec<OutboxRow> = msgs
-            .iter()
-            .zip(&outcomes)
-            .filter_map(|(msg, outcome)| match outcome {
-                Outcome::DeadLettered(poison) => {
-                    tracing::warn!(partition, offset = msg.offset, class = poison.class.as_str(), error = %poison.message, "dead-lettering poison message");
-                    Some(dlq::dead_letter(
+        let mut dead_letters: Vec<OutboxRow> = Vec::new();
+        for (part, part_outcomes) in parts.iter().zip(&outcomes) {
+            for (msg, outcome) in part.msgs.iter().zip(part_outcomes) {
+                if let Outcome::DeadLettered(poison) = outcome {
+                    tracing::warn!(partition = part.partition, offset = msg.offset, class = poison.class.as_str(), error = %poison.message, "dead-lettering poison message");
+                    dead_letters.push(dlq::dead_letter(
                         &self.config.dead_letter_topic,
                         group,
                         msg,
                         poison,
                         self.config.settings.dlq.max_attempts,
                         self.config.settings.kafka.message_max_bytes,
-                    ))
+                    ));
                 }
-                _ => None,
-            })
-            .collect();
+            }
+        }
 
         if settings.processor.stall_before_commit_ms > 0 {
             tokio::time::sleep(Duration::from_millis(
@@ -1058,35 +1187,45 @@ impl<H: Handler> BatchRunner<H> {
             ))
             .await;
         }
-        let last = msgs.last().map_or(state.next_offset, |m| m.offset + 1);
-        let close = offsets::Close {
-            group,
-            topic: &self.config.topic,
-            partition,
-            at: state,
-            next_offset: last,
-            last_fp: msgs.last().map(InboundMessage::fingerprint),
-            outbox: outbox::Columns::new(applied.emitted.iter().chain(&dead_letters)),
-            unclaim: &unclaim,
-        };
-        if !close.execute(&mut tx).await? {
-            tx.rollback().await?;
-            return Ok(None);
+        // One closing statement per part: its offset's compare-and-set. The first also
+        // carries the outbox rows and the unclaims.
+        for (k, part) in parts.iter().enumerate() {
+            let first = k == 0;
+            let close = offsets::Close {
+                group,
+                topic: &self.config.topic,
+                partition: part.partition,
+                at: part.at,
+                next_offset: part.next_offset(),
+                last_fp: part.msgs.last().map(InboundMessage::fingerprint),
+                outbox: if first {
+                    outbox::Columns::new(applied.emitted.iter().chain(&dead_letters))
+                } else {
+                    outbox::Columns::default()
+                },
+                unclaim: if first { &unclaim } else { &[] },
+            };
+            if !close.execute(&mut tx).await? {
+                tx.rollback().await?;
+                return Ok(Attempt::Fenced(part.partition));
+            }
         }
         tx.commit().await?;
-        Ok(Some(outcomes))
+        Ok(Attempt::Committed(outcomes))
     }
 }
 
 #[derive(Default)]
 struct ProcessedRows {
     event_ids: Vec<Uuid>,
+    partitions: Vec<i32>,
     offsets: Vec<i64>,
 }
 
 impl ProcessedRows {
-    fn push(&mut self, event_id: Uuid, offset: i64) {
+    fn push(&mut self, event_id: Uuid, partition: i32, offset: i64) {
         self.event_ids.push(event_id);
+        self.partitions.push(partition);
         self.offsets.push(offset);
     }
 
@@ -1096,7 +1235,6 @@ impl ProcessedRows {
         conn: &mut PgConnection,
         group: &str,
         topic: &str,
-        partition: i32,
     ) -> Result<HashSet<Uuid>, sqlx::Error> {
         if self.event_ids.is_empty() {
             return Ok(HashSet::new());
@@ -1104,7 +1242,7 @@ impl ProcessedRows {
         let claimed: Vec<Uuid> = sqlx::query_scalar(
             r#"
             INSERT INTO processed_events (consumer_group, event_id, topic, partition, "offset")
-            SELECT $1, e, $3, $4, o FROM unnest($2::uuid[], $5::bigint[]) AS t(e, o)
+            SELECT $1, e, $3, p, o FROM unnest($2::uuid[], $4::int[], $5::bigint[]) AS t(e, p, o)
             ON CONFLICT DO NOTHING
             RETURNING event_id
             "#,
@@ -1112,7 +1250,7 @@ impl ProcessedRows {
         .bind(group)
         .bind(&self.event_ids)
         .bind(topic)
-        .bind(partition)
+        .bind(&self.partitions)
         .bind(&self.offsets)
         .fetch_all(conn)
         .await?;
