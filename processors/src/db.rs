@@ -47,6 +47,19 @@ pub struct Pruning {
     pub counter: IntCounter,
 }
 
+/// Starts `run_pruning` as a task of its own that stops when `cancel` fires or when the
+/// returned guard is dropped (the part it belongs to stopped or failed).
+#[must_use = "pruning stops when the guard is dropped"]
+pub fn spawn_pruning(
+    pool: &PgPool,
+    pruning: Pruning,
+    cancel: &CancellationToken,
+) -> tokio_util::sync::DropGuard {
+    let stop = cancel.child_token();
+    tokio::spawn(run_pruning(pool.clone(), pruning, stop.clone()));
+    stop.drop_guard()
+}
+
 /// Prunes now and then every `interval`, until `cancel` fires. A task of its own, so a long
 /// prune never holds up the work next to it; failures are logged and retried at the next
 /// interval (a late prune costs only disk).

@@ -238,11 +238,8 @@ pub async fn run<H: Handler>(
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let name = handler.name();
     // Stops with the worker, whether it was cancelled or failed.
-    let stop_pruning = cancel.child_token();
-    let _stop_pruning = stop_pruning.clone().drop_guard();
-    if let Some(pruning) = retention::pruning(name, &config.group, &config.settings.processor) {
-        tokio::spawn(crate::db::run_pruning(pool.clone(), pruning, stop_pruning));
-    }
+    let _pruning = retention::pruning(name, &config.group, &config.settings.processor)
+        .map(|pruning| crate::db::spawn_pruning(&pool, pruning, &cancel));
     std::thread::Builder::new()
         .name(format!("{name}-consumer"))
         .spawn(move || {

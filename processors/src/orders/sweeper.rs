@@ -31,10 +31,8 @@ pub async fn run(
         timeout_s = timeout.as_secs(),
         "payment timeout sweeper started"
     );
-    let stop_expiry = cancel.child_token();
-    let _stop_expiry = stop_expiry.clone().drop_guard();
-    tokio::spawn(crate::db::run_pruning(
-        pool.clone(),
+    let _expiry = crate::db::spawn_pruning(
+        &pool,
         Pruning {
             what: "expired idempotency keys",
             sql: IDEMPOTENCY_EXPIRY_SQL,
@@ -45,8 +43,8 @@ pub async fn run(
             interval: IDEMPOTENCY_EXPIRY_INTERVAL,
             counter: crate::telemetry::METRICS.idempotency_keys_expired.clone(),
         },
-        stop_expiry,
-    ));
+        &cancel,
+    );
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return Ok(()),

@@ -68,10 +68,8 @@ pub async fn run(
     let mut listener: Option<PgListener> = None;
     // Pruning runs beside the publishing, so that it happens under a steady load too (the
     // loop below drains without pausing while rows keep coming) and never delays a round.
-    let stop_pruning = cancel.child_token();
-    let _stop_pruning = stop_pruning.clone().drop_guard();
-    tokio::spawn(crate::db::run_pruning(
-        pool.clone(),
+    let _pruning = crate::db::spawn_pruning(
+        &pool,
         Pruning {
             what: "published outbox rows",
             sql: PRUNE_SQL,
@@ -80,8 +78,8 @@ pub async fn run(
             interval: Duration::from_secs(settings.relay.prune_interval_s.max(1)),
             counter: METRICS.outbox_pruned.clone(),
         },
-        stop_pruning,
-    ));
+        &cancel,
+    );
     let mut failures = 0;
     tracing::info!("relay started");
 
