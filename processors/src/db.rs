@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use prometheus::IntCounter;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, PgPool};
+use sqlx::{ConnectOptions, PgPool, Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 
 use crate::settings::DatabaseSettings;
@@ -105,6 +105,18 @@ impl Pruning {
             }
         }
         Ok(total)
+    }
+}
+
+/// Rolls a transaction back now instead of on drop. Dropping a transaction only queues its
+/// ROLLBACK, which sqlx sends when the connection is next used, so until then its locks (row
+/// locks, advisory locks) outlive the code that took them, and whoever waits on them waits for
+/// nothing. Every path that gives up on an open transaction, after a refusal or a failure,
+/// ends it with this.
+pub async fn release(tx: Transaction<'_, Postgres>) {
+    if let Err(error) = tx.rollback().await {
+        // The connection is unusable and will be closed, which ends the session and its locks.
+        tracing::warn!(%error, "rolling back a transaction failed");
     }
 }
 

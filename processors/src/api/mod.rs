@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use self::auth::RateLimiter;
 use self::error::ApiError;
 use self::idempotency::IdempotentRequest;
+use crate::db::release;
 use crate::ops::OpsState;
 use crate::settings::Settings;
 use crate::telemetry::METRICS;
@@ -143,7 +144,9 @@ async fn observe(
 }
 
 /// A mutating call after its key was claimed: either a stored response to replay, or an open
-/// transaction that holds the key.
+/// transaction that holds the key. Refusals roll back with `db::release` before the response
+/// goes out: a dropped transaction would keep the key's advisory lock until its connection is
+/// next used, and a client retrying at once would be told the key is still in use.
 enum Begun {
     Replay(Response),
     Fresh(Transaction<'static, Postgres>),
@@ -193,16 +196,6 @@ async fn finish(
     }
     tx.commit().await?;
     Ok((status, axum::Json(body)).into_response())
-}
-
-/// Rolls back now instead of on drop. Dropping a transaction only queues its ROLLBACK, which
-/// sqlx sends after the response is out, so the key's advisory lock would outlive the response
-/// and a client retrying at once would be told the key is still in use.
-async fn release(tx: Transaction<'static, Postgres>) {
-    if let Err(error) = tx.rollback().await {
-        // The connection is unusable and will be closed, which ends the session and its locks.
-        tracing::warn!(%error, "rolling back an API transaction failed");
-    }
 }
 
 /// A path id: anything that is not a positive integer names nothing, so it is a 404.

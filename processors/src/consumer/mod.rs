@@ -1088,7 +1088,6 @@ impl<H: Handler> BatchRunner<H> {
     /// One try of one batch transaction.
     async fn attempt(&self, parts: &[PartBatch<'_>]) -> Result<Attempt, sqlx::Error> {
         let settings = &self.config.settings;
-        let group = &self.config.group;
         // Outcomes per part, per message; decoded events in (part, message) order.
         let mut outcomes: Vec<Vec<Option<Outcome>>> =
             parts.iter().map(|p| vec![None; p.msgs.len()]).collect();
@@ -1125,7 +1124,40 @@ impl<H: Handler> BatchRunner<H> {
             }
         }
         let mut tx = self.pool.begin().await?;
-        let claimed = claims.claim(&mut tx, group, &self.config.topic).await?;
+        match self
+            .in_transaction(&mut tx, parts, claims, decoded, outcomes)
+            .await
+        {
+            Ok(Attempt::Committed(outcomes)) => {
+                tx.commit().await?;
+                Ok(Attempt::Committed(outcomes))
+            }
+            Ok(fenced) => {
+                tx.rollback().await?;
+                Ok(fenced)
+            }
+            Err(e) => {
+                // At once, not on drop: an aborted transaction keeps its row locks until its
+                // rollback runs, and the retry (or another worker) would wait on them.
+                crate::db::release(tx).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The statements of one batch transaction, up to its commit: `Committed` means ready
+    /// to commit, `Fenced` that a compare-and-set was refused and it must roll back.
+    async fn in_transaction(
+        &self,
+        tx: &mut PgConnection,
+        parts: &[PartBatch<'_>],
+        claims: ProcessedRows,
+        decoded: Vec<(Slot, Fresh<H::Event>)>,
+        mut outcomes: Vec<Vec<Option<Outcome>>>,
+    ) -> Result<Attempt, sqlx::Error> {
+        let settings = &self.config.settings;
+        let group = &self.config.group;
+        let claimed = claims.claim(&mut *tx, group, &self.config.topic).await?;
         let (positions, fresh): (Vec<Slot>, Vec<Fresh<H::Event>>) = decoded
             .into_iter()
             .filter(|((k, i), f)| {
@@ -1143,7 +1175,7 @@ impl<H: Handler> BatchRunner<H> {
         // One handler call for every part: the settlement side takes the first part's shard.
         let applied = self
             .handler
-            .apply(&mut tx, parts[0].partition, &fresh)
+            .apply(&mut *tx, parts[0].partition, &fresh)
             .await?;
         let mut unclaim = Vec::new();
         for (((k, i), f), outcome) in positions.into_iter().zip(&fresh).zip(applied.outcomes) {
@@ -1202,12 +1234,10 @@ impl<H: Handler> BatchRunner<H> {
                 },
                 unclaim: if first { &unclaim } else { &[] },
             };
-            if !close.execute(&mut tx).await? {
-                tx.rollback().await?;
+            if !close.execute(&mut *tx).await? {
                 return Ok(Attempt::Fenced(part.partition));
             }
         }
-        tx.commit().await?;
         Ok(Attempt::Committed(outcomes))
     }
 }

@@ -9,13 +9,13 @@
 
 use std::time::Duration;
 
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::reason;
 use super::store::cancellation;
-use crate::db::{classify, ErrorClass, Pruning};
+use crate::db::{classify, release, ErrorClass, Pruning};
 use crate::outbox;
 use crate::settings::Settings;
 
@@ -84,6 +84,28 @@ pub async fn sweep_once(
     order_events_topic: &str,
 ) -> Result<usize, sqlx::Error> {
     let mut tx = pool.begin().await?;
+    let cancelled = match cancel_due(&mut tx, timeout, batch, order_events_topic).await {
+        Ok(n) => n,
+        Err(e) => {
+            // At once, not on drop: the orders it locked would stay locked until then.
+            release(tx).await;
+            return Err(e);
+        }
+    };
+    tx.commit().await?;
+    crate::telemetry::METRICS
+        .orders_timed_out
+        .with_label_values(&[reason::PAYMENT_TIMEOUT])
+        .inc_by(cancelled as u64);
+    Ok(cancelled)
+}
+
+async fn cancel_due(
+    tx: &mut PgConnection,
+    timeout: Duration,
+    batch: i64,
+    order_events_topic: &str,
+) -> Result<usize, sqlx::Error> {
     let due: Vec<(i64, i64)> = sqlx::query_as(
         r#"
         WITH due AS (
@@ -118,12 +140,7 @@ pub async fn sweep_once(
             )
         })
         .collect();
-    outbox::insert(&mut tx, &events).await?;
-    tx.commit().await?;
-    crate::telemetry::METRICS
-        .orders_timed_out
-        .with_label_values(&[reason::PAYMENT_TIMEOUT])
-        .inc_by(due.len() as u64);
+    outbox::insert(&mut *tx, &events).await?;
     Ok(due.len())
 }
 

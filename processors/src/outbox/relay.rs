@@ -25,11 +25,11 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use sqlx::postgres::PgListener;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use crate::consumer::Backoff;
-use crate::db::Pruning;
+use crate::db::{release, Pruning};
 use crate::outbox::headers_from_json;
 use crate::settings::Settings;
 use crate::telemetry::METRICS;
@@ -167,6 +167,62 @@ pub async fn publish_round(
     limit: i64,
 ) -> anyhow::Result<Round> {
     let mut tx = pool.begin().await?;
+    // Every way out ends the transaction explicitly, never by dropping `tx` (`db::release`):
+    // until a dropped transaction's rollback runs it holds the relay lock, so this relay's
+    // next round (on another pooled connection) would find itself "not the leader" and leave
+    // the rows of the notification that woke it waiting for the next notification or the
+    // fallback poll.
+    let delivered = match locked_round(&mut tx, producer, limit).await {
+        Ok(Locked::Delivered(delivered)) => delivered,
+        Ok(Locked::NotLeader) => {
+            tx.rollback().await?;
+            return Ok(Round::NotLeader);
+        }
+        Ok(Locked::Empty) => {
+            tx.rollback().await?;
+            return Ok(Round::Published(0));
+        }
+        Err(e) => {
+            release(tx).await;
+            return Err(e.into());
+        }
+    };
+    tx.commit().await?;
+    METRICS
+        .relay_round_rows
+        .observe(delivered.published.len() as f64);
+    for (topic, n) in delivered.per_topic {
+        METRICS
+            .relay_published
+            .with_label_values(&[&topic])
+            .inc_by(n);
+    }
+    match delivered.first_error {
+        Some(e) => anyhow::bail!("publish failed: {e}"),
+        None => Ok(Round::Published(delivered.published.len())),
+    }
+}
+
+/// What a round did while holding the relay lock, before its commit.
+enum Locked {
+    NotLeader,
+    Empty,
+    Delivered(Delivered),
+}
+
+struct Delivered {
+    /// The ids marked published: the id-ordered prefix the broker acknowledged.
+    published: Vec<i64>,
+    per_topic: HashMap<String, u64>,
+    /// The first failed delivery; the rows from it on stay unpublished.
+    first_error: Option<String>,
+}
+
+async fn locked_round(
+    tx: &mut PgConnection,
+    producer: &FutureProducer,
+    limit: i64,
+) -> Result<Locked, sqlx::Error> {
     // The marks need not wait for the WAL flush: a mark lost in a crash only means the row
     // is published again, a duplicate the consumers drop by event id.
     let (leader, _): (bool, String) = sqlx::query_as(
@@ -176,8 +232,7 @@ pub async fn publish_round(
     .fetch_one(&mut *tx)
     .await?;
     if !leader {
-        tx.rollback().await?;
-        return Ok(Round::NotLeader);
+        return Ok(Locked::NotLeader);
     }
     let rows: Vec<Row> = sqlx::query_as(
         r#"
@@ -189,13 +244,7 @@ pub async fn publish_round(
     .fetch_all(&mut *tx)
     .await?;
     if rows.is_empty() {
-        // Explicitly, not by dropping `tx`: a dropped transaction's rollback only runs when
-        // its connection is next used, and until then it holds the relay lock, so this
-        // relay's next round (on another pooled connection) would find itself "not the
-        // leader" and leave the rows of the notification that woke it waiting for the next
-        // notification or the fallback poll.
-        tx.rollback().await?;
-        return Ok(Round::Published(0));
+        return Ok(Locked::Empty);
     }
 
     // Enqueue in id order; the idempotent producer keeps that order per partition.
@@ -245,18 +294,14 @@ pub async fn publish_round(
         .bind(&published)
         .execute(&mut *tx)
         .await?;
-    tx.commit().await?;
-    METRICS.relay_round_rows.observe(published.len() as f64);
-    for (topic, n) in per_topic {
-        METRICS
-            .relay_published
-            .with_label_values(&[topic])
-            .inc_by(n);
-    }
-    match first_error {
-        Some(e) => anyhow::bail!("publish failed: {e}"),
-        None => Ok(Round::Published(published.len())),
-    }
+    Ok(Locked::Delivered(Delivered {
+        published,
+        per_topic: per_topic
+            .into_iter()
+            .map(|(topic, n)| (topic.to_owned(), n))
+            .collect(),
+        first_error,
+    }))
 }
 
 /// Deletes published rows past `relay.retention_hours` (see `db::Pruning`), never a
