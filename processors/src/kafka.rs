@@ -6,7 +6,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::settings::{KafkaSettings, TopicSettings};
@@ -27,6 +27,20 @@ pub fn owned_headers(message: &impl Message) -> Vec<(String, Vec<u8>)> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// (key, value) pairs as the headers of a record to send, in order: the inverse of
+/// `owned_headers`.
+pub fn record_headers(headers: &[(String, Vec<u8>)]) -> OwnedHeaders {
+    headers.iter().fold(
+        OwnedHeaders::new_with_capacity(headers.len()),
+        |out, (key, value)| {
+            out.insert(Header {
+                key,
+                value: Some(value),
+            })
+        },
+    )
 }
 
 pub fn base_config(kafka: &KafkaSettings) -> ClientConfig {

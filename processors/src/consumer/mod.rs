@@ -603,17 +603,15 @@ impl<H: Handler> Lanes<H> {
     /// few messages, and a transaction per partition would cost a commit, a relay round and
     /// about ten round trips each. Once the members' batches together fill `batch_max` (a
     /// backlog), each goes on in a lane of its own, and partitions commit in parallel.
-    async fn run(self, members: Vec<(i32, i64)>) {
+    async fn run(self, mut members: Vec<(i32, i64)>) {
         let batch_max = self.runner.config.settings.processor.batch_max;
-        let mut members = members;
         loop {
             // Take each member's next batch; a member with nothing left leaves.
-            let mut taken: Vec<(i32, i64, Position, Vec<InboundMessage>)> = Vec::new();
+            let mut taken: Vec<(i32, Position, Vec<InboundMessage>)> = Vec::new();
             {
                 let mut states = lock(&self.partitions);
                 members.retain(|&(partition, epoch)| {
-                    let Some(state) = states.get_mut(&partition).filter(|s| s.epoch == epoch)
-                    else {
+                    let Some(state) = claimed(&mut states, partition, epoch) else {
                         return false; // revoked or re-claimed; the new claim has its own lane
                     };
                     if state.queue.is_empty() || state.fenced {
@@ -627,22 +625,20 @@ impl<H: Handler> Lanes<H> {
                         epoch,
                         next_offset: state.next_offset,
                     };
-                    taken.push((partition, epoch, at, batch));
+                    taken.push((partition, at, batch));
                     true
                 });
             }
             if taken.is_empty() {
                 return;
             }
-            let total: usize = taken.iter().map(|t| t.3.len()).sum();
-            let together = taken.len() > 1 && total < batch_max;
-            if taken.len() > 1 && !together {
+            let total: usize = taken.iter().map(|(_, _, batch)| batch.len()).sum();
+            if taken.len() > 1 && total >= batch_max {
                 // A backlog: put the batches back and give every member its own lane.
                 {
                     let mut states = lock(&self.partitions);
-                    for (partition, epoch, _, batch) in taken.into_iter().rev() {
-                        if let Some(state) = states.get_mut(&partition).filter(|s| s.epoch == epoch)
-                        {
+                    for (partition, at, batch) in taken {
+                        if let Some(state) = claimed(&mut states, partition, at.epoch) {
                             state.batch_started = None;
                             for msg in batch.into_iter().rev() {
                                 state.queue.push_front(msg);
@@ -664,7 +660,7 @@ impl<H: Handler> Lanes<H> {
             loop {
                 let parts: Vec<PartBatch<'_>> = pending
                     .iter()
-                    .map(|(partition, _, at, batch)| PartBatch {
+                    .map(|(partition, at, batch)| PartBatch {
                         partition: *partition,
                         at: *at,
                         msgs: batch,
@@ -674,24 +670,18 @@ impl<H: Handler> Lanes<H> {
                 let mut states = lock(&self.partitions);
                 match result {
                     Ok(next_offsets) => {
-                        for ((partition, epoch, _, _), next_offset) in
-                            pending.iter().zip(next_offsets)
-                        {
-                            if let Some(state) =
-                                states.get_mut(partition).filter(|s| s.epoch == *epoch)
-                            {
+                        for ((partition, at, _), next_offset) in pending.iter().zip(next_offsets) {
+                            if let Some(state) = claimed(&mut states, *partition, at.epoch) {
                                 state.batch_started = None;
                                 state.next_offset = next_offset;
-                                let _ = self.committed.send((*partition, *epoch, next_offset));
+                                let _ = self.committed.send((*partition, at.epoch, next_offset));
                             }
                         }
                         break;
                     }
                     Err(BatchError::Fenced(fenced)) => {
-                        if let Some((_, epoch, _, _)) = pending.iter().find(|p| p.0 == fenced) {
-                            if let Some(state) =
-                                states.get_mut(&fenced).filter(|s| s.epoch == *epoch)
-                            {
+                        if let Some((_, at, _)) = pending.iter().find(|p| p.0 == fenced) {
+                            if let Some(state) = claimed(&mut states, fenced, at.epoch) {
                                 state.batch_started = None;
                                 state.fenced = true;
                                 state.queue.clear();
@@ -705,10 +695,8 @@ impl<H: Handler> Lanes<H> {
                         }
                     }
                     Err(BatchError::Cancelled) => {
-                        for (partition, epoch, _, _) in &pending {
-                            if let Some(state) =
-                                states.get_mut(partition).filter(|s| s.epoch == *epoch)
-                            {
+                        for (partition, at, _) in &pending {
+                            if let Some(state) = claimed(&mut states, *partition, at.epoch) {
                                 state.batch_started = None;
                                 state.running = false;
                             }
@@ -719,6 +707,16 @@ impl<H: Handler> Lanes<H> {
             }
         }
     }
+}
+
+/// The state of `partition` while `epoch` is still its claim (not revoked or re-claimed
+/// since a lane took it on).
+fn claimed(
+    states: &mut HashMap<i32, PartitionState>,
+    partition: i32,
+    epoch: i64,
+) -> Option<&mut PartitionState> {
+    states.get_mut(&partition).filter(|s| s.epoch == epoch)
 }
 
 /// Checks the first message fetched at or after the stored offset, when the message just

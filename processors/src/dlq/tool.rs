@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
@@ -359,16 +359,9 @@ pub async fn replay(
     let total = todo.len();
     for (done, (dl, topic)) in todo.into_iter().enumerate() {
         pace.tick().await;
-        let mut headers = OwnedHeaders::new();
-        for (k, v) in &dl.headers {
-            headers = headers.insert(Header {
-                key: k,
-                value: Some(v.as_slice()),
-            });
-        }
         let mut record = FutureRecord::to(&topic)
             .payload(dl.payload.as_slice())
-            .headers(headers);
+            .headers(kafka::record_headers(&dl.headers));
         if let Some(key) = &dl.key {
             record = record.key(key.as_slice());
         }

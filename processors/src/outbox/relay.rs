@@ -21,7 +21,6 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use futures::FutureExt;
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use sqlx::postgres::PgListener;
@@ -30,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::consumer::Backoff;
 use crate::db::{release, Pruning};
+use crate::kafka::record_headers;
 use crate::outbox::headers_from_json;
 use crate::settings::Settings;
 use crate::telemetry::METRICS;
@@ -188,9 +188,7 @@ pub async fn publish_round(
         }
     };
     tx.commit().await?;
-    METRICS
-        .relay_round_rows
-        .observe(delivered.published.len() as f64);
+    METRICS.relay_round_rows.observe(delivered.published as f64);
     for (topic, n) in delivered.per_topic {
         METRICS
             .relay_published
@@ -199,7 +197,7 @@ pub async fn publish_round(
     }
     match delivered.first_error {
         Some(e) => anyhow::bail!("publish failed: {e}"),
-        None => Ok(Round::Published(delivered.published.len())),
+        None => Ok(Round::Published(delivered.published)),
     }
 }
 
@@ -211,8 +209,8 @@ enum Locked {
 }
 
 struct Delivered {
-    /// The ids marked published: the id-ordered prefix the broker acknowledged.
-    published: Vec<i64>,
+    /// How many rows were marked published: the id-ordered prefix the broker acknowledged.
+    published: usize,
     per_topic: HashMap<String, u64>,
     /// The first failed delivery; the rows from it on stay unpublished.
     first_error: Option<String>,
@@ -251,17 +249,9 @@ async fn locked_round(
     let deliveries = rows
         .iter()
         .map(|(id, topic, key, raw_key, payload, headers)| {
-            let headers = headers_from_json(headers);
-            let mut out = OwnedHeaders::new_with_capacity(headers.len());
-            for (name, value) in &headers {
-                out = out.insert(Header {
-                    key: name,
-                    value: Some(value),
-                });
-            }
             let mut record = FutureRecord::<[u8], [u8]>::to(topic)
                 .payload(payload)
-                .headers(out);
+                .headers(record_headers(&headers_from_json(headers)));
             if let Some(key) = raw_key.as_deref().or(key.as_ref().map(String::as_bytes)) {
                 record = record.key(key);
             }
@@ -295,7 +285,7 @@ async fn locked_round(
         .execute(&mut *tx)
         .await?;
     Ok(Locked::Delivered(Delivered {
-        published,
+        published: published.len(),
         per_topic: per_topic
             .into_iter()
             .map(|(topic, n)| (topic.to_owned(), n))
