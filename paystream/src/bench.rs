@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use futures::StreamExt;
-use paystream_processors::account_processor;
+use paystream_processors::accounts::processor as account_processor;
 use paystream_processors::domain::{Amount, Currency};
 use paystream_processors::events::{Envelope, OrderCreated, OrderItem};
 use paystream_processors::outbox::relay;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use paystream_processors::account_processor;
+use paystream_processors::accounts::processor as account_processor;
 use paystream_processors::api;
 use paystream_processors::db::{self, Pool};
 use paystream_processors::dlq::tool as dlq_tool;

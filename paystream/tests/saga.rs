@@ -147,7 +147,7 @@ async fn an_order_past_its_payment_timeout_is_cancelled_and_a_late_debit_is_refu
     let cancelled = api.wait_order(USER, id, "CANCELLED").await;
     assert_eq!(cancelled["cancelReason"], "PAYMENT_TIMEOUT");
 
-    let late = common::spawn_worker(&settings, paystream_processors::account_processor::run);
+    let late = common::spawn_worker(&settings, paystream_processors::accounts::processor::run);
     let settled = wait_until("the late debit to be refunded", || async {
         let order = api.order(USER, id).await;
         order["refundedAt"].is_string().then_some(order)

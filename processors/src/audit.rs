@@ -279,7 +279,7 @@ fn log_reader(
 }
 
 /// Reads `topic`/`partition` from `from` to the first message at or after `target`, and
-/// returns its offset and fingerprint (as `consumer::fingerprint` computes it when the
+/// returns its offset and fingerprint (as `kafka::fingerprint` computes it when the
 /// message is applied); `None` at the end of the log.
 fn read_from(
     reader: &rdkafka::consumer::BaseConsumer,
@@ -304,7 +304,7 @@ fn read_from(
                 if m.topic() == topic && m.partition() == partition && m.offset() >= target =>
             {
                 let fingerprint =
-                    crate::consumer::fingerprint(m.key(), m.payload(), m.timestamp().to_millis());
+                    crate::kafka::fingerprint(m.key(), m.payload(), m.timestamp().to_millis());
                 return Ok(Some((m.offset(), fingerprint)));
             }
             Some(Ok(_)) => {}

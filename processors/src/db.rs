@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use prometheus::IntCounter;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, PgPool, Postgres, Transaction};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions};
+use sqlx::{Arguments, ConnectOptions, Encode, PgPool, Postgres, Transaction, Type};
 use tokio_util::sync::CancellationToken;
 
 use crate::settings::DatabaseSettings;
@@ -29,6 +29,31 @@ pub fn connect(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
 /// advisory lock and skips what is applied.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
+}
+
+/// The parameters of a statement built piece by piece: each value is bound where its
+/// placeholder is written into the SQL text, so text and bindings cannot drift apart.
+#[derive(Default)]
+pub struct Params {
+    args: PgArguments,
+    count: usize,
+}
+
+impl Params {
+    /// Binds `value` as the next parameter; returns its placeholder (`$n`).
+    pub fn push<'q, T>(&mut self, value: T) -> Result<String, sqlx::Error>
+    where
+        T: Encode<'q, Postgres> + Type<Postgres> + 'q,
+    {
+        self.args.add(value).map_err(sqlx::Error::Encode)?;
+        self.count += 1;
+        Ok(format!("${}", self.count))
+    }
+
+    /// The bound values, for `sqlx::query_with`.
+    pub fn into_arguments(self) -> PgArguments {
+        self.args
+    }
 }
 
 /// Rows one prune statement deletes at most.

@@ -1,9 +1,10 @@
 //! paystream's core: the event contract, the ledger, the exactly-once consumer framework and
 //! its processors, and the outbox relay. The `paystream` binary wires these together.
 
-pub mod account_processor;
+pub mod accounts;
 pub mod api;
 pub mod audit;
+pub mod backoff;
 pub mod consumer;
 pub mod db;
 pub mod dlq;

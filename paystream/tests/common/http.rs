@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use paystream_processors::account_processor;
+use paystream_processors::accounts::processor as account_processor;
 use paystream_processors::api::{self, auth};
 use paystream_processors::orders::{processor as order_processor, sweeper};
 use paystream_processors::settings::Settings;

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use paystream_processors::account_processor;
+use paystream_processors::accounts::processor as account_processor;
 use paystream_processors::domain::{Amount, Currency};
 use paystream_processors::outbox::relay;
 use paystream_processors::settings::Settings;

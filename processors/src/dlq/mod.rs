@@ -8,8 +8,9 @@
 //!
 //! A dead letter always fits on its topic. The relay publishes the outbox in id order, so a
 //! row the broker refuses for its size would hold back every event behind it. A dead letter
-//! is the original message plus at most [`SIZE_ALLOWANCE`] bytes, and the dead-letter topic
-//! and the relay's producer allow `kafka.message_max_bytes` plus that much:
+//! is the original message plus at most [`crate::kafka::DEAD_LETTER_ALLOWANCE`] bytes, and
+//! the dead-letter topic and the relay's producer allow `kafka.message_max_bytes` plus that
+//! much:
 //! - the key and the header values are kept as the bytes they were (the outbox stores bytes
 //!   that are not UTF-8 as such), so a replay lands on the original's partition;
 //! - provenance headers are small (the error message is cut to 1,000 characters);
@@ -27,8 +28,8 @@ pub mod tool;
 
 use chrono::{SecondsFormat, Utc};
 
-use crate::consumer::InboundMessage;
 use crate::events::Poison;
+use crate::kafka::InboundMessage;
 use crate::outbox::OutboxRow;
 
 pub const ORIGINAL_TOPIC: &str = "x-dlq-original-topic";
@@ -45,9 +46,6 @@ pub const HEADERS_DROPPED: &str = "x-dlq-headers-dropped";
 pub const PAYLOAD_TRUNCATED_FROM: &str = "x-dlq-payload-truncated-from";
 pub const KEY_TRUNCATED_FROM: &str = "x-dlq-key-truncated-from";
 
-/// How much larger than `kafka.message_max_bytes` a dead letter may be; the dead-letter
-/// topic and the relay's producer allow that much more.
-pub const SIZE_ALLOWANCE: usize = 64 * 1024;
 /// Most bytes of original headers (names and values) a dead letter copies.
 pub const COPIED_HEADERS_MAX: usize = 16 * 1024;
 /// Longest key a dead letter keeps whole.
@@ -230,7 +228,7 @@ mod tests {
         let poison = Poison::new(PoisonClass::NotJson, "x".repeat(5_000).as_str());
         let letter = dead_letter("deadletter.events", "g", &msg, &poison, 3, limit);
         assert!(
-            wire_size(&letter) <= original + SIZE_ALLOWANCE / 2,
+            wire_size(&letter) <= original + crate::kafka::DEAD_LETTER_ALLOWANCE / 2,
             "{} bytes from a {original}-byte message",
             wire_size(&letter)
         );

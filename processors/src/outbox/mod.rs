@@ -3,10 +3,10 @@
 
 pub mod relay;
 
-use sqlx::postgres::PgArguments;
-use sqlx::{PgConnection, Postgres};
+use sqlx::PgConnection;
 use uuid::Uuid;
 
+use crate::db::Params;
 use crate::events::{Envelope, EventPayload};
 
 /// One message to publish. Keys and header values are bytes, as Kafka has them: a dead
@@ -119,34 +119,26 @@ impl<'a> Columns<'a> {
         self.topics.is_empty()
     }
 
-    /// Binds the six arrays, in the order `insert_sql` numbers them from `$first`.
-    pub fn bind<'q>(
-        &'q self,
-        query: sqlx::query::Query<'q, Postgres, PgArguments>,
-    ) -> sqlx::query::Query<'q, Postgres, PgArguments> {
-        query
-            .bind(&self.topics)
-            .bind(&self.keys)
-            .bind(&self.raw_keys)
-            .bind(&self.payloads)
-            .bind(&self.headers)
-            .bind(&self.event_ids)
+    /// The insert of these rows, its six arrays bound as the next parameters of `params`.
+    /// Usable on its own or as a data-modifying CTE; ids follow the given order.
+    pub fn insert_sql(&self, params: &mut Params) -> Result<String, sqlx::Error> {
+        let topics = params.push(&self.topics)?;
+        let keys = params.push(&self.keys)?;
+        let raw_keys = params.push(&self.raw_keys)?;
+        let payloads = params.push(&self.payloads)?;
+        let headers = params.push(&self.headers)?;
+        let event_ids = params.push(&self.event_ids)?;
+        Ok(format!(
+            r#"
+            INSERT INTO outbox (topic, message_key, message_key_raw, payload, headers, event_id)
+            SELECT topic, message_key, message_key_raw, payload, headers, event_id
+            FROM unnest({topics}::text[], {keys}::text[], {raw_keys}::bytea[], {payloads}::bytea[],
+                        {headers}::jsonb[], {event_ids}::uuid[])
+                WITH ORDINALITY AS r(topic, message_key, message_key_raw, payload, headers, event_id, n)
+            ORDER BY n
+            "#
+        ))
     }
-}
-
-/// The insert of `Columns` bound from parameter `$first` on, in the given order (ids follow
-/// it). Usable on its own or as a data-modifying CTE.
-pub fn insert_sql(first: usize) -> String {
-    let [a, b, c, d, e, f] = [first, first + 1, first + 2, first + 3, first + 4, first + 5];
-    format!(
-        r#"
-        INSERT INTO outbox (topic, message_key, message_key_raw, payload, headers, event_id)
-        SELECT topic, message_key, message_key_raw, payload, headers, event_id
-        FROM unnest(${a}::text[], ${b}::text[], ${c}::bytea[], ${d}::bytea[], ${e}::jsonb[], ${f}::uuid[])
-            WITH ORDINALITY AS r(topic, message_key, message_key_raw, payload, headers, event_id, n)
-        ORDER BY n
-        "#
-    )
 }
 
 /// Appends rows in the given order (ids follow it), in one statement.
@@ -155,8 +147,11 @@ pub async fn insert(conn: &mut PgConnection, rows: &[OutboxRow]) -> Result<(), s
     if columns.is_empty() {
         return Ok(());
     }
-    let sql = insert_sql(1);
-    columns.bind(sqlx::query(&sql)).execute(conn).await?;
+    let mut params = Params::default();
+    let sql = columns.insert_sql(&mut params)?;
+    sqlx::query_with(&sql, params.into_arguments())
+        .execute(conn)
+        .await?;
     Ok(())
 }
 

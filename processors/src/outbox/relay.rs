@@ -27,7 +27,7 @@ use sqlx::postgres::PgListener;
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
-use crate::consumer::Backoff;
+use crate::backoff::Backoff;
 use crate::db::{release, Pruning};
 use crate::kafka::record_headers;
 use crate::outbox::headers_from_json;

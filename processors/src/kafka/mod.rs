@@ -1,4 +1,9 @@
-//! Broker clients: how producers and consumers are configured, and topic creation.
+//! The Kafka edge: how producers and consumers are configured, the records read from the
+//! broker, the size limits of the topics, and topic creation.
+
+mod message;
+
+pub use message::{fingerprint, InboundMessage};
 
 use std::time::Duration;
 
@@ -94,11 +99,16 @@ pub fn consumer_config(kafka: &KafkaSettings, group: &str) -> ClientConfig {
     config
 }
 
+/// How much larger than `kafka.message_max_bytes` a dead letter may be; the dead-letter
+/// topic and the relay's producer allow that much more (see `dlq` for how a dead letter
+/// stays within it).
+pub const DEAD_LETTER_ALLOWANCE: usize = 64 * 1024;
+
 /// The largest record the dead-letter topic takes: a dead letter is its message plus at most
-/// `dlq::SIZE_ALLOWANCE` bytes (provenance headers, and a key and copied headers of bounded
-/// size).
+/// [`DEAD_LETTER_ALLOWANCE`] bytes (provenance headers, and a key and copied headers of
+/// bounded size).
 pub fn dead_letter_max_bytes(kafka: &KafkaSettings) -> usize {
-    kafka.message_max_bytes + crate::dlq::SIZE_ALLOWANCE
+    kafka.message_max_bytes + DEAD_LETTER_ALLOWANCE
 }
 
 /// Creates the three topics. Topics that already exist are left as they are.

@@ -1,0 +1,317 @@
+//! The Kafka thread: polls the broker, proves each claimed partition's position (carrying out
+//! the decisions of `position`), queues the messages of live partitions and starts their
+//! lanes. It never applies anything itself, so fetching goes on while batches commit.
+//!
+//! Backpressure: fetching pauses while the queues hold `4 × batch_max` messages per
+//! partition, and stops altogether while a batch has been stuck for half of
+//! `max.poll.interval.ms`, so that Kafka's liveness check moves the partitions to a healthy
+//! worker, as it would for a stuck poll loop; the stuck batch's commit is then fenced.
+
+use std::collections::BTreeMap;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use sqlx::PgPool;
+use tokio::runtime::Handle;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::batch::BatchRunner;
+use super::lanes::Lanes;
+use super::partition::{lock, Lane, Partitions};
+use super::rebalance::Context;
+use super::{Handler, WorkerConfig};
+use crate::backoff::Backoff;
+use crate::kafka::InboundMessage;
+use crate::settings::Settings;
+use crate::telemetry::METRICS;
+
+/// How often each worker reports its consumer lag.
+const LAG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Runs the worker's Kafka side on the calling thread until `cancel` fires, then waits for
+/// the lanes to finish or abandon their transaction.
+pub(super) fn consume<H: Handler>(
+    handle: Handle,
+    config: WorkerConfig,
+    pool: PgPool,
+    handler: H,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let settings = &config.settings;
+    let owner = format!(
+        "{}-{}-{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into()),
+        std::process::id(),
+        &Uuid::new_v4().simple().to_string()[..8]
+    );
+    let retry = Backoff {
+        initial: Duration::from_millis(settings.processor.retry_initial_ms),
+        max: Duration::from_millis(settings.processor.retry_max_ms),
+    };
+    let partitions: Partitions = Arc::default();
+    let name = handler.name();
+    let context = Context {
+        name,
+        handle: handle.clone(),
+        pool: pool.clone(),
+        group: config.group.clone(),
+        topic: config.topic.clone(),
+        owner: owner.clone(),
+        cancel: cancel.clone(),
+        retry,
+        partitions: partitions.clone(),
+    };
+    let consumer: BaseConsumer<Context> =
+        crate::kafka::consumer_config(&settings.kafka, &config.group)
+            .create_with_context(context)?;
+    consumer.subscribe(&[config.topic.as_str()])?;
+    tracing::info!(processor = name, group = %config.group, topic = %config.topic, %owner, "worker started");
+    METRICS.partitions_held.with_label_values(&[name]).set(0);
+
+    let (committed_tx, committed) = mpsc::channel();
+    let runner = BatchRunner {
+        pool,
+        handler,
+        config: config.clone(),
+        retry,
+        cancel: cancel.clone(),
+    };
+    let lanes = Lanes::new(runner, partitions.clone(), committed_tx);
+    let fetch = Fetch {
+        lag_client: Arc::new(crate::kafka::base_config(&settings.kafka).create()?),
+        consumer,
+        config,
+        handle,
+        partitions,
+        lanes,
+        committed,
+        tasks: Vec::new(),
+        name,
+    };
+    fetch.run(&cancel);
+    Ok(())
+}
+
+/// The Kafka thread's state; `prove` adds the proof of positions to it.
+pub(super) struct Fetch<H> {
+    pub(super) consumer: BaseConsumer<Context>,
+    pub(super) config: WorkerConfig,
+    handle: Handle,
+    pub(super) partitions: Partitions,
+    lanes: Lanes<H>,
+    /// (partition, epoch, stored offset) after each commit, for the Kafka-side mirror.
+    committed: mpsc::Receiver<(i32, i64, i64)>,
+    tasks: Vec<JoinHandle<()>>,
+    /// Its own client, off this thread: a watermark request is a broker round trip, and the
+    /// poll loop must not wait for it.
+    lag_client: Arc<BaseConsumer>,
+    pub(super) name: &'static str,
+}
+
+impl<H: Handler> Fetch<H> {
+    fn run(mut self, cancel: &CancellationToken) {
+        let settings = self.config.settings.clone();
+        // Fetched but not yet applied messages, over all partitions, before polling pauses.
+        let queue_limit =
+            settings.processor.batch_max * 4 * (settings.kafka.partitions.max(1) as usize);
+        let stall_limit = Duration::from_millis(settings.kafka.max_poll_interval_ms / 2);
+        let mut lag_measured = Instant::now();
+        while !cancel.is_cancelled() {
+            self.mirror_commits();
+            self.tasks.retain(|task| !task.is_finished());
+            if lag_measured.elapsed() >= LAG_INTERVAL {
+                lag_measured = Instant::now();
+                self.measure_lag();
+            }
+            let (assigned, queued, stalled) = {
+                let states = lock(&self.partitions);
+                (
+                    states.len().max(1),
+                    states.values().map(|s| s.queue.len()).sum::<usize>(),
+                    states.values().any(|s| s.stalled(stall_limit)),
+                )
+            };
+            if queued >= queue_limit || stalled {
+                // The lanes are behind (or stuck): let them drain before fetching more.
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            let messages = poll_batch(
+                &self.consumer,
+                &settings,
+                settings.processor.batch_max * assigned,
+            );
+            self.check_silent_partitions();
+            if !messages.is_empty() {
+                self.dispatch(messages);
+            }
+        }
+        tracing::info!(processor = self.name, "worker stopping");
+        // Let the lanes finish or abandon their transaction (their retries stop on cancel).
+        self.handle.block_on(join_all(self.tasks));
+    }
+
+    /// Mirrors committed offsets to Kafka for lag tools; PostgreSQL stays the truth.
+    fn mirror_commits(&self) {
+        for (partition, epoch, next_offset) in self.committed.try_iter() {
+            if lock(&self.partitions)
+                .get(&partition)
+                .is_some_and(|s| s.epoch == epoch)
+            {
+                let _ = self
+                    .consumer
+                    .store_offset(&self.config.topic, partition, next_offset);
+            }
+        }
+    }
+
+    fn measure_lag(&self) {
+        let stored: Vec<(i32, i64)> = lock(&self.partitions)
+            .iter()
+            .map(|(p, s)| (*p, s.next_offset))
+            .collect();
+        let (client, topic, name) = (
+            self.lag_client.clone(),
+            self.config.topic.clone(),
+            self.name,
+        );
+        self.handle
+            .spawn_blocking(move || measure_lag(&client, &topic, name, &stored));
+    }
+
+    /// Queues the messages of each live partition (proving the position of unproven ones
+    /// first) and starts a lane for each partition that had none.
+    fn dispatch(&mut self, messages: Vec<InboundMessage>) {
+        let mut by_partition: BTreeMap<i32, Vec<InboundMessage>> = BTreeMap::new();
+        for msg in messages {
+            by_partition.entry(msg.partition).or_default().push(msg);
+        }
+        let mut states = lock(&self.partitions);
+        let mut starting = Vec::new();
+        for (partition, mut msgs) in by_partition {
+            let Some(state) = states.get_mut(&partition) else {
+                continue;
+            };
+            if !self.prove_by_previous(partition, state, &msgs) {
+                continue;
+            }
+            // Older offsets were applied or queued already (a re-fetch after repositioning).
+            msgs.retain(|m| m.offset >= state.dispatched);
+            let Some(first) = msgs.first().map(|m| m.offset) else {
+                continue;
+            };
+            if !self.prove_by_first(partition, state, first) {
+                continue;
+            }
+            state.dispatched = msgs.last().map_or(state.dispatched, |m| m.offset + 1);
+            state.queue.extend(msgs);
+            if state.lane == Lane::Idle {
+                state.lane = Lane::Ready;
+                starting.push((partition, state.epoch));
+            }
+        }
+        drop(states);
+        if self.config.settings.processor.group_commit {
+            if !starting.is_empty() {
+                self.tasks
+                    .push(self.handle.spawn(self.lanes.clone().run(starting)));
+            }
+        } else {
+            for member in starting {
+                self.tasks
+                    .push(self.handle.spawn(self.lanes.clone().run(vec![member])));
+            }
+        }
+    }
+}
+
+/// Sets the lag gauge of each assigned partition: high watermark minus stored offset. The
+/// watermark is the broker's word and only a measure here; positioning never relies on it.
+fn measure_lag(client: &BaseConsumer, topic: &str, name: &str, stored: &[(i32, i64)]) {
+    for &(partition, next_offset) in stored {
+        if let Ok((_, high)) = client.fetch_watermarks(topic, partition, Duration::from_secs(1)) {
+            METRICS
+                .consumer_lag
+                .with_label_values(&[name, &partition.to_string()])
+                .set((high - next_offset).max(0));
+        }
+    }
+}
+
+/// Collects up to `limit` messages: waits up to 100 ms for the first, then lingers for
+/// more until the first message is `batch_linger` old. Rebalance callbacks run inside these
+/// polls.
+fn poll_batch(
+    consumer: &BaseConsumer<Context>,
+    settings: &Settings,
+    limit: usize,
+) -> Vec<InboundMessage> {
+    let mut out = Vec::new();
+    let mut deadline: Option<Instant> = None;
+    while out.len() < limit {
+        let timeout = match deadline {
+            None => Duration::from_millis(100),
+            Some(d) => d.saturating_duration_since(Instant::now()),
+        };
+        match consumer.poll(timeout) {
+            None => break,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "consumer error");
+                break;
+            }
+            Some(Ok(m)) => {
+                let msg = InboundMessage::read(&m);
+                let age = msg
+                    .timestamp
+                    .map(|created| (chrono::Utc::now().timestamp_millis() - created).max(0) as u64);
+                if let Some(age) = age {
+                    METRICS
+                        .consume_delay
+                        .with_label_values(&[consumer.context().name])
+                        .observe(age as f64 / 1000.0);
+                }
+                out.push(msg);
+                deadline.get_or_insert_with(|| {
+                    Instant::now() + linger_left(settings.processor.batch_linger(), age)
+                });
+            }
+        }
+    }
+    out
+}
+
+/// How much longer a batch waits for more messages once it has its first, `age` ms after
+/// that message was created: the linger is a budget for the oldest event's wait, so time the
+/// event already spent in the producer and the broker counts against it. Never longer than
+/// the whole linger (a producer clock running ahead cannot stretch it), and nothing is left
+/// for an event already older than the linger (a backlog fills its batches anyway).
+fn linger_left(linger: Duration, age_ms: Option<u64>) -> Duration {
+    linger.saturating_sub(Duration::from_millis(age_ms.unwrap_or(0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_linger_counts_from_when_the_first_event_was_created() {
+        let linger = Duration::from_millis(20);
+        assert_eq!(linger_left(linger, Some(8)), Duration::from_millis(12));
+        assert_eq!(linger_left(linger, Some(0)), linger);
+        assert_eq!(
+            linger_left(linger, None),
+            linger,
+            "no timestamp: the whole linger"
+        );
+        assert_eq!(linger_left(linger, Some(20)), Duration::ZERO);
+        assert_eq!(
+            linger_left(linger, Some(5_000)),
+            Duration::ZERO,
+            "a backlog"
+        );
+    }
+}

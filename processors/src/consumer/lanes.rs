@@ -1,0 +1,179 @@
+//! Lanes apply each partition's queue in order, a batch at a time, on the runtime: the Kafka
+//! thread keeps fetching while batches commit, and one partition never has two batches in
+//! flight.
+//!
+//! While more than one member has messages and their batches are small, one transaction
+//! commits them all (group commit): at a steady rate every partition of a poll window has a
+//! few messages, and a transaction per partition would cost a commit, a relay round and about
+//! ten round trips each. Once the members' batches together fill `batch_max` (a backlog),
+//! each goes on in a lane of its own, and partitions commit in parallel.
+
+use std::collections::HashMap;
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+
+use futures::future::join_all;
+
+use super::batch::{BatchError, BatchRunner, PartBatch};
+use super::offsets::Position;
+use super::partition::{claimed, lock, Lane, PartitionState, Partitions, Phase};
+use super::Handler;
+use crate::kafka::InboundMessage;
+
+/// A lane's members: (partition, the claim epoch the lane took it on with).
+type Members = Vec<(i32, i64)>;
+
+/// One member's batch taken from its queue.
+type Taken = (i32, Position, Vec<InboundMessage>);
+
+pub(super) struct Lanes<H> {
+    runner: Arc<BatchRunner<H>>,
+    partitions: Partitions,
+    /// (partition, epoch, stored offset) after each commit, for the Kafka-side mirror.
+    committed: mpsc::Sender<(i32, i64, i64)>,
+}
+
+impl<H> Clone for Lanes<H> {
+    fn clone(&self) -> Self {
+        Self {
+            runner: self.runner.clone(),
+            partitions: self.partitions.clone(),
+            committed: self.committed.clone(),
+        }
+    }
+}
+
+impl<H: Handler> Lanes<H> {
+    pub fn new(
+        runner: BatchRunner<H>,
+        partitions: Partitions,
+        committed: mpsc::Sender<(i32, i64, i64)>,
+    ) -> Self {
+        Self {
+            runner: Arc::new(runner),
+            partitions,
+            committed,
+        }
+    }
+
+    /// Applies the queues of `members` until they are empty, a claim is gone (revoked or
+    /// re-claimed), a partition is fenced, or the worker is cancelled.
+    pub async fn run(self, mut members: Members) {
+        let batch_max = self.runner.config.settings.processor.batch_max;
+        loop {
+            let taken = self.take(&mut members, batch_max);
+            if taken.is_empty() {
+                return;
+            }
+            let total: usize = taken.iter().map(|(_, _, batch)| batch.len()).sum();
+            if taken.len() > 1 && total >= batch_max {
+                // A backlog: put the batches back and give every member its own lane.
+                self.put_back(taken);
+                let lanes = members
+                    .into_iter()
+                    .map(|m| Box::pin(self.clone().run(vec![m])));
+                join_all(lanes).await;
+                return;
+            }
+            if !self.commit(taken, &mut members).await {
+                return;
+            }
+        }
+    }
+
+    /// Takes each member's next batch; a member with nothing left (or fenced, or no longer
+    /// claimed at its epoch) leaves the lane.
+    fn take(&self, members: &mut Members, batch_max: usize) -> Vec<Taken> {
+        let mut taken = Vec::new();
+        let mut states = lock(&self.partitions);
+        members.retain(|&(partition, epoch)| {
+            let Some(state) = claimed(&mut states, partition, epoch) else {
+                return false; // revoked or re-claimed; the new claim has its own lane
+            };
+            if state.queue.is_empty() || matches!(state.phase, Phase::Fenced) {
+                state.lane = Lane::Idle;
+                return false;
+            }
+            let n = state.queue.len().min(batch_max);
+            let batch: Vec<InboundMessage> = state.queue.drain(..n).collect();
+            state.lane = Lane::Applying(Instant::now());
+            let at = Position {
+                epoch,
+                next_offset: state.next_offset,
+            };
+            taken.push((partition, at, batch));
+            true
+        });
+        taken
+    }
+
+    fn put_back(&self, taken: Vec<Taken>) {
+        let mut states = lock(&self.partitions);
+        for (partition, at, batch) in taken {
+            if let Some(state) = claimed(&mut states, partition, at.epoch) {
+                state.lane = Lane::Ready;
+                for msg in batch.into_iter().rev() {
+                    state.queue.push_front(msg);
+                }
+            }
+        }
+    }
+
+    /// Commits the taken batches in one transaction. A fenced member is dropped and the
+    /// others are tried again at once: their transaction was rolled back with it. Returns
+    /// whether the lane goes on (false once the worker is cancelled).
+    async fn commit(&self, mut pending: Vec<Taken>, members: &mut Members) -> bool {
+        loop {
+            let parts: Vec<PartBatch<'_>> = pending
+                .iter()
+                .map(|(partition, at, batch)| PartBatch {
+                    partition: *partition,
+                    at: *at,
+                    msgs: batch,
+                })
+                .collect();
+            let result = self.runner.run(&parts).await;
+            let mut states = lock(&self.partitions);
+            match result {
+                Ok(next_offsets) => {
+                    for ((partition, at, _), next_offset) in pending.iter().zip(next_offsets) {
+                        if let Some(state) = claimed(&mut states, *partition, at.epoch) {
+                            state.lane = Lane::Ready;
+                            state.next_offset = next_offset;
+                            let _ = self.committed.send((*partition, at.epoch, next_offset));
+                        }
+                    }
+                    return true;
+                }
+                Err(BatchError::Fenced(fenced)) => {
+                    if let Some(state) = pending_state(&mut states, &pending, fenced) {
+                        state.fence();
+                    }
+                    pending.retain(|p| p.0 != fenced);
+                    members.retain(|m| m.0 != fenced);
+                    if pending.is_empty() {
+                        return true;
+                    }
+                }
+                Err(BatchError::Cancelled) => {
+                    for (partition, at, _) in &pending {
+                        if let Some(state) = claimed(&mut states, *partition, at.epoch) {
+                            state.lane = Lane::Idle;
+                        }
+                    }
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// The state of a pending member's partition, while its claim is still the lane's.
+fn pending_state<'a>(
+    states: &'a mut HashMap<i32, PartitionState>,
+    pending: &[Taken],
+    partition: i32,
+) -> Option<&'a mut PartitionState> {
+    let (_, at, _) = pending.iter().find(|p| p.0 == partition)?;
+    claimed(states, partition, at.epoch)
+}

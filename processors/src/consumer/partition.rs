@@ -1,0 +1,100 @@
+//! One assigned partition as this worker sees it, and the table of them that the Kafka thread
+//! (fetch and rebalance) and the lanes share.
+//!
+//! A partition moves through typed phases: claimed and `Unproven` until its fetch position is
+//! proven (`position`), then `Live`; `Held` if the log does not continue the stored position;
+//! `Fenced` once a commit is refused because someone else claimed it. Only a `Live` partition's
+//! messages are queued and applied. Independently, a lane task may own its queue (`Lane`).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::position::Resume;
+use crate::kafka::InboundMessage;
+
+/// Where the proof of a partition's position stands.
+#[derive(Debug)]
+pub(super) enum Phase {
+    /// Claimed; the fetch position is not proven yet, and nothing is applied.
+    Unproven(Resume),
+    /// The fetch continues the stored position: messages are queued and applied.
+    Live,
+    /// The log does not continue the stored position: its fetch is paused and nothing is
+    /// applied until an operator acts and the partition is claimed again.
+    Held,
+    /// A commit was refused: this worker no longer owns the partition.
+    Fenced,
+}
+
+/// Whether a lane task is applying the partition's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Lane {
+    /// No lane task; the fetch loop starts one when messages are queued.
+    Idle,
+    /// A lane task owns the queue and is between batches.
+    Ready,
+    /// A lane task is applying a batch it took at this instant.
+    Applying(Instant),
+}
+
+/// Where this worker stands in one assigned partition.
+#[derive(Debug)]
+pub(super) struct PartitionState {
+    pub epoch: i64,
+    /// The stored offset: the next message to apply.
+    pub next_offset: i64,
+    /// The offset after the last message handed to the partition's lane (queued or being
+    /// applied). Equal to `next_offset` when the lane is idle.
+    pub dispatched: i64,
+    /// Messages fetched and not yet applied, in offset order.
+    pub queue: VecDeque<InboundMessage>,
+    pub lane: Lane,
+    pub phase: Phase,
+}
+
+impl PartitionState {
+    /// A partition just claimed at `epoch` with stored offset `next_offset`.
+    pub fn claimed(epoch: i64, next_offset: i64, resume: Resume) -> Self {
+        Self {
+            epoch,
+            next_offset,
+            dispatched: next_offset,
+            queue: VecDeque::new(),
+            lane: Lane::Idle,
+            phase: Phase::Unproven(resume),
+        }
+    }
+
+    /// Whether a batch of this partition has been applying for `limit` or longer.
+    pub fn stalled(&self, limit: Duration) -> bool {
+        matches!(self.lane, Lane::Applying(since) if since.elapsed() >= limit)
+    }
+
+    /// A commit was refused: drop what is queued and apply nothing more.
+    pub fn fence(&mut self) {
+        self.phase = Phase::Fenced;
+        self.queue.clear();
+        self.lane = Lane::Idle;
+    }
+}
+
+/// The assigned partitions, shared by the Kafka thread and the lane tasks.
+pub(super) type Partitions = Arc<Mutex<HashMap<i32, PartitionState>>>;
+
+pub(super) fn lock(partitions: &Partitions) -> MutexGuard<'_, HashMap<i32, PartitionState>> {
+    // A panic while holding this lock would already have ended the worker.
+    partitions
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The state of `partition` while `epoch` is still its claim (not revoked or re-claimed
+/// since a lane took it on).
+pub(super) fn claimed(
+    states: &mut HashMap<i32, PartitionState>,
+    partition: i32,
+    epoch: i64,
+) -> Option<&mut PartitionState> {
+    states.get_mut(&partition).filter(|s| s.epoch == epoch)
+}

@@ -1,0 +1,280 @@
+//! Where a claimed partition resumes: the rules that prove a fetch continues the stored
+//! position before anything of the partition is applied. Pure functions of what the fetch saw
+//! and what the broker says of the log; the fetch loop (`fetch`) carries out their decisions.
+//!
+//! A fetch must resume exactly at the stored offset, and the message before it must be the
+//! one the group applied last (its fingerprint is stored with the offset). When the first
+//! message is further on, the missing offsets are either not in the log (deleted by retention,
+//! compacted, or transaction markers) — then the gap is real and is logged — or the broker
+//! returned a later record batch than the one holding the stored offset (seen with tansu when
+//! resuming in the middle of a batch). The worker tells the two apart by rewinding, further
+//! each time, down to the low watermark, and dropping what lies below the stored offset. It
+//! never skips an event that is still in the topic, and never resumes in a log whose message
+//! before the stored offset is another.
+
+use std::time::{Duration, Instant};
+
+/// How long an unproven partition may stay silent before its position is checked: resuming
+/// inside the last record batch can bring nothing at all, and the broker's high watermark
+/// cannot be relied on to say so (tansu reports it at that batch's boundary).
+pub(super) const SILENCE: Duration = Duration::from_secs(2);
+
+/// What the fetch loop does next with a partition whose position is not proven yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Decision {
+    /// The position is proven: apply from here on.
+    Apply,
+    /// Proven, but the offsets up to the first message are not in the log: say so, then apply.
+    ApplyPastGap(&'static str),
+    /// Fetch again from this offset, further back than before.
+    Seek(i64),
+    /// Nothing can be decided yet; look again later.
+    Wait,
+    /// The log does not continue the stored position: apply nothing of this partition until
+    /// an operator acts and it is claimed again.
+    Hold(&'static str),
+    /// The log ends before the stored offset: say so once, then wait.
+    ReportPastEnd,
+}
+
+/// What the proof of a claimed partition's position has seen so far.
+#[derive(Debug, Clone)]
+pub(super) struct Resume {
+    /// The fingerprint of the message at `stored - 1` as the last commit stored it.
+    pub last_fp: Option<i64>,
+    /// How far back from the stored offset the fetch was last positioned (1 at the claim: the
+    /// fetch starts with the message before the stored offset, to compare it).
+    pub rewind: i64,
+    /// When the fetch position was last set (claim or rewind), or when a message last arrived.
+    /// Repositioning must not depend on messages arriving.
+    pub moved_at: Instant,
+    /// Whether this claim already said that the log ends before the stored offset.
+    pub reported_past_end: bool,
+}
+
+impl Resume {
+    /// A fresh claim of a partition whose stored offset is `stored`; returns it and the offset
+    /// to fetch from (the message before the stored one, to compare it).
+    pub fn claimed(stored: i64, last_fp: Option<i64>, now: Instant) -> (Self, i64) {
+        let rewind = i64::from(stored > 0);
+        let resume = Self {
+            last_fp,
+            rewind,
+            moved_at: now,
+            reported_past_end: false,
+        };
+        (resume, stored - rewind)
+    }
+
+    /// The fetch brought the message just before the stored offset, with fingerprint `fp`: the
+    /// fetch is contiguous through it, so the position is right if that message is the one the
+    /// group applied last.
+    pub fn previous_seen(&self, fp: i64) -> Decision {
+        match self.last_fp {
+            Some(last) if last != fp => Decision::Hold(
+                "the message before the stored offset is not the one this consumer group applied: the topic was probably recreated under this database",
+            ),
+            // No fingerprint (an offset stored by an older version): the only evidence is
+            // that the log ended before the stored offset and grew back to it afterwards.
+            None if self.reported_past_end => Decision::Hold(
+                "the log reached the stored offset only after it was found to end before it: the topic was probably recreated under this database",
+            ),
+            _ => Decision::Apply,
+        }
+    }
+
+    /// The first message fetched at or after the stored offset is at `first`, and the message
+    /// before the stored offset was not seen. `low` asks the broker for the log's low
+    /// watermark (`None`: it could not say), only when the answer matters.
+    pub fn first_fetched(
+        &self,
+        stored: i64,
+        first: i64,
+        low: impl FnOnce() -> Option<i64>,
+    ) -> Decision {
+        let start_is_proof = stored == 0 || (self.last_fp.is_none() && !self.reported_past_end);
+        if first == stored && start_is_proof {
+            return Decision::Apply;
+        }
+        let Some(low) = low() else {
+            return Decision::Wait;
+        };
+        if stored < low {
+            return Decision::ApplyPastGap("stored offset is below the topic's low watermark: these messages were deleted before being applied");
+        }
+        // Fetching from the log start (directly, or after rewinding to it) and still seeing a
+        // later offset first means the offsets in between do not exist; so does the message
+        // before the stored offset, and there is nothing to compare.
+        if stored - self.rewind <= low {
+            if first > stored {
+                return Decision::ApplyPastGap("offsets between the stored offset and the first message are not in the topic (transaction markers or compaction); continuing");
+            }
+            return Decision::Apply;
+        }
+        Decision::Seek(self.further_back(stored, low))
+    }
+
+    /// Whether the partition has been silent long enough to check its position. Once the
+    /// log was reported to end before the stored offset, the fetch reads on from the log
+    /// start: the message before the stored offset is judged when (if ever) it arrives.
+    pub fn silence_due(&self, now: Instant) -> bool {
+        !self.reported_past_end && now.saturating_duration_since(self.moved_at) >= SILENCE
+    }
+
+    /// The partition stayed silent and the log's low watermark is `low`. Silence after a
+    /// rewind that re-read the message before the stored offset is settled by
+    /// `previous_seen`; this rule never accepts a gap, it only seeks.
+    pub fn silent(&self, stored: i64, low: i64) -> Decision {
+        if stored <= low {
+            return Decision::Apply;
+        }
+        // Read from the log start and still silent: the log ends before the stored offset (a
+        // topic deleted and recreated under this database, or a database restored from
+        // elsewhere). New messages would arrive at offsets the database counts as applied.
+        if stored - self.rewind <= low {
+            return Decision::ReportPastEnd;
+        }
+        Decision::Seek(self.further_back(stored, low))
+    }
+
+    /// Four times further back than last time, bounded by the low watermark.
+    fn further_back(&self, stored: i64, low: i64) -> i64 {
+        stored - (self.rewind * 4).max(1).min(stored - low)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resume(last_fp: Option<i64>, rewind: i64, reported_past_end: bool) -> Resume {
+        Resume {
+            last_fp,
+            rewind,
+            moved_at: Instant::now(),
+            reported_past_end,
+        }
+    }
+
+    #[test]
+    fn a_claim_fetches_from_the_message_before_the_stored_offset() {
+        let now = Instant::now();
+        let (r, from) = Resume::claimed(10, Some(7), now);
+        assert_eq!((from, r.rewind, r.last_fp), (9, 1, Some(7)));
+        let (r, from) = Resume::claimed(0, None, now);
+        assert_eq!((from, r.rewind), (0, 0), "nothing before offset 0");
+    }
+
+    #[test]
+    fn the_message_before_the_stored_offset_proves_or_holds_the_position() {
+        use Decision::*;
+        // (stored fingerprint, reported past end, fingerprint seen, decision)
+        let cases = [
+            (Some(7), false, 7, Apply),
+            (Some(7), true, 7, Apply),
+            (None, false, 7, Apply),
+            (Some(7), false, 8, Hold("the message before the stored offset is not the one this consumer group applied: the topic was probably recreated under this database")),
+            (None, true, 7, Hold("the log reached the stored offset only after it was found to end before it: the topic was probably recreated under this database")),
+        ];
+        for (last_fp, past_end, seen, expected) in cases {
+            let decision = resume(last_fp, 1, past_end).previous_seen(seen);
+            assert_eq!(decision, expected, "{last_fp:?} {past_end} {seen}");
+        }
+    }
+
+    #[test]
+    fn the_first_message_at_or_after_the_stored_offset_is_judged_against_the_log_start() {
+        use Decision::*;
+        let gap_below = "stored offset is below the topic's low watermark: these messages were deleted before being applied";
+        let gap_between = "offsets between the stored offset and the first message are not in the topic (transaction markers or compaction); continuing";
+        // (stored, last fp, rewind, past end, first, low, decision)
+        let cases = [
+            // A fetch that starts at the stored offset proves it when nothing can precede it.
+            (0, None, 0, false, 0, None, Apply),
+            (10, None, 1, false, 10, None, Apply),
+            // With a fingerprint the message before must be seen; asking the broker failed.
+            (10, Some(1), 1, false, 10, None, Wait),
+            // The log start is past the stored offset: deleted before being applied.
+            (10, Some(1), 1, false, 20, Some(15), ApplyPastGap(gap_below)),
+            // Fetching from the log start: what is missing does not exist.
+            (
+                10,
+                Some(1),
+                10,
+                false,
+                12,
+                Some(0),
+                ApplyPastGap(gap_between),
+            ),
+            (10, Some(1), 1, false, 10, Some(9), Apply),
+            (
+                10,
+                Some(1),
+                1,
+                false,
+                12,
+                Some(9),
+                ApplyPastGap(gap_between),
+            ),
+            // Otherwise rewind, four times further each time, never below the log start.
+            (100, Some(1), 1, false, 100, Some(0), Seek(96)),
+            (100, Some(1), 4, false, 104, Some(0), Seek(84)),
+            (100, Some(1), 16, false, 104, Some(90), Seek(90)),
+            (100, None, 1, true, 100, Some(0), Seek(96)),
+        ];
+        for (stored, last_fp, rewind, past_end, first, low, expected) in cases {
+            let r = resume(last_fp, rewind, past_end);
+            let decision = r.first_fetched(stored, first, || low);
+            assert_eq!(
+                decision, expected,
+                "stored {stored} fp {last_fp:?} rewind {rewind} past end {past_end} first {first} low {low:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_broker_is_not_asked_when_the_start_proves_the_position() {
+        let r = resume(None, 1, false);
+        let decision = r.first_fetched(10, 10, || panic!("asked for the low watermark"));
+        assert_eq!(decision, Decision::Apply);
+    }
+
+    #[test]
+    fn a_silent_partition_is_rewound_until_the_log_start_then_reported() {
+        use Decision::*;
+        // (stored, rewind, low, decision)
+        let cases = [
+            (0, 0, 0, Apply),
+            (10, 1, 10, Apply),
+            (10, 1, 12, Apply),
+            (10, 1, 0, Seek(6)),
+            (10, 4, 0, Seek(0)),
+            (10, 10, 0, ReportPastEnd),
+            (10, 1, 9, ReportPastEnd),
+        ];
+        for (stored, rewind, low, expected) in cases {
+            let decision = resume(Some(1), rewind, false).silent(stored, low);
+            assert_eq!(
+                decision, expected,
+                "stored {stored} rewind {rewind} low {low}"
+            );
+        }
+    }
+
+    #[test]
+    fn silence_is_checked_after_two_quiet_seconds_until_the_end_was_reported() {
+        let start = Instant::now();
+        let r = resume(Some(1), 1, false);
+        let r = Resume {
+            moved_at: start,
+            ..r
+        };
+        assert!(!r.silence_due(start + Duration::from_millis(1999)));
+        assert!(r.silence_due(start + SILENCE));
+        let reported = Resume {
+            reported_past_end: true,
+            ..r
+        };
+        assert!(!reported.silence_due(start + Duration::from_secs(60)));
+    }
+}
