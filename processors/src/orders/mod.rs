@@ -6,6 +6,7 @@
 //! nobody paid for (`sweeper`).
 
 pub mod processor;
+pub mod saga;
 pub mod store;
 pub mod sweeper;
 

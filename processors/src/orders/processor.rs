@@ -4,6 +4,9 @@
 //! as the account processor (`consumer`): one transaction per partition batch holds the order
 //! updates, the events they emit (outbox), the dedupe rows and the stored offset.
 //!
+//! The transitions are `saga::next`'s; this module loads the orders, carries them out and
+//! writes the rows back:
+//!
 //! - `AccountDebited`: PENDING -> PAID and `OrderPaid`. If the order was already CANCELLED
 //!   (the user or the payment timeout got there first) it stays CANCELLED and the debit is
 //!   compensated: `OrderCancelled` with `refundRequired` asks the account processor to give
@@ -22,7 +25,9 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
+use super::saga::{self, Transition, Trigger};
 use super::store::cancellation;
 use super::OrderStatus;
 use crate::consumer::{self, Applied, Fresh, Handler, Outcome, WorkerConfig};
@@ -66,6 +71,7 @@ struct SagaRow {
     paid_at: Option<DateTime<Utc>>,
     cancelled_at: Option<DateTime<Utc>>,
     refunded_at: Option<DateTime<Utc>>,
+    refund_requested_at: Option<DateTime<Utc>>,
     #[sqlx(skip)]
     dirty: bool,
 }
@@ -78,6 +84,33 @@ impl SagaRow {
     fn set_status(&mut self, status: OrderStatus) {
         self.status = status.as_str().to_owned();
         self.dirty = true;
+    }
+
+    /// `OrderPaid` for this order, its id derived from the debit's; `None` (and an error in
+    /// the log) if the row holds an amount or currency the table's checks should have refused.
+    fn paid(&self, cause: Uuid, now: DateTime<Utc>, topic: &str) -> Option<OutboxRow> {
+        let (Some(amount_fen), Some(currency)) = (
+            Amount::new(self.amount_fen),
+            Currency::parse(&self.currency),
+        ) else {
+            tracing::error!(
+                order_id = self.id,
+                "order row has an invalid amount or currency"
+            );
+            return None;
+        };
+        let payload = OrderPaid {
+            order_id: self.id,
+            user_id: self.user_id,
+            amount_fen,
+            currency,
+        };
+        let id = derived_event_id(cause, "OrderPaid");
+        Some(OutboxRow::event(
+            topic,
+            self.user_id,
+            &Envelope::new(id, now, payload),
+        ))
     }
 }
 
@@ -106,7 +139,8 @@ impl Handler for OrderProcessor {
         } else {
             sqlx::query_as::<_, SagaRow>(
                 r#"
-                SELECT id, user_id, amount_fen, currency, status, cancel_reason, paid_at, cancelled_at, refunded_at
+                SELECT id, user_id, amount_fen, currency, status, cancel_reason, paid_at, cancelled_at,
+                       refunded_at, refund_requested_at
                 FROM orders WHERE id = ANY($1) ORDER BY id FOR UPDATE
                 "#,
             )
@@ -119,105 +153,127 @@ impl Handler for OrderProcessor {
         };
 
         let now = Utc::now();
-        let mut emitted = Vec::new();
-        let mut outcomes = Vec::with_capacity(events.len());
+        let mut applied = Applied::default();
         for fresh in events {
-            let Some(order_id) = fresh.event.order_id() else {
-                outcomes.push(Outcome::Ignored);
-                continue;
-            };
-            let Some(order) = orders.get_mut(&order_id) else {
-                tracing::warn!(order_id, event_id = %fresh.event_id, "account event for an order paystream does not know; ignored");
-                outcomes.push(Outcome::Ignored);
-                continue;
-            };
-            let outcome = match (&fresh.event, order.status()) {
-                (AccountEvent::Debited { .. }, Some(OrderStatus::Pending)) => {
-                    order.set_status(OrderStatus::Paid);
-                    order.paid_at = Some(now);
-                    match (
-                        Amount::new(order.amount_fen),
-                        Currency::parse(&order.currency),
-                    ) {
-                        (Some(amount_fen), Some(currency)) => {
-                            let payload = OrderPaid {
-                                order_id,
-                                user_id: order.user_id,
-                                amount_fen,
-                                currency,
-                            };
-                            let id = derived_event_id(fresh.event_id, "OrderPaid");
-                            emitted.push(OutboxRow::event(
-                                &self.order_events_topic,
-                                order.user_id,
-                                &Envelope::new(id, now, payload),
-                            ));
-                        }
-                        // The table's checks make this unreachable.
-                        _ => {
-                            tracing::error!(order_id, "order row has an invalid amount or currency")
-                        }
+            let outcome = match fresh.event.order_id() {
+                Some(order_id) => match orders.get_mut(&order_id) {
+                    Some(order) => self.advance(order, fresh, now, &mut applied.emitted),
+                    None => {
+                        tracing::warn!(order_id, event_id = %fresh.event_id, "account event for an order paystream does not know; ignored");
+                        Outcome::Ignored
                     }
-                    Outcome::Applied
-                }
-                (AccountEvent::Debited { .. }, Some(OrderStatus::Cancelled)) => {
-                    // Compensation: the money was taken for an order that is no longer wanted.
-                    let why = order.cancel_reason.clone().unwrap_or_default();
-                    tracing::info!(order_id, reason = %why, "debit landed after the order was cancelled; requesting a refund");
-                    let id = derived_event_id(fresh.event_id, "OrderCancelled");
-                    emitted.push(cancellation(
-                        &self.order_events_topic,
-                        order_id,
-                        order.user_id,
-                        &why,
-                        true,
-                        id,
-                    ));
-                    Outcome::Applied
-                }
-                (AccountEvent::DebitFailed { reason, .. }, Some(OrderStatus::Pending)) => {
-                    order.set_status(OrderStatus::Cancelled);
-                    order.cancel_reason = Some(reason.as_str().to_owned());
-                    order.cancelled_at = Some(now);
-                    let id = derived_event_id(fresh.event_id, "OrderCancelled");
-                    emitted.push(cancellation(
-                        &self.order_events_topic,
-                        order_id,
-                        order.user_id,
-                        reason.as_str(),
-                        false,
-                        id,
-                    ));
-                    Outcome::Applied
-                }
-                (AccountEvent::Refunded { .. }, Some(OrderStatus::Paid)) => {
-                    order.set_status(OrderStatus::Refunded);
-                    order.refunded_at = Some(now);
-                    Outcome::Applied
-                }
-                (AccountEvent::Refunded { .. }, Some(OrderStatus::Cancelled))
-                    if order.refunded_at.is_none() =>
-                {
-                    order.refunded_at = Some(now);
-                    order.dirty = true;
-                    Outcome::Applied
-                }
-                (AccountEvent::Refunded { .. }, Some(OrderStatus::Pending)) => {
-                    tracing::warn!(
-                        order_id,
-                        "refund reported for an order that is still PENDING; ignored"
-                    );
-                    Outcome::Ignored
-                }
-                // The saga already moved past what this event reports (a redelivery with a new
-                // id, a debit failure after a timeout cancel, ...).
-                _ => Outcome::Duplicate,
+                },
+                None => Outcome::Ignored,
             };
-            outcomes.push(outcome);
+            applied.outcomes.push(outcome);
         }
-
         write(conn, orders.into_values().filter(|o| o.dirty)).await?;
-        Ok(Applied { outcomes, emitted })
+        Ok(applied)
+    }
+}
+
+impl OrderProcessor {
+    /// Moves `order` as the saga says for the account event `fresh`; what that announces
+    /// goes to `emitted`.
+    fn advance(
+        &self,
+        order: &mut SagaRow,
+        fresh: &Fresh<AccountEvent>,
+        now: DateTime<Utc>,
+        emitted: &mut Vec<OutboxRow>,
+    ) -> Outcome {
+        let trigger = match &fresh.event {
+            AccountEvent::Debited { .. } => Trigger::Debited,
+            AccountEvent::DebitFailed { reason, .. } => Trigger::DebitFailed(*reason),
+            AccountEvent::Refunded { .. } => Trigger::Refunded,
+            // A deposit concerns no order.
+            AccountEvent::Credited => return Outcome::Ignored,
+        };
+        let Some(status) = order.status() else {
+            return Outcome::Duplicate;
+        };
+        let saga = saga::Order {
+            status,
+            refund_requested: order.refund_requested_at.is_some(),
+            refunded: order.refunded_at.is_some(),
+        };
+        self.carry_out(
+            order,
+            saga::next(saga, trigger),
+            fresh.event_id,
+            now,
+            emitted,
+        )
+    }
+
+    /// Carries out a transition of `order` caused by the event `cause`.
+    fn carry_out(
+        &self,
+        order: &mut SagaRow,
+        transition: Transition,
+        cause: Uuid,
+        now: DateTime<Utc>,
+        emitted: &mut Vec<OutboxRow>,
+    ) -> Outcome {
+        let order_id = order.id;
+        let topic = &self.order_events_topic;
+        match transition {
+            Transition::Pay => {
+                order.set_status(OrderStatus::Paid);
+                order.paid_at = Some(now);
+                // `None` only for a row the table's checks should have refused.
+                let paid = order.paid(cause, now, topic);
+                emitted.extend(paid);
+                Outcome::Applied
+            }
+            Transition::Cancel {
+                reason,
+                refund_required,
+            } => {
+                order.set_status(OrderStatus::Cancelled);
+                order.cancel_reason = Some(reason.to_owned());
+                order.cancelled_at = Some(now);
+                let id = derived_event_id(cause, "OrderCancelled");
+                emitted.push(cancellation(
+                    topic,
+                    order_id,
+                    order.user_id,
+                    reason,
+                    refund_required,
+                    id,
+                ));
+                Outcome::Applied
+            }
+            Transition::Compensate => {
+                // The money was taken for an order that is no longer wanted.
+                let why = order.cancel_reason.clone().unwrap_or_default();
+                tracing::info!(order_id, reason = %why, "debit landed after the order was cancelled; requesting a refund");
+                let id = derived_event_id(cause, "OrderCancelled");
+                emitted.push(cancellation(topic, order_id, order.user_id, &why, true, id));
+                Outcome::Applied
+            }
+            Transition::CompleteRefund => {
+                order.set_status(OrderStatus::Refunded);
+                order.refunded_at = Some(now);
+                Outcome::Applied
+            }
+            Transition::RecordRefund => {
+                order.refunded_at = Some(now);
+                order.dirty = true;
+                Outcome::Applied
+            }
+            Transition::Unexpected => {
+                tracing::warn!(
+                    order_id,
+                    "refund reported for an order that is still PENDING; ignored"
+                );
+                Outcome::Ignored
+            }
+            // Account events never ask for a refund or a cancel; the rest is behind us.
+            Transition::Stale | Transition::RequestRefund { .. } | Transition::Refuse(_) => {
+                Outcome::Duplicate
+            }
+        }
     }
 }
 

@@ -5,7 +5,8 @@ use serde::Serialize;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::{reason, OrderStatus};
+use super::saga::{self, Refusal, Transition, Trigger};
+use super::OrderStatus;
 use crate::domain::{Amount, Currency};
 use crate::events::{Envelope, OrderCancelled, OrderCreated, OrderItem};
 use crate::outbox::{self, OutboxRow};
@@ -168,12 +169,22 @@ pub async fn cancel(
     let Some((status, refund_requested_at)) = current else {
         return Ok(Err(CancelRefused::NotFound));
     };
-    let outcome = match OrderStatus::parse(&status) {
-        Some(OrderStatus::Pending) => {
-            let order = mark_cancelled(conn, order_id, reason::USER_REQUESTED).await?;
-            CancelOutcome::Cancelled(order)
+    let Some(status) = OrderStatus::parse(&status) else {
+        return Err(sqlx::Error::Decode(
+            format!("order {order_id} has unknown status {status:?}").into(),
+        ));
+    };
+    let order = saga::Order {
+        status,
+        refund_requested: refund_requested_at.is_some(),
+        refunded: false,
+    };
+    let (outcome, why) = match saga::next(order, Trigger::CancelRequested) {
+        Transition::Cancel { reason, .. } => {
+            let order = mark_cancelled(conn, order_id, reason).await?;
+            (CancelOutcome::Cancelled(order), reason)
         }
-        Some(OrderStatus::Paid) if refund_requested_at.is_none() => {
+        Transition::RequestRefund { reason } => {
             let order: Order = sqlx::query_as(&format!(
                 r#"
                 UPDATE orders SET refund_requested_at = now(), cancel_reason = $2, updated_at = now()
@@ -181,17 +192,21 @@ pub async fn cancel(
                 "#
             ))
             .bind(order_id)
-            .bind(reason::USER_REQUESTED)
+            .bind(reason)
             .fetch_one(&mut *conn)
             .await?;
-            CancelOutcome::RefundRequested(order)
+            (CancelOutcome::RefundRequested(order), reason)
         }
-        Some(OrderStatus::Paid) => return Ok(Err(CancelRefused::RefundAlreadyRequested)),
-        Some(status) => return Ok(Err(CancelRefused::AlreadyFinal(status))),
-        None => {
-            return Err(sqlx::Error::Decode(
-                format!("order {order_id} has unknown status {status:?}").into(),
-            ))
+        Transition::Refuse(Refusal::RefundAlreadyRequested) => {
+            return Ok(Err(CancelRefused::RefundAlreadyRequested))
+        }
+        Transition::Refuse(Refusal::AlreadyFinal(status)) => {
+            return Ok(Err(CancelRefused::AlreadyFinal(status)))
+        }
+        other => {
+            return Err(sqlx::Error::Protocol(format!(
+                "the saga answered a cancel request with {other:?}"
+            )))
         }
     };
     let (CancelOutcome::Cancelled(order) | CancelOutcome::RefundRequested(order)) = &outcome;
@@ -199,7 +214,7 @@ pub async fn cancel(
         order_events_topic,
         order.id,
         order.user_id,
-        reason::USER_REQUESTED,
+        why,
         true,
         Uuid::new_v4(),
     );
@@ -214,12 +229,13 @@ async fn mark_cancelled(
 ) -> Result<Order, sqlx::Error> {
     sqlx::query_as(&format!(
         r#"
-        UPDATE orders SET status = 'CANCELLED', cancel_reason = $2, cancelled_at = now(), updated_at = now()
+        UPDATE orders SET status = $3, cancel_reason = $2, cancelled_at = now(), updated_at = now()
         WHERE id = $1 RETURNING {COLUMNS}
         "#
     ))
     .bind(order_id)
     .bind(why)
+    .bind(OrderStatus::Cancelled.as_str())
     .fetch_one(conn)
     .await
 }

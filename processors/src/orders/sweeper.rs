@@ -13,8 +13,9 @@ use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::reason;
+use super::saga::{self, Transition, Trigger};
 use super::store::cancellation;
+use super::{reason, OrderStatus};
 use crate::db::{classify, release, ErrorClass, Pruning};
 use crate::outbox;
 use crate::settings::Settings;
@@ -106,6 +107,16 @@ async fn cancel_due(
     batch: i64,
     order_events_topic: &str,
 ) -> Result<usize, sqlx::Error> {
+    // The saga cancels on timeout only from PENDING (`saga::timeout_applies_to`, tested
+    // there); the literal below keeps the partial index `orders_pending_by_age` usable.
+    let pending = saga::Order::new(OrderStatus::Pending);
+    let Transition::Cancel {
+        reason,
+        refund_required,
+    } = saga::next(pending, Trigger::PaymentTimeout)
+    else {
+        return Ok(0);
+    };
     let due: Vec<(i64, i64)> = sqlx::query_as(
         r#"
         WITH due AS (
@@ -116,7 +127,7 @@ async fn cancel_due(
             FOR UPDATE SKIP LOCKED
         )
         UPDATE orders o
-        SET status = 'CANCELLED', cancel_reason = $3, cancelled_at = now(), updated_at = now()
+        SET status = $4, cancel_reason = $3, cancelled_at = now(), updated_at = now()
         FROM due
         WHERE o.id = due.id AND o.status = 'PENDING'
         RETURNING o.id, o.user_id
@@ -124,7 +135,8 @@ async fn cancel_due(
     )
     .bind(timeout.as_secs_f64())
     .bind(batch)
-    .bind(reason::PAYMENT_TIMEOUT)
+    .bind(reason)
+    .bind(OrderStatus::Cancelled.as_str())
     .fetch_all(&mut *tx)
     .await?;
     let events: Vec<_> = due
@@ -134,8 +146,8 @@ async fn cancel_due(
                 order_events_topic,
                 order_id,
                 user_id,
-                reason::PAYMENT_TIMEOUT,
-                true,
+                reason,
+                refund_required,
                 Uuid::new_v4(),
             )
         })
