@@ -562,3 +562,13 @@ pub async fn deposit(
         balance_after_fen: posted.to_balance_after,
     }))
 }
+
+/// A user id above every user that has an account (and above 1000): for a demonstration
+/// session that opens an account and can be run again on the same database.
+pub async fn first_user_without_account(pool: &sqlx::PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT GREATEST(COALESCE(max(user_id), 1000), 1000) + 1 FROM accounts WHERE kind = 'USER'",
+    )
+    .fetch_one(pool)
+    .await
+}

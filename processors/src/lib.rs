@@ -16,4 +16,5 @@ pub mod ops;
 pub mod orders;
 pub mod outbox;
 pub mod settings;
+pub mod startup;
 pub mod telemetry;

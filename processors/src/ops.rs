@@ -52,11 +52,12 @@ pub fn router(state: OpsState) -> Router {
         .with_state(state)
 }
 
-/// Serves the operations endpoints on `listen` until `cancel` fires.
-pub async fn serve(listen: &str, state: OpsState, cancel: CancellationToken) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("Failed to listen on {listen}: {e}"))?;
+/// Serves the operations endpoints on `listener` until `cancel` fires.
+pub async fn serve(
+    listener: TcpListener,
+    state: OpsState,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
     tracing::info!(address = %listener.local_addr()?, "metrics and health endpoints listening");
     axum::serve(listener, router(state))
         .with_graceful_shutdown(cancel.cancelled_owned())

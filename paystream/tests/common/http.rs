@@ -3,15 +3,13 @@
 
 use std::time::Duration;
 
-use paystream_processors::accounts::processor as account_processor;
-use paystream_processors::api::{self, auth};
-use paystream_processors::orders::{processor as order_processor, sweeper};
+use paystream_processors::api::auth;
 use paystream_processors::settings::Settings;
+use paystream_processors::startup::{self, Part};
 use reqwest::StatusCode;
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
 
-use super::{spawn_worker, wait_until, TestEnv, Worker};
+use super::{wait_until, TestEnv, DEADLINE};
 
 /// Which parts to run; the saga tests stop some of them to force an ordering.
 #[derive(Debug, Clone, Copy)]
@@ -33,56 +31,41 @@ impl Parts {
 
 pub struct System {
     pub api: Client,
-    pub workers: Vec<Worker>,
+    running: startup::Running,
 }
 
 impl System {
+    /// The API on a socket of its own and the chosen parts, wired as `paystream up` wires
+    /// them (`startup::start`).
     pub async fn start(env: &TestEnv, settings: &Settings, parts: Parts) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
-        let mut workers = Vec::new();
-        let cancel = CancellationToken::new();
-        let mut processors = Vec::new();
-        if parts.account_processor {
-            processors.push("account");
-        }
-        if parts.order_processor {
-            processors.push("order");
-        }
-        let ops = paystream_processors::ops::OpsState::new(settings, env.pool.clone(), processors)
-            .expect("ops state");
-        let state = api::AppState::new(settings.clone(), env.pool.clone(), ops);
-        workers.push(Worker {
-            cancel: cancel.clone(),
-            task: tokio::spawn(api::serve(listener, state, cancel)),
-        });
-        if parts.account_processor {
-            workers.push(spawn_worker(settings, account_processor::run));
-        }
-        if parts.order_processor {
-            workers.push(spawn_worker(settings, order_processor::run));
-        }
-        if parts.relay {
-            workers.push(spawn_worker(
-                settings,
-                paystream_processors::outbox::relay::run,
-            ));
-        }
-        if parts.sweeper {
-            workers.push(spawn_worker(settings, sweeper::run));
-        }
+        let chosen = [
+            (true, Part::Api),
+            (parts.account_processor, Part::AccountProcessor),
+            (parts.order_processor, Part::OrderProcessor),
+            (parts.relay, Part::Relay),
+            (parts.sweeper, Part::Sweeper),
+        ];
+        let parts: Vec<Part> = chosen
+            .into_iter()
+            .filter_map(|(on, part)| on.then_some(part))
+            .collect();
+        let running =
+            startup::start(&parts, settings, &env.pool, Some(listener)).expect("start the parts");
         Self {
             api: Client::new(base, &settings.api.jwt_secret),
-            workers,
+            running,
         }
     }
 
     pub async fn stop(self) {
-        for worker in self.workers {
-            worker.stop().await;
-        }
+        self.running
+            .stop(DEADLINE)
+            .await
+            .expect("every part ends cleanly");
     }
 }
 

@@ -97,20 +97,6 @@ pub async fn serve(
     Ok(())
 }
 
-/// Binds `api.listen` and serves until `cancel` fires.
-pub async fn run(
-    settings: Settings,
-    pool: PgPool,
-    cancel: CancellationToken,
-) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(&settings.api.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("Failed to listen on {}: {e}", settings.api.listen))?;
-    tracing::info!(address = %listener.local_addr()?, "HTTP API listening");
-    let ops = OpsState::new(&settings, pool.clone(), Vec::new())?;
-    serve(listener, AppState::new(settings, pool, ops), cancel).await
-}
-
 /// The request timeout, and the HTTP metrics (labelled by route template, never by id).
 async fn observe(
     State(state): State<AppState>,
