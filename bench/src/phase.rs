@@ -1,0 +1,258 @@
+//! One measured phase: orders produced, their debits applied and published, and what the
+//! machine did meanwhile.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use paystream_processors::domain::{Amount, Currency};
+use paystream_processors::startup::{self, Part};
+use paystream_processors::settings::Settings;
+use paystream_processors::telemetry::{self, METRICS};
+use paystream_processors::{kafka, ledger};
+use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::util::Timeout;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::cpu::{CpuShare, CpuTicks, StealWindows};
+use crate::load::{results_consumer, wait_for, Orders, Received, Sent, Timeline, Work};
+use crate::stats::{flight_times, ms, nearest_rank};
+use crate::BenchArgs;
+
+pub(crate) struct Phase {
+    pub(crate) events: u64,
+    pub(crate) elapsed: Duration,
+    /// Produced -> `AccountDebited` published, per order, in ascending order.
+    pub(crate) latencies: Vec<Duration>,
+    /// Produced -> `AccountDebited` received by the bench's consumer, in ascending order.
+    pub(crate) received: Vec<Duration>,
+    pub(crate) cpu: Option<CpuShare>,
+    /// Produced -> published for the orders that no host steal touched (see `StealWindows`),
+    /// in ascending order; `None` where steal cannot be read.
+    pub(crate) unstolen: Option<Vec<Duration>>,
+}
+
+impl Phase {
+    pub(crate) fn rate(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64()
+    }
+
+    pub(crate) fn percentile_ms(&self, p: f64) -> f64 {
+        ms(nearest_rank(&self.latencies, p))
+    }
+
+    pub(crate) fn received_percentile_ms(&self, p: f64) -> f64 {
+        ms(nearest_rank(&self.received, p))
+    }
+
+    pub(crate) fn unstolen_percentile_ms(&self, p: f64) -> Option<f64> {
+        Some(ms(nearest_rank(self.unstolen.as_ref()?, p)))
+    }
+
+    /// The share of the measured orders that no host steal touched.
+    pub(crate) fn unstolen_pct(&self) -> Option<f64> {
+        let clean = self.unstolen.as_ref()?.len();
+        Some(clean as f64 * 100.0 / self.latencies.len().max(1) as f64)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn run_phase(
+    base: &Settings,
+    pool: &PgPool,
+    id: &str,
+    number: i64,
+    args: &BenchArgs,
+    events: u64,
+    rate: Option<u64>,
+    batch_max: usize,
+) -> anyhow::Result<Phase> {
+    let mut settings = base.clone();
+    let name = format!("bench-{id}-{number}");
+    settings.topics.order_events = format!("{name}.order.events");
+    settings.topics.account_events = format!("{name}.account.events");
+    settings.topics.dead_letter = format!("{name}.deadletter.events");
+    settings.processor.account_group = name.clone();
+    settings.processor.batch_max = batch_max;
+    kafka::create_topics(&settings.kafka, &settings.topics).await?;
+
+    // Users of this phase, funded through the ledger.
+    let first_user = number * 10_000_000;
+    let mut tx = pool.begin().await?;
+    for user in first_user..first_user + args.users {
+        let account = ledger::open_account(&mut tx, user, Currency::CNY).await?;
+        let amount = Amount::new(1_000_000_000).context("amount")?;
+        ledger::deposit(
+            &mut tx,
+            account,
+            amount,
+            "bench",
+            &settings.topics.account_events,
+        )
+        .await?
+        .map_err(|e| anyhow::anyhow!("bench deposit failed: {e:?}"))?;
+    }
+    tx.commit().await?;
+
+    // Results: AccountDebited as received from the topic.
+    let received: Arc<Mutex<HashMap<i64, Received>>> = Arc::default();
+    let results = results_consumer(&settings, received.clone())?;
+
+    // The processor and the relay as `paystream up` runs them, without HTTP.
+    let pipeline = startup::start(&[Part::AccountProcessor, Part::Relay], &settings, pool, None)?;
+    wait_for(
+        Duration::from_secs(120),
+        "the processor to claim its partitions",
+        || async {
+            let claimed: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM consumer_offsets WHERE consumer_group = $1",
+            )
+            .bind(&name)
+            .fetch_one(pool)
+            .await
+            .unwrap_or(0);
+            claimed >= i64::from(settings.kafka.partitions)
+        },
+    )
+    .await?;
+
+    let producer: FutureProducer =
+        kafka::producer_config(&settings.kafka, Duration::from_secs(60)).create()?;
+    let orders = Orders {
+        producer: &producer,
+        topic: &settings.topics.order_events,
+        first_order: number * 100_000_000,
+        first_user,
+        users: args.users,
+    };
+    // The latency phase measures the steady state: a second of orders at the rate first, not
+    // measured, so that connection set-up and first fetches are not counted as latency.
+    let warmup = rate.unwrap_or(0);
+    if warmup > 0 {
+        orders
+            .produce(events..events + warmup, rate, &mut Sent::default())
+            .await?;
+        wait_for(
+            Duration::from_secs(120),
+            "the warm-up orders to be debited",
+            || async {
+                received
+                    .lock()
+                    .map(|r| r.len() as u64 >= warmup)
+                    .unwrap_or(false)
+            },
+        )
+        .await?;
+    }
+    let delay_before = telemetry::bucket_counts(&METRICS.consume_delay, &["account"]);
+    let batches_before = Work::now();
+    let mut sent = Sent::default();
+    let cpu_before = CpuTicks::now();
+    let stop_sampling = CancellationToken::new();
+    let steal_sampler = tokio::spawn(StealWindows::sample(stop_sampling.clone()));
+    let started = Instant::now();
+    orders.produce(0..events, rate, &mut sent).await?;
+    producer.flush(Timeout::After(Duration::from_secs(10)))?;
+    let Sent {
+        at: sent,
+        wall_us: sent_wall_us,
+    } = sent;
+
+    let deadline = Duration::from_secs(600 + events / 100);
+    wait_for(deadline, "every AccountDebited to be published", || async {
+        received
+            .lock()
+            .map(|r| r.len() as u64 >= events + warmup)
+            .unwrap_or(false)
+    })
+    .await?;
+    // Received can come before the relay's mark commits.
+    wait_for(deadline, "every AccountDebited to be marked published", || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM outbox WHERE topic = $1 AND published_at IS NOT NULL AND headers @> '[[\"eventType\", \"AccountDebited\"]]'",
+        )
+        .bind(&settings.topics.account_events)
+        .fetch_one(pool)
+        .await
+        .is_ok_and(|n| n as u64 >= events + warmup)
+    })
+    .await?;
+    let delay_after = telemetry::bucket_counts(&METRICS.consume_delay, &["account"]);
+    let batches = Work::now().since(batches_before);
+    let cpu = cpu_before
+        .zip(CpuTicks::now())
+        .and_then(|(before, after)| after.share_since(before));
+    stop_sampling.cancel();
+    let steal_windows = steal_sampler.await?;
+    results.abort();
+    pipeline.stop(Duration::from_secs(30)).await?;
+
+    // Where the time goes: from the batch transaction's start to the relay's mark, for the
+    // measured orders (the warm-up's first batches wait for connections to open).
+    let timeline = Timeline::read(pool, &settings.topics.account_events).await?;
+    let mut marked: Vec<i64> = timeline
+        .rows
+        .iter()
+        .filter(|(order, _)| sent_wall_us.contains_key(order))
+        .map(|(_, (started, published))| published - started)
+        .collect();
+    marked.sort_unstable();
+    let us_as_ms = |us: Option<i64>| us.map_or(f64::NAN, |us| us as f64 / 1000.0);
+    println!(
+        "  phase {number}: transaction start -> relay marked published: p50 {:.1} ms, p99 {:.1} ms",
+        us_as_ms(nearest_rank(&marked, 0.5)),
+        us_as_ms(nearest_rank(&marked, 0.99))
+    );
+
+    let delay_ms = |q| {
+        telemetry::bucket_quantile(&delay_before, &delay_after, q).map_or(f64::NAN, |s| s * 1000.0)
+    };
+    println!(
+        "  phase {number}: message created -> polled by the processor: p50 <= {} ms, p99 <= {} ms (histogram bucket bounds)",
+        delay_ms(0.5),
+        delay_ms(0.99)
+    );
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "  phase {number}: {} batch transactions ({:.0}/s, {:.1} events each), {} relay rounds ({:.0}/s, {:.1} rows each)",
+        batches.transactions,
+        batches.transactions as f64 / seconds,
+        batches.events / batches.transactions.max(1) as f64,
+        batches.relay_rounds,
+        batches.relay_rounds as f64 / seconds,
+        batches.relay_rows / batches.relay_rounds.max(1) as f64,
+    );
+    let received = received
+        .lock()
+        .map_err(|_| anyhow::anyhow!("results lock poisoned"))?
+        .clone();
+    timeline.print_hops(&sent_wall_us, &received);
+    let last = received.values().map(|r| r.at).max().unwrap_or(started);
+    // Each measured order's flight: produced and published, wall clock in microseconds.
+    let flights: Vec<(i64, i64)> = sent_wall_us
+        .iter()
+        .filter_map(|(order, sent)| Some((*sent, timeline.rows.get(order)?.1)))
+        .collect();
+    let latencies = flight_times(flights.iter());
+    let unstolen = steal_windows
+        .map(|windows| flight_times(flights.iter().filter(|(s, p)| !windows.touches(*s, *p))));
+    let mut received_latencies: Vec<Duration> = sent
+        .iter()
+        .filter_map(|(order, at)| {
+            received
+                .get(order)
+                .map(|done| done.at.saturating_duration_since(*at))
+        })
+        .collect();
+    received_latencies.sort_unstable();
+    Ok(Phase {
+        events,
+        elapsed: last.saturating_duration_since(started),
+        latencies,
+        received: received_latencies,
+        cpu,
+        unstolen,
+    })
+}
