@@ -6,11 +6,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use paystream_processors::accounts::store;
 use paystream_processors::domain::{Amount, Currency};
-use paystream_processors::startup::{self, Part};
+use paystream_processors::kafka;
 use paystream_processors::settings::Settings;
+use paystream_processors::startup::{self, Part};
 use paystream_processors::telemetry::{self, METRICS};
-use paystream_processors::{kafka, ledger};
 use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::util::Timeout;
 use sqlx::PgPool;
@@ -82,9 +83,9 @@ pub(crate) async fn run_phase(
     let first_user = number * 10_000_000;
     let mut tx = pool.begin().await?;
     for user in first_user..first_user + args.users {
-        let account = ledger::open_account(&mut tx, user, Currency::CNY).await?;
+        let account = store::open_account(&mut tx, user, Currency::CNY).await?;
         let amount = Amount::new(1_000_000_000).context("amount")?;
-        ledger::deposit(
+        store::deposit(
             &mut tx,
             account,
             amount,
@@ -101,7 +102,12 @@ pub(crate) async fn run_phase(
     let results = results_consumer(&settings, received.clone())?;
 
     // The processor and the relay as `paystream up` runs them, without HTTP.
-    let pipeline = startup::start(&[Part::AccountProcessor, Part::Relay], &settings, pool, None)?;
+    let pipeline = startup::start(
+        &[Part::AccountProcessor, Part::Relay],
+        &settings,
+        pool,
+        None,
+    )?;
     wait_for(
         Duration::from_secs(120),
         "the processor to claim its partitions",

@@ -3,10 +3,11 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
+use paystream_processors::accounts::store;
 use paystream_processors::db::Pool;
 use paystream_processors::settings::Settings;
 use paystream_processors::startup;
-use paystream_processors::{api, kafka, ledger};
+use paystream_processors::{api, kafka};
 
 /// Migrates, creates the topics, starts every part and prints where to look, then runs until
 /// a shutdown signal.
@@ -18,7 +19,7 @@ pub async fn run(settings: &Settings, pool: &Pool) -> anyhow::Result<()> {
         .with_context(|| format!("Failed to listen on {}", settings.api.listen))?;
     // The printed session opens an account, so it is for a user who has none yet: it can be
     // pasted again after every start, on the same database.
-    let demo_user = ledger::first_user_without_account(pool).await?;
+    let demo_user = store::first_user_without_account(pool).await?;
     let running = startup::start(startup::EVERYTHING, settings, pool, Some(listener))?;
     print_welcome(settings, demo_user);
     running

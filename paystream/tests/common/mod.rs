@@ -12,10 +12,11 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use paystream_processors::accounts::processor as account_processor;
+use paystream_processors::accounts::store;
 use paystream_processors::domain::{Amount, Currency};
 use paystream_processors::outbox::relay;
 use paystream_processors::settings::Settings;
-use paystream_processors::{db, kafka, ledger};
+use paystream_processors::{db, kafka};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -243,7 +244,7 @@ impl TestEnv {
     /// Opens a user account and deposits `balance` fen into it through the ledger.
     pub async fn funded_account(&self, user_id: i64, balance: i64) -> i64 {
         let mut tx = self.pool.begin().await.expect("begin");
-        let id = ledger::open_account(&mut tx, user_id, Currency::CNY)
+        let id = store::open_account(&mut tx, user_id, Currency::CNY)
             .await
             .expect("open");
         self.deposit_in(&mut tx, id, balance).await;
@@ -260,7 +261,7 @@ impl TestEnv {
 
     async fn deposit_in(&self, conn: &mut PgConnection, account_id: i64, fen: i64) {
         if let Some(amount) = Amount::new(fen) {
-            ledger::deposit(
+            store::deposit(
                 conn,
                 account_id,
                 amount,

@@ -4,3 +4,4 @@
 
 pub mod processor;
 pub mod rules;
+pub mod store;

@@ -19,13 +19,14 @@ use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use super::rules::{Book, Debit, DebitDecision, RefundDecision};
+use super::store;
 use crate::consumer::{self, Applied, Fresh, Handler, Outcome, WorkerConfig};
 use crate::domain::{Amount, Currency};
 use crate::events::{
     derived_event_id, AccountDebitFailed, AccountDebited, AccountRefunded, Envelope, EventPayload,
     OrderCancelled, OrderCreated, OrderEvent, Poison, PoisonClass, RawEvent,
 };
-use crate::ledger::{self, AccountKind, Postings};
+use crate::ledger::{AccountKind, Postings};
 use crate::outbox::OutboxRow;
 use crate::settings::Settings;
 
@@ -233,11 +234,11 @@ async fn load_book(
     user_ids.dedup();
     let refund_from: Vec<i64> = debits.values().map(|d| d.from).collect();
     let refund_to: Vec<i64> = debits.values().map(|d| d.to).collect();
-    let users = ledger::lock_user_accounts(conn, &user_ids, &refund_from).await?;
+    let users = store::lock_user_accounts(conn, &user_ids, &refund_from).await?;
     let mut currencies: Vec<String> = created().map(|c| c.currency.as_str().to_owned()).collect();
     currencies.sort_unstable();
     currencies.dedup();
-    let system = ledger::lock_system_accounts(
+    let system = store::lock_system_accounts(
         conn,
         AccountKind::Settlement,
         &currencies,

@@ -16,7 +16,8 @@ use super::body::{Fields, JsonBody};
 use super::error::ApiError;
 use super::idempotency::IdempotentRequest;
 use super::{begin, finish, only_query_params, path_id, AppState, Begun, Page};
-use crate::ledger::{self, PostError};
+use crate::accounts::store;
+use crate::ledger::PostError;
 
 #[derive(Debug, Serialize, sqlx::FromRow)]
 #[serde(rename_all = "camelCase")]
@@ -59,18 +60,8 @@ pub async fn open(
         Begun::Fresh(tx) => tx,
     };
     let done = async {
-        let account: Option<AccountView> = sqlx::query_as(&format!(
-            r#"
-            INSERT INTO accounts (kind, user_id, currency) VALUES ('USER', $1, $2)
-            ON CONFLICT DO NOTHING
-            RETURNING {ACCOUNT_COLUMNS}
-            "#
-        ))
-        .bind(caller.user_id)
-        .bind(currency.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(account) = account else {
+        let created = store::create_user_account(&mut tx, caller.user_id, currency).await?;
+        let Some(id) = created else {
             return Err(ApiError::conflict(
                 "ACCOUNT_EXISTS",
                 format!(
@@ -78,6 +69,7 @@ pub async fn open(
                 ),
             ));
         };
+        let account = visible_account(&mut tx, caller, id).await?;
         Ok((StatusCode::CREATED, json!(account)))
     }
     .await;
@@ -167,7 +159,7 @@ pub async fn deposit(
         Begun::Fresh(tx) => tx,
     };
     let done = async {
-        let deposited = match ledger::deposit(
+        let deposited = match store::deposit(
             &mut tx,
             id,
             amount,

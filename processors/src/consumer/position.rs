@@ -220,7 +220,15 @@ mod tests {
             (100, Some(1), 1, false, 100, Some(0), Seek(96)),
             (100, Some(1), 4, false, 104, Some(0), Seek(84)),
             (100, Some(1), 4, false, 104, Some(90), Seek(90)),
-            (100, Some(1), 16, false, 104, Some(90), ApplyPastGap(gap_between)),
+            (
+                100,
+                Some(1),
+                16,
+                false,
+                104,
+                Some(90),
+                ApplyPastGap(gap_between),
+            ),
             (100, None, 1, true, 100, Some(0), Seek(96)),
         ];
         for (stored, last_fp, rewind, past_end, first, low, expected) in cases {

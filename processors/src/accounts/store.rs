@@ -1,0 +1,229 @@
+//! The `accounts` table's rows: which accounts exist, opened and locked here. Their
+//! balances change only through the ledger (`ledger::Postings::write`).
+
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::domain::{Amount, Currency};
+use crate::ledger::{Account, AccountKind, NewTransfer, PostError, Postings, TransferKind};
+
+type AccountRow = (i64, String, Option<i64>, String, i32, String, i64, Vec<u8>);
+
+impl From<AccountRow> for Account {
+    fn from(
+        (id, kind, user_id, currency, shard, status, balance_fen, chain_head): AccountRow,
+    ) -> Self {
+        Self {
+            id,
+            kind: AccountKind::parse(&kind),
+            user_id,
+            currency,
+            shard,
+            frozen: status == "FROZEN",
+            balance_fen,
+            // The column is 32 bytes by construction; a wrong length breaks the chain, which
+            // the audit reports.
+            chain_head: chain_head.try_into().unwrap_or([0; 32]),
+        }
+    }
+}
+
+const ACCOUNT_COLUMNS: &str = "id, kind, user_id, currency, shard, status, balance_fen, chain_head";
+
+/// Locks and loads the USER accounts of `user_ids` (all currencies) and those with `ids`, in
+/// id order so that concurrent transactions cannot deadlock on them.
+pub async fn lock_user_accounts(
+    conn: &mut PgConnection,
+    user_ids: &[i64],
+    ids: &[i64],
+) -> Result<Vec<Account>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE kind = 'USER' AND (user_id = ANY($1) OR id = ANY($2)) \
+         ORDER BY id FOR UPDATE"
+    );
+    let rows: Vec<AccountRow> = sqlx::query_as(&sql)
+        .bind(user_ids)
+        .bind(ids)
+        .fetch_all(conn)
+        .await?;
+    Ok(rows.into_iter().map(Account::from).collect())
+}
+
+/// Locks and loads the system accounts of `kind` for `currencies` at `shard` (creating the
+/// missing ones first) together with the system accounts `ids`, in id order. Call after
+/// locking user accounts: users first, system accounts second, everywhere.
+pub async fn lock_system_accounts(
+    conn: &mut PgConnection,
+    kind: AccountKind,
+    currencies: &[String],
+    shard: i32,
+    ids: &[i64],
+) -> Result<Vec<Account>, sqlx::Error> {
+    let (kind, kind_name) = match kind {
+        AccountKind::Funding => (AccountKind::Funding, "FUNDING"),
+        _ => (AccountKind::Settlement, "SETTLEMENT"),
+    };
+    let sql = format!(
+        "SELECT {ACCOUNT_COLUMNS} FROM accounts \
+         WHERE (kind = $1 AND shard = $3 AND currency = ANY($2)) OR (kind <> 'USER' AND id = ANY($4)) \
+         ORDER BY id FOR UPDATE"
+    );
+    let select = || {
+        sqlx::query_as::<_, AccountRow>(&sql)
+            .bind(kind_name)
+            .bind(currencies)
+            .bind(shard)
+            .bind(ids)
+    };
+    let mut rows: Vec<Account> = select()
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(Account::from)
+        .collect();
+    let present = |rows: &[Account], currency: &String| {
+        rows.iter()
+            .any(|a| a.kind == kind && a.shard == shard && &a.currency == currency)
+    };
+    // Only the first batch of a currency on a shard creates its account.
+    if currencies.iter().any(|c| !present(&rows, c)) {
+        sqlx::query(
+            "INSERT INTO accounts (kind, currency, shard) SELECT $1, c, $3 FROM unnest($2::text[]) AS c \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(kind_name)
+        .bind(currencies)
+        .bind(shard)
+        .execute(&mut *conn)
+        .await?;
+        rows = select()
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .map(Account::from)
+            .collect();
+    }
+    Ok(rows)
+}
+
+/// Opens the USER account of `user_id` in `currency`; `None` when it exists already (one per
+/// user and currency).
+pub async fn create_user_account(
+    conn: &mut PgConnection,
+    user_id: i64,
+    currency: Currency,
+) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "INSERT INTO accounts (kind, user_id, currency) VALUES ('USER', $1, $2) \
+         ON CONFLICT DO NOTHING RETURNING id",
+    )
+    .bind(user_id)
+    .bind(currency.as_str())
+    .fetch_optional(conn)
+    .await
+}
+
+/// Opens the USER account of `user_id` in `currency`, or returns the existing one.
+pub async fn open_account(
+    conn: &mut PgConnection,
+    user_id: i64,
+    currency: Currency,
+) -> Result<i64, sqlx::Error> {
+    if let Some(id) = create_user_account(&mut *conn, user_id, currency).await? {
+        return Ok(id);
+    }
+    sqlx::query_scalar(
+        "SELECT id FROM accounts WHERE kind = 'USER' AND user_id = $1 AND currency = $2",
+    )
+    .bind(user_id)
+    .bind(currency.as_str())
+    .fetch_one(conn)
+    .await
+}
+
+/// A deposit that was posted.
+#[derive(Debug, Clone, Copy)]
+pub struct Deposited {
+    pub account_id: i64,
+    pub user_id: i64,
+    pub balance_after_fen: i64,
+}
+
+/// Moves `amount` from the external funding account into a user account (the only way money
+/// enters paystream), and queues `AccountCredited` in the outbox, in the caller's
+/// transaction.
+pub async fn deposit(
+    conn: &mut PgConnection,
+    account_id: i64,
+    amount: Amount,
+    reference: &str,
+    account_events_topic: &str,
+) -> Result<Result<Deposited, PostError>, sqlx::Error> {
+    let users = lock_user_accounts(conn, &[], &[account_id]).await?;
+    let Some(user) = users.first().cloned() else {
+        return Ok(Err(PostError::UnknownAccount));
+    };
+    let Some(currency) = Currency::parse(&user.currency) else {
+        return Ok(Err(PostError::UnknownAccount));
+    };
+    let funding = lock_system_accounts(
+        conn,
+        AccountKind::Funding,
+        std::slice::from_ref(&user.currency),
+        0,
+        &[],
+    )
+    .await?;
+    let Some(funding_id) = funding.first().map(|a| a.id) else {
+        return Err(sqlx::Error::RowNotFound);
+    };
+    let mut postings = Postings::new(users.into_iter().chain(funding));
+    let posted = match postings.post(NewTransfer {
+        kind: TransferKind::Deposit,
+        order_id: None,
+        from: funding_id,
+        to: account_id,
+        amount,
+        currency,
+        cause_event_id: None,
+        reference: Some(reference.to_owned()),
+    }) {
+        Ok(posted) => posted,
+        Err(e) => return Ok(Err(e)),
+    };
+    postings.write(conn).await?;
+    let user_id = user.user_id.unwrap_or_default();
+    let payload = crate::events::AccountCredited {
+        account_id,
+        user_id,
+        delta_fen: amount.fen(),
+        balance_after_fen: posted.to_balance_after,
+        currency,
+        reference: reference.to_owned(),
+    };
+    let envelope = crate::events::Envelope::new(Uuid::new_v4(), chrono::Utc::now(), payload);
+    crate::outbox::insert(
+        conn,
+        &[crate::outbox::OutboxRow::event(
+            account_events_topic,
+            user_id,
+            &envelope,
+        )],
+    )
+    .await?;
+    Ok(Ok(Deposited {
+        account_id,
+        user_id,
+        balance_after_fen: posted.to_balance_after,
+    }))
+}
+
+/// A user id above every user that has an account (and above 1000): for a demonstration
+/// session that opens an account and can be run again on the same database.
+pub async fn first_user_without_account(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT GREATEST(COALESCE(max(user_id), 1000), 1000) + 1 FROM accounts WHERE kind = 'USER'",
+    )
+    .fetch_one(pool)
+    .await
+}

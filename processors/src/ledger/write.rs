@@ -1,0 +1,165 @@
+//! Writing posted transfers: the transfers, their entries (hash-chained per account) and the
+//! accounts' new balances and chain heads, in two statements whatever the count.
+
+use std::collections::HashSet;
+
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::{chain_hash, Postings};
+
+/// The `transfers` rows of a write, as column arrays for `unnest`.
+#[derive(Default)]
+struct Transfers {
+    ids: Vec<i64>,
+    kinds: Vec<&'static str>,
+    order_ids: Vec<Option<i64>>,
+    froms: Vec<i64>,
+    tos: Vec<i64>,
+    amounts: Vec<i64>,
+    currencies: Vec<String>,
+    causes: Vec<Option<Uuid>>,
+    references: Vec<Option<String>>,
+}
+
+/// The `ledger_entries` rows of a write, two per transfer, in chain order.
+#[derive(Default)]
+struct Entries {
+    transfer_ids: Vec<i64>,
+    account_ids: Vec<i64>,
+    deltas: Vec<i64>,
+    balances_after: Vec<i64>,
+    hashes: Vec<Vec<u8>>,
+}
+
+/// The new balance and chain head of every account a write touched.
+struct Balances {
+    ids: Vec<i64>,
+    balances: Vec<i64>,
+    heads: Vec<Vec<u8>>,
+}
+
+impl Postings {
+    /// Writes transfers, entries (hash-chained per account) and new balances and chain heads:
+    /// two statements, whatever the count.
+    pub async fn write(mut self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        if self.transfers.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "SELECT nextval(pg_get_serial_sequence('transfers', 'id')) FROM generate_series(1, $1)",
+        )
+        .bind(self.transfers.len() as i64)
+        .fetch_all(&mut *conn)
+        .await?;
+        let (transfers, entries) = self.rows(ids);
+        let balances = self.balances();
+        // One statement: the foreign keys of the entries are checked at its end, when the
+        // transfers are there.
+        sqlx::query(
+            r#"
+            WITH t AS (
+                INSERT INTO transfers
+                    (id, kind, order_id, from_account_id, to_account_id, amount_fen, currency,
+                     cause_event_id, reference)
+                SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[],
+                                     $6::bigint[], $7::text[], $8::uuid[], $9::text[])
+            ), e AS (
+                INSERT INTO ledger_entries (transfer_id, account_id, delta_fen, balance_after_fen, entry_hash)
+                SELECT transfer_id, account_id, delta_fen, balance_after_fen, entry_hash
+                FROM unnest($10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[], $14::bytea[])
+                    WITH ORDINALITY AS e(transfer_id, account_id, delta_fen, balance_after_fen, entry_hash, n)
+                -- Entry ids must follow the chain order within each account.
+                ORDER BY n
+            )
+            UPDATE accounts
+            SET balance_fen = v.balance, chain_head = v.head, version = version + 1, updated_at = now()
+            FROM unnest($15::bigint[], $16::bigint[], $17::bytea[]) AS v(id, balance, head)
+            WHERE accounts.id = v.id
+            "#,
+        )
+        .bind(&transfers.ids)
+        .bind(&transfers.kinds)
+        .bind(&transfers.order_ids)
+        .bind(&transfers.froms)
+        .bind(&transfers.tos)
+        .bind(&transfers.amounts)
+        .bind(&transfers.currencies)
+        .bind(&transfers.causes)
+        .bind(&transfers.references)
+        .bind(&entries.transfer_ids)
+        .bind(&entries.account_ids)
+        .bind(&entries.deltas)
+        .bind(&entries.balances_after)
+        .bind(&entries.hashes)
+        .bind(&balances.ids)
+        .bind(&balances.balances)
+        .bind(&balances.heads)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
+    /// The rows of the posted transfers with these ids, advancing each account's chain head
+    /// over its entries.
+    fn rows(&mut self, ids: Vec<i64>) -> (Transfers, Entries) {
+        let mut transfers = Transfers::default();
+        let mut entries = Entries::default();
+        for ((t, id), (from_after, to_after)) in
+            self.transfers.iter().zip(&ids).zip(&self.balances_after)
+        {
+            for (account_id, delta, after) in [
+                (t.from, -t.amount.fen(), *from_after),
+                (t.to, t.amount.fen(), *to_after),
+            ] {
+                // `post` only accepts transfers between loaded accounts.
+                let hash = match self.accounts.get_mut(&account_id) {
+                    Some(account) => {
+                        account.chain_head =
+                            chain_hash(&account.chain_head, account_id, *id, delta, after);
+                        account.chain_head
+                    }
+                    None => chain_hash(&[0; 32], account_id, *id, delta, after),
+                };
+                entries.transfer_ids.push(*id);
+                entries.account_ids.push(account_id);
+                entries.deltas.push(delta);
+                entries.balances_after.push(after);
+                entries.hashes.push(hash.to_vec());
+            }
+            transfers.kinds.push(t.kind.as_str());
+            transfers.order_ids.push(t.order_id);
+            transfers.froms.push(t.from);
+            transfers.tos.push(t.to);
+            transfers.amounts.push(t.amount.fen());
+            transfers.currencies.push(t.currency.as_str().to_owned());
+            transfers.causes.push(t.cause_event_id);
+            transfers.references.push(t.reference.clone());
+        }
+        transfers.ids = ids;
+        (transfers, entries)
+    }
+
+    /// Every account the transfers touched, once, with its balance and chain head now.
+    fn balances(&self) -> Balances {
+        let mut seen = HashSet::new();
+        let ids: Vec<i64> = self
+            .transfers
+            .iter()
+            .flat_map(|t| [t.from, t.to])
+            .filter(|id| seen.insert(*id))
+            .collect();
+        let account = |id: &i64| self.accounts.get(id);
+        Balances {
+            balances: ids
+                .iter()
+                .map(|id| account(id).map_or(0, |a| a.balance_fen))
+                .collect(),
+            heads: ids
+                .iter()
+                .map(|id| account(id).map_or_else(Vec::new, |a| a.chain_head.to_vec()))
+                .collect(),
+            ids,
+        }
+    }
+}
