@@ -183,7 +183,10 @@ async fn expired_idempotency_keys_are_deleted_however_many_and_a_live_key_still_
     let mut settings = env.settings.clone();
     // No sweeper round during the test: the expiry must not depend on it.
     settings.orders.sweep_interval_ms = 3_600_000;
-    let sweeper = spawn_worker(&settings, paystream_processors::orders::sweeper::run);
+    let sweeper = spawn_worker(
+        &settings,
+        paystream_processors::api::idempotency::run_expiry,
+    );
     wait_until("the expired keys to be deleted", || async {
         (env.scalar("SELECT count(*) FROM idempotency_keys WHERE user_id = 99")
             .await

@@ -29,8 +29,10 @@ pub enum Part {
     AccountProcessor,
     /// Consumes `account.events`: the saga.
     OrderProcessor,
-    /// Cancels orders nobody paid for in time; expires idempotency keys.
+    /// Cancels orders nobody paid for in time.
     Sweeper,
+    /// Deletes expired idempotency keys.
+    IdempotencyExpiry,
     /// Publishes the outbox.
     Relay,
     /// Runs the audit every `audit.interval_s` and exports the result.
@@ -41,8 +43,8 @@ pub enum Part {
 pub const API: &[Part] = &[Part::Api];
 /// `paystream process account`.
 pub const ACCOUNT_WORKER: &[Part] = &[Part::AccountProcessor];
-/// `paystream process order`: the sweeper is safe on every worker.
-pub const ORDER_WORKER: &[Part] = &[Part::OrderProcessor, Part::Sweeper];
+/// `paystream process order`: the sweeper and the expiry are safe on every worker.
+pub const ORDER_WORKER: &[Part] = &[Part::OrderProcessor, Part::Sweeper, Part::IdempotencyExpiry];
 /// `paystream relay`: the periodic audit runs beside it (one or two relays per deployment).
 pub const RELAY: &[Part] = &[Part::Relay, Part::PeriodicAudit];
 /// `paystream up`: everything in one process.
@@ -51,6 +53,7 @@ pub const EVERYTHING: &[Part] = &[
     Part::AccountProcessor,
     Part::OrderProcessor,
     Part::Sweeper,
+    Part::IdempotencyExpiry,
     Part::Relay,
     Part::PeriodicAudit,
 ];
@@ -65,6 +68,7 @@ impl Part {
             Self::AccountProcessor => "account processor",
             Self::OrderProcessor => "order processor",
             Self::Sweeper => "payment timeout sweeper",
+            Self::IdempotencyExpiry => "idempotency key expiry",
             Self::Relay => "relay",
             Self::PeriodicAudit => "periodic audit",
         }
@@ -91,6 +95,9 @@ impl Part {
             Self::AccountProcessor => Box::pin(accounts::processor::run(settings, pool, cancel)),
             Self::OrderProcessor => Box::pin(orders::processor::run(settings, pool, cancel)),
             Self::Sweeper => Box::pin(orders::sweeper::run(settings, pool, cancel)),
+            Self::IdempotencyExpiry => {
+                Box::pin(api::idempotency::run_expiry(settings, pool, cancel))
+            }
             Self::Relay => Box::pin(outbox::relay::run(settings, pool, cancel)),
             Self::PeriodicAudit => Box::pin(audit::run_periodically(settings, pool, cancel)),
         })

@@ -237,27 +237,6 @@ impl Metrics {
         }
     }
 
-    /// Sets the gauges that describe database state, at scrape time. Both queries use
-    /// partial indexes on the unpublished / PENDING rows, so they stay cheap on big tables.
-    pub async fn refresh_from_database(&self, pool: &sqlx::PgPool) -> Result<(), sqlx::Error> {
-        let (backlog, oldest): (i64, Option<f64>) = sqlx::query_as(
-            "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8 FROM outbox WHERE published_at IS NULL",
-        )
-        .fetch_one(pool)
-        .await?;
-        self.outbox_backlog.set(backlog);
-        self.outbox_oldest_age.set(oldest.unwrap_or(0.0).max(0.0));
-        let (pending, oldest): (i64, Option<f64>) = sqlx::query_as(
-            "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8 FROM orders WHERE status = 'PENDING'",
-        )
-        .fetch_one(pool)
-        .await?;
-        self.orders_pending.set(pending);
-        self.oldest_pending_order_age
-            .set(oldest.unwrap_or(0.0).max(0.0));
-        Ok(())
-    }
-
     /// The registry in Prometheus text format.
     pub fn render(&self) -> String {
         let mut out = Vec::new();

@@ -9,16 +9,22 @@
 //!   advisory lock on the key before anything else.
 //! - A request that fails (4xx or 5xx) stores nothing: its transaction rolls back with the
 //!   work, so retrying with the same key runs it again.
-//! - Keys expire after `api.idempotency_retention_hours`; the sweeper deletes expired ones.
+//! - Keys expire after `api.idempotency_retention_hours`; `run_expiry` deletes expired ones
+//!   (every order worker runs it, see `startup`).
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
-use sqlx::PgConnection;
+use std::time::Duration;
+
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
 
 use super::error::ApiError;
+use crate::db::{run_pruning, Pruning};
+use crate::settings::Settings;
 use crate::telemetry::METRICS;
 
 pub const HEADER: &str = "idempotency-key";
@@ -167,4 +173,44 @@ impl IdempotentRequest {
         .await?;
         Ok(())
     }
+}
+
+/// How often expired idempotency keys are deleted (at start, then this often). A key is
+/// useless once expired whether or not it is deleted yet; each pass deletes every expired one.
+const EXPIRY_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Deletes idempotency keys past their `expires_at`, a chunk at a time until a chunk comes
+/// back short (`db::Pruning`), so expiry keeps up with any request rate. Chunks take their
+/// rows `FOR UPDATE SKIP LOCKED` (several workers split them; a request that is replacing its
+/// own expired key keeps it) through `idempotency_keys_by_expiry`, and delete them by `ctid`.
+/// A key found expired before it is deleted is treated as absent by the API.
+const EXPIRY_SQL: &str = r#"
+    DELETE FROM idempotency_keys
+    WHERE ctid = ANY(ARRAY(
+        SELECT ctid FROM idempotency_keys
+        WHERE expires_at < now() - make_interval(hours => $1)
+        ORDER BY expires_at
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    ))
+"#;
+
+/// Expires idempotency keys until `cancel` fires.
+pub async fn run_expiry(
+    _settings: Settings,
+    pool: PgPool,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let expiry = Pruning {
+        what: "expired idempotency keys",
+        sql: EXPIRY_SQL,
+        // Each key carries its own `expires_at` (`api.idempotency_retention_hours` after it
+        // was stored): nothing is kept past it.
+        retention_hours: 0,
+        group: None,
+        interval: EXPIRY_INTERVAL,
+        counter: METRICS.idempotency_keys_expired.clone(),
+    };
+    run_pruning(pool, expiry, cancel).await;
+    Ok(())
 }

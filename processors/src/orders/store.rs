@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::saga::{self, Refusal, Transition, Trigger};
@@ -130,6 +130,16 @@ pub async fn list(
     .bind(before)
     .bind(limit)
     .fetch_all(conn)
+    .await
+}
+
+/// How many orders are PENDING, and how old the oldest is (seconds). Uses the partial index
+/// on PENDING orders, so it stays cheap on a big table.
+pub async fn pending(pool: &PgPool) -> Result<(i64, Option<f64>), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8 FROM orders WHERE status = 'PENDING'",
+    )
+    .fetch_one(pool)
     .await
 }
 

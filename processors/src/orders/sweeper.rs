@@ -5,7 +5,6 @@
 //! Safe on any number of workers at once: each round claims overdue orders with
 //! `FOR UPDATE SKIP LOCKED` and re-checks `status = 'PENDING'` under the lock, so two sweepers
 //! never cancel the same order, and a sweeper never overrides a payment that committed first.
-//! Beside it, a task of its own expires old idempotency keys (see `IDEMPOTENCY_EXPIRY_SQL`).
 
 use std::time::Duration;
 
@@ -16,7 +15,7 @@ use uuid::Uuid;
 use super::saga::{self, Transition, Trigger};
 use super::store::cancellation;
 use super::{reason, OrderStatus};
-use crate::db::{classify, release, ErrorClass, Pruning};
+use crate::db::{classify, release, ErrorClass};
 use crate::outbox;
 use crate::settings::Settings;
 
@@ -31,20 +30,6 @@ pub async fn run(
     tracing::info!(
         timeout_s = timeout.as_secs(),
         "payment timeout sweeper started"
-    );
-    let _expiry = crate::db::spawn_pruning(
-        &pool,
-        Pruning {
-            what: "expired idempotency keys",
-            sql: IDEMPOTENCY_EXPIRY_SQL,
-            // Each key carries its own `expires_at` (`api.idempotency_retention_hours` after
-            // it was stored): nothing is kept past it.
-            retention_hours: 0,
-            group: None,
-            interval: IDEMPOTENCY_EXPIRY_INTERVAL,
-            counter: crate::telemetry::METRICS.idempotency_keys_expired.clone(),
-        },
-        &cancel,
     );
     loop {
         tokio::select! {
@@ -155,24 +140,3 @@ async fn cancel_due(
     outbox::insert(&mut *tx, &events).await?;
     Ok(due.len())
 }
-
-/// How often expired idempotency keys are deleted (at start, then this often). A key is
-/// useless once expired whether or not it is deleted yet; each pass deletes every expired one.
-const IDEMPOTENCY_EXPIRY_INTERVAL: Duration = Duration::from_secs(60);
-
-/// Deletes idempotency keys past their `expires_at`, a chunk at a time until a chunk comes
-/// back short (`db::Pruning`), so expiry keeps up with any request rate. It used to delete at
-/// most 1,000 keys per sweeper round (one a second), fewer than a busy API stores. Chunks take
-/// their rows `FOR UPDATE SKIP LOCKED` (several order workers split them; a request that is
-/// replacing its own expired key keeps it) through `idempotency_keys_by_expiry`, and delete
-/// them by `ctid`. A key found expired before it is deleted is treated as absent by the API.
-const IDEMPOTENCY_EXPIRY_SQL: &str = r#"
-    DELETE FROM idempotency_keys
-    WHERE ctid = ANY(ARRAY(
-        SELECT ctid FROM idempotency_keys
-        WHERE expires_at < now() - make_interval(hours => $1)
-        ORDER BY expires_at
-        LIMIT $2
-        FOR UPDATE SKIP LOCKED
-    ))
-"#;

@@ -3,7 +3,7 @@
 
 pub mod relay;
 
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::db::Params;
@@ -139,6 +139,16 @@ impl<'a> Columns<'a> {
             "#
         ))
     }
+}
+
+/// How many rows wait to be published, and how long the oldest has waited (seconds). Uses the
+/// partial index on unpublished rows, so it stays cheap on a big table.
+pub async fn backlog(pool: &PgPool) -> Result<(i64, Option<f64>), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8 FROM outbox WHERE published_at IS NULL",
+    )
+    .fetch_one(pool)
+    .await
 }
 
 /// Appends rows in the given order (ids follow it), in one statement.
