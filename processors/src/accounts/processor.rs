@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::rules::{Book, Debit, DebitDecision, RefundDecision};
 use super::store;
-use crate::consumer::{self, Applied, Fresh, Handler, Outcome, WorkerConfig};
+use crate::consumer::{self, Applied, ApplyError, Fresh, Handler, Outcome, WorkerConfig};
 use crate::domain::{Amount, Currency};
 use crate::events::{
     derived_event_id, AccountDebitFailed, AccountDebited, AccountRefunded, Envelope, EventPayload,
@@ -71,7 +71,7 @@ impl Handler for AccountProcessor {
         conn: &mut PgConnection,
         partition: i32,
         events: &[Fresh<OrderEvent>],
-    ) -> Result<Applied, sqlx::Error> {
+    ) -> Result<Applied, ApplyError> {
         if events.is_empty() {
             return Ok(Applied::default());
         }
@@ -107,7 +107,7 @@ impl AccountProcessor {
         decision: DebitDecision,
         now: DateTime<Utc>,
         emitted: &mut Vec<OutboxRow>,
-    ) -> Result<Outcome, sqlx::Error> {
+    ) -> Result<Outcome, ApplyError> {
         Ok(match decision {
             DebitDecision::Debited {
                 account_id,
@@ -144,7 +144,13 @@ impl AccountProcessor {
             }
             // `lock_system_accounts` creates it; missing means a concurrent oddity: the batch
             // is retried.
-            DebitDecision::NoSettlementAccount => return Err(sqlx::Error::RowNotFound),
+            DebitDecision::NoSettlementAccount => {
+                return Err(ApplyError::Inconsistent(format!(
+                    "no settlement account in {} for order {}",
+                    order.currency.as_str(),
+                    order.order_id
+                )))
+            }
         })
     }
 

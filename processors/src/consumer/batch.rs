@@ -12,9 +12,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::dedupe::ProcessedRows;
 use super::offsets::{Close, Position};
-use super::{Fresh, Handler, Outcome, WorkerConfig};
+use super::{ApplyError, Fresh, Handler, Outcome, WorkerConfig};
 use crate::backoff::Backoff;
-use crate::db::{classify, ErrorClass};
+use crate::db::ErrorClass;
 use crate::dlq;
 use crate::events::decode_envelope;
 use crate::kafka::InboundMessage;
@@ -152,9 +152,9 @@ impl<H: Handler> BatchRunner<H> {
         );
     }
 
-    fn failed(&self, parts: &[PartBatch<'_>], attempt: u32, e: &sqlx::Error, delay: Duration) {
+    fn failed(&self, parts: &[PartBatch<'_>], attempt: u32, e: &ApplyError, delay: Duration) {
         let name = self.handler.name();
-        let class = classify(e);
+        let class = e.class();
         METRICS
             .retries
             .with_label_values(&[name, class.as_str()])
@@ -168,7 +168,7 @@ impl<H: Handler> BatchRunner<H> {
     }
 
     /// One try of one batch transaction.
-    async fn attempt(&self, parts: &[PartBatch<'_>]) -> Result<Attempt, sqlx::Error> {
+    async fn attempt(&self, parts: &[PartBatch<'_>]) -> Result<Attempt, ApplyError> {
         let (decoded, mut outcomes) = self.decode(parts);
         // Repeats within the batch are duplicates; each event id is claimed once.
         let mut in_batch = HashSet::new();
@@ -235,7 +235,7 @@ impl<H: Handler> BatchRunner<H> {
         claims: ProcessedRows,
         decoded: Decoded<H::Event>,
         mut outcomes: Outcomes,
-    ) -> Result<Attempt, sqlx::Error> {
+    ) -> Result<Attempt, ApplyError> {
         let claimed = claims
             .claim(&mut *tx, &self.config.group, &self.config.topic)
             .await?;

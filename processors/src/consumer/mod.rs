@@ -52,6 +52,7 @@ use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::db::{classify, ErrorClass};
 use crate::events::{Poison, RawEvent};
 use crate::outbox::OutboxRow;
 use crate::settings::Settings;
@@ -108,7 +109,29 @@ pub trait Handler: Send + Sync + 'static {
         conn: &mut PgConnection,
         partition: i32,
         events: &[Fresh<Self::Event>],
-    ) -> impl Future<Output = Result<Applied, sqlx::Error>> + Send;
+    ) -> impl Future<Output = Result<Applied, ApplyError>> + Send;
+}
+
+/// Why a handler could not apply a batch. Either way the whole batch is retried with backoff
+/// and nothing is skipped; the variant says what to look at.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    /// The rows the batch locked contradict what the handler relies on (for example a
+    /// settlement account that locking should have created is missing).
+    #[error("inconsistent state: {0}")]
+    Inconsistent(String),
+}
+
+impl ApplyError {
+    /// Whether a retry can be expected to succeed.
+    fn class(&self) -> ErrorClass {
+        match self {
+            Self::Database(e) => classify(e),
+            Self::Inconsistent(_) => ErrorClass::Unexpected,
+        }
+    }
 }
 
 /// What a handler made of a batch.

@@ -30,7 +30,7 @@ use uuid::Uuid;
 use super::saga::{self, Transition, Trigger};
 use super::store::cancellation;
 use super::OrderStatus;
-use crate::consumer::{self, Applied, Fresh, Handler, Outcome, WorkerConfig};
+use crate::consumer::{self, Applied, ApplyError, Fresh, Handler, Outcome, WorkerConfig};
 use crate::domain::{Amount, Currency};
 use crate::events::{derived_event_id, AccountEvent, Envelope, OrderPaid, Poison, RawEvent};
 use crate::outbox::OutboxRow;
@@ -130,7 +130,7 @@ impl Handler for OrderProcessor {
         conn: &mut PgConnection,
         _partition: i32,
         events: &[Fresh<AccountEvent>],
-    ) -> Result<Applied, sqlx::Error> {
+    ) -> Result<Applied, ApplyError> {
         let mut order_ids: Vec<i64> = events.iter().filter_map(|f| f.event.order_id()).collect();
         order_ids.sort_unstable();
         order_ids.dedup();
