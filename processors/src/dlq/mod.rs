@@ -66,13 +66,7 @@ pub fn dead_letter(
     max_attempts: u32,
     message_max_bytes: usize,
 ) -> OutboxRow {
-    let previous = |name: &str| {
-        msg.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .and_then(|(_, v)| std::str::from_utf8(v).ok())
-            .map(str::to_owned)
-    };
+    let previous = |name: &str| header_text(&msg.headers, name);
     let attempts = previous(ATTEMPTS)
         .and_then(|a| a.parse::<u32>().ok())
         .unwrap_or(0)
@@ -81,20 +75,7 @@ pub fn dead_letter(
         .unwrap_or_else(|| Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true));
     let message: String = poison.message.chars().take(MAX_ERROR_MESSAGE).collect();
 
-    let mut headers: Vec<(String, Vec<u8>)> = Vec::new();
-    let (mut copied, mut dropped) = (0, 0);
-    for (k, v) in msg
-        .headers
-        .iter()
-        .filter(|(k, _)| !k.starts_with(HEADER_PREFIX))
-    {
-        if copied + k.len() + v.len() > COPIED_HEADERS_MAX {
-            dropped += 1;
-            continue;
-        }
-        copied += k.len() + v.len();
-        headers.push((k.clone(), v.clone()));
-    }
+    let (mut headers, mut dropped) = copied_headers(&msg.headers);
     let mut provenance =
         |name: &str, value: String| headers.push((name.to_owned(), value.into_bytes()));
     // What an earlier failure of a replayed dead letter already lost stays said.
@@ -138,6 +119,34 @@ pub fn dead_letter(
         headers,
         event_id: None,
     }
+}
+
+/// A header's value as text, when it is there and UTF-8.
+fn header_text(headers: &[(String, Vec<u8>)], name: &str) -> Option<String> {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .and_then(|(_, v)| std::str::from_utf8(v).ok())
+        .map(str::to_owned)
+}
+
+/// The original headers a dead letter keeps (none of an earlier dead letter's provenance), up
+/// to `COPIED_HEADERS_MAX` bytes of names and values, and how many did not fit.
+fn copied_headers(headers: &[(String, Vec<u8>)]) -> (Vec<(String, Vec<u8>)>, usize) {
+    let mut kept = Vec::new();
+    let (mut copied, mut dropped) = (0, 0);
+    for (k, v) in headers
+        .iter()
+        .filter(|(k, _)| !k.starts_with(HEADER_PREFIX))
+    {
+        if copied + k.len() + v.len() > COPIED_HEADERS_MAX {
+            dropped += 1;
+            continue;
+        }
+        copied += k.len() + v.len();
+        kept.push((k.clone(), v.clone()));
+    }
+    (kept, dropped)
 }
 
 #[cfg(test)]

@@ -202,45 +202,7 @@ pub fn parse_id(id: &str) -> Option<(i32, i64)> {
 /// its high watermark and the topic went quiet briefly, or after `settings.dlq.read_idle_ms`
 /// without a message (the watermark is only a hint: some brokers report it early).
 pub fn read_all(settings: &Settings) -> anyhow::Result<Vec<DeadLetter>> {
-    let topic = &settings.topics.dead_letter;
-    let mut config = kafka::base_config(&settings.kafka);
-    config
-        .set(
-            "group.id",
-            format!("paystream-dlq-reader-{}", Uuid::new_v4()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .set(
-            "fetch.max.bytes",
-            (kafka::dead_letter_max_bytes(&settings.kafka) * 2).to_string(),
-        )
-        .set(
-            "max.partition.fetch.bytes",
-            kafka::dead_letter_max_bytes(&settings.kafka).to_string(),
-        );
-    let consumer: BaseConsumer = config.create()?;
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic)
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    if partitions.is_empty() {
-        anyhow::bail!(
-            "topic {topic} has no partitions (does it exist? try `paystream topics create`)"
-        );
-    }
-    let mut ends = BTreeMap::new();
-    let mut assignment = TopicPartitionList::new();
-    for &partition in &partitions {
-        let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
-        ends.insert(partition, high);
-        assignment.add_partition_offset(topic, partition, Offset::Offset(low))?;
-    }
-    consumer.assign(&assignment)?;
-
+    let (consumer, ends) = reader(settings)?;
     let idle_limit = Duration::from_millis(settings.dlq.read_idle_ms);
     let mut next: BTreeMap<i32, i64> = BTreeMap::new();
     let mut letters = Vec::new();
@@ -275,6 +237,45 @@ pub fn read_all(settings: &Settings) -> anyhow::Result<Vec<DeadLetter>> {
     letters.sort_by_key(|d| (d.partition, d.offset));
     letters.dedup_by_key(|d| (d.partition, d.offset));
     Ok(letters)
+}
+
+/// A consumer of the whole dead-letter topic from its start, outside any group's offsets,
+/// and the high watermark of each partition when it started.
+fn reader(settings: &Settings) -> anyhow::Result<(BaseConsumer, BTreeMap<i32, i64>)> {
+    let topic = &settings.topics.dead_letter;
+    let max_bytes = kafka::dead_letter_max_bytes(&settings.kafka);
+    let mut config = kafka::base_config(&settings.kafka);
+    config
+        .set(
+            "group.id",
+            format!("paystream-dlq-reader-{}", Uuid::new_v4()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("fetch.max.bytes", (max_bytes * 2).to_string())
+        .set("max.partition.fetch.bytes", max_bytes.to_string());
+    let consumer: BaseConsumer = config.create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        anyhow::bail!(
+            "topic {topic} has no partitions (does it exist? try `paystream topics create`)"
+        );
+    }
+    let mut ends = BTreeMap::new();
+    let mut assignment = TopicPartitionList::new();
+    for &partition in &partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
+        ends.insert(partition, high);
+        assignment.add_partition_offset(topic, partition, Offset::Offset(low))?;
+    }
+    consumer.assign(&assignment)?;
+    Ok((consumer, ends))
 }
 
 /// What a replay did.
@@ -315,29 +316,12 @@ pub async fn replay(
         dry_run: options.dry_run,
         ..ReplayReport::default()
     };
-    let partitions: Vec<i32> = letters.iter().map(|dl| dl.partition).collect();
-    let offsets: Vec<i64> = letters.iter().map(|dl| dl.offset).collect();
-    let replayed_before: std::collections::HashSet<(i32, i64)> = sqlx::query_as::<_, (i32, i64)>(
-        r#"
-        SELECT DISTINCT r.dlq_partition, r.dlq_offset
-        FROM dlq_replays r
-        JOIN unnest($2::int[], $3::bigint[]) AS s(dlq_partition, dlq_offset)
-          ON s.dlq_partition = r.dlq_partition AND s.dlq_offset = r.dlq_offset
-        WHERE r.dlq_topic = $1
-        "#,
-    )
-    .bind(&settings.topics.dead_letter)
-    .bind(&partitions)
-    .bind(&offsets)
-    .fetch_all(pool)
-    .await?
-    .into_iter()
-    .collect();
+    let before = replayed_before(settings, pool, letters).await?;
     let mut todo = Vec::new();
     for dl in letters {
         match dl.original_topic() {
             _ if dl.parked() => report.skipped_parked.push(dl.id()),
-            _ if !options.force && replayed_before.contains(&(dl.partition, dl.offset)) => {
+            _ if !options.force && before.contains(&(dl.partition, dl.offset)) => {
                 report.skipped_already_replayed.push(dl.id());
             }
             None => report.skipped_unknown_topic.push(dl.id()),
@@ -359,39 +343,82 @@ pub async fn replay(
     let total = todo.len();
     for (done, (dl, topic)) in todo.into_iter().enumerate() {
         pace.tick().await;
-        let mut record = FutureRecord::to(&topic)
-            .payload(dl.payload.as_slice())
-            .headers(kafka::record_headers(&dl.headers));
-        if let Some(key) = &dl.key {
-            record = record.key(key.as_slice());
-        }
-        producer
-            .send(record, Duration::from_secs(30))
-            .await
-            .map_err(|(e, _)| {
-                anyhow::anyhow!("Failed to replay dead letter {} to {topic}: {e}", dl.id())
-            })?;
-        sqlx::query(
-            r#"
-            INSERT INTO dlq_replays
-                (operator, dlq_topic, dlq_partition, dlq_offset, original_topic, event_id, error_class, attempts)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-            "#,
-        )
-        .bind(&options.operator)
-        .bind(&settings.topics.dead_letter)
-        .bind(dl.partition)
-        .bind(dl.offset)
-        .bind(&topic)
-        .bind(dl.event_id())
-        .bind(dl.error_class())
-        .bind(i32::try_from(dl.attempts()).unwrap_or(i32::MAX))
-        .execute(pool)
-        .await?;
+        publish(&producer, dl, &topic).await?;
+        record_replay(settings, pool, options, dl, &topic).await?;
         report.replayed += 1;
         progress(done + 1, total);
     }
     Ok(report)
+}
+
+/// Which of `letters` were replayed before (`dlq_replays`), as (partition, offset).
+async fn replayed_before(
+    settings: &Settings,
+    pool: &PgPool,
+    letters: &[DeadLetter],
+) -> Result<std::collections::HashSet<(i32, i64)>, sqlx::Error> {
+    let partitions: Vec<i32> = letters.iter().map(|dl| dl.partition).collect();
+    let offsets: Vec<i64> = letters.iter().map(|dl| dl.offset).collect();
+    let rows = sqlx::query_as::<_, (i32, i64)>(
+        r#"
+        SELECT DISTINCT r.dlq_partition, r.dlq_offset
+        FROM dlq_replays r
+        JOIN unnest($2::int[], $3::bigint[]) AS s(dlq_partition, dlq_offset)
+          ON s.dlq_partition = r.dlq_partition AND s.dlq_offset = r.dlq_offset
+        WHERE r.dlq_topic = $1
+        "#,
+    )
+    .bind(&settings.topics.dead_letter)
+    .bind(&partitions)
+    .bind(&offsets)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Sends a dead letter back to `topic` as it was: value, key and headers.
+async fn publish(producer: &FutureProducer, dl: &DeadLetter, topic: &str) -> anyhow::Result<()> {
+    let mut record = FutureRecord::to(topic)
+        .payload(dl.payload.as_slice())
+        .headers(kafka::record_headers(&dl.headers));
+    if let Some(key) = &dl.key {
+        record = record.key(key.as_slice());
+    }
+    producer
+        .send(record, Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| {
+            anyhow::anyhow!("Failed to replay dead letter {} to {topic}: {e}", dl.id())
+        })?;
+    Ok(())
+}
+
+/// Records who replayed a dead letter, and where to.
+async fn record_replay(
+    settings: &Settings,
+    pool: &PgPool,
+    options: &ReplayOptions,
+    dl: &DeadLetter,
+    topic: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        r#"
+        INSERT INTO dlq_replays
+            (operator, dlq_topic, dlq_partition, dlq_offset, original_topic, event_id, error_class, attempts)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+        "#,
+    )
+    .bind(&options.operator)
+    .bind(&settings.topics.dead_letter)
+    .bind(dl.partition)
+    .bind(dl.offset)
+    .bind(topic)
+    .bind(dl.event_id())
+    .bind(dl.error_class())
+    .bind(i32::try_from(dl.attempts()).unwrap_or(i32::MAX))
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -51,15 +51,7 @@ pub async fn run(
     pool: PgPool,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
-    let delivery_timeout = Duration::from_millis(settings.relay.delivery_timeout_ms);
-    // Dead letters may be a little larger than the messages they carry (`dlq`); the relay
-    // publishes them, so its limit is the dead-letter topic's.
-    let producer: FutureProducer = crate::kafka::producer_config(&settings.kafka, delivery_timeout)
-        .set(
-            "message.max.bytes",
-            crate::kafka::dead_letter_max_bytes(&settings.kafka).to_string(),
-        )
-        .create()?;
+    let producer = producer(&settings)?;
     let retry = Backoff {
         initial: Duration::from_millis(settings.processor.retry_initial_ms),
         max: Duration::from_millis(settings.processor.retry_max_ms),
@@ -68,18 +60,7 @@ pub async fn run(
     let mut listener: Option<PgListener> = None;
     // Pruning runs beside the publishing, so that it happens under a steady load too (the
     // loop below drains without pausing while rows keep coming) and never delays a round.
-    let _pruning = crate::db::spawn_pruning(
-        &pool,
-        Pruning {
-            what: "published outbox rows",
-            sql: PRUNE_SQL,
-            retention_hours: settings.relay.retention_hours,
-            group: None,
-            interval: Duration::from_secs(settings.relay.prune_interval_s.max(1)),
-            counter: METRICS.outbox_pruned.clone(),
-        },
-        &cancel,
-    );
+    let _pruning = crate::db::spawn_pruning(&pool, pruning(&settings), &cancel);
     let mut failures = 0;
     tracing::info!("relay started");
 
@@ -111,37 +92,73 @@ pub async fn run(
                 continue;
             }
         }
-        // Wait for a notification, the fallback poll, or shutdown.
-        let notified = async {
-            match listener.as_mut() {
-                Some(l) => {
-                    if let Err(e) = l.recv().await {
-                        tracing::warn!(error = %e, "LISTEN connection lost; falling back to polling");
-                        return false;
-                    }
-                    true
-                }
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            ok = notified => if !ok { listener = None },
-            _ = tokio::time::sleep(poll) => {}
-        }
-        // Notifications that are already here are covered by the round about to start (its
-        // snapshot comes after their commits): one round for all of them, not one each.
-        while let Some(l) = listener.as_mut() {
-            match l.try_recv().now_or_never() {
-                Some(Ok(Some(_))) => {}
-                Some(Ok(None) | Err(_)) => listener = None,
-                None => break,
-            }
+        if !wait_for_work(&mut listener, poll, &cancel).await {
+            break;
         }
     }
     tracing::info!("relay stopping; flushing producer");
     let _ = producer.flush(Timeout::After(Duration::from_secs(5)));
     Ok(())
+}
+
+/// The relay's producer. Dead letters may be a little larger than the messages they carry
+/// (`dlq`); the relay publishes them, so its limit is the dead-letter topic's.
+fn producer(settings: &Settings) -> anyhow::Result<FutureProducer> {
+    let delivery_timeout = Duration::from_millis(settings.relay.delivery_timeout_ms);
+    let max_bytes = crate::kafka::dead_letter_max_bytes(&settings.kafka);
+    Ok(
+        crate::kafka::producer_config(&settings.kafka, delivery_timeout)
+            .set("message.max.bytes", max_bytes.to_string())
+            .create()?,
+    )
+}
+
+/// The retention of published outbox rows.
+fn pruning(settings: &Settings) -> Pruning {
+    Pruning {
+        what: "published outbox rows",
+        sql: PRUNE_SQL,
+        retention_hours: settings.relay.retention_hours,
+        group: None,
+        interval: Duration::from_secs(settings.relay.prune_interval_s.max(1)),
+        counter: METRICS.outbox_pruned.clone(),
+    }
+}
+
+/// Waits for a notification, the fallback poll, or shutdown; returns false on shutdown. A
+/// lost LISTEN connection is dropped (the next round opens another).
+async fn wait_for_work(
+    listener: &mut Option<PgListener>,
+    poll: Duration,
+    cancel: &CancellationToken,
+) -> bool {
+    let notified = async {
+        match listener.as_mut() {
+            Some(l) => {
+                if let Err(e) = l.recv().await {
+                    tracing::warn!(error = %e, "LISTEN connection lost; falling back to polling");
+                    return false;
+                }
+                true
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = cancel.cancelled() => return false,
+        ok = notified => if !ok { *listener = None },
+        _ = tokio::time::sleep(poll) => {}
+    }
+    // Notifications that are already here are covered by the round about to start (its
+    // snapshot comes after their commits): one round for all of them, not one each.
+    while let Some(l) = listener.as_mut() {
+        match l.try_recv().now_or_never() {
+            Some(Ok(Some(_))) => {}
+            Some(Ok(None) | Err(_)) => *listener = None,
+            None => break,
+        }
+    }
+    true
 }
 
 async fn listen(pool: &PgPool) -> Option<PgListener> {
@@ -260,38 +277,54 @@ async fn locked_round(
         });
     let results = join_all(deliveries).await;
 
-    // Mark only the id-ordered prefix that was delivered: after a failure, later rows are
-    // published again next round (duplicates the consumers dedupe), never marked out of order.
-    let mut published = Vec::with_capacity(results.len());
+    let delivered = delivered_prefix(results.into_iter().map(|(id, topic, result)| {
+        let error = result.err().map(|(e, _)| e.to_string());
+        (id, topic, error)
+    }));
+    // clock_timestamp(), not now(): the time the acknowledgements were in, not when this
+    // round's transaction began (before its rows were even read).
+    sqlx::query("UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY($1)")
+        .bind(&delivered.ids)
+        .execute(&mut *tx)
+        .await?;
+    Ok(Locked::Delivered(delivered.report))
+}
+
+/// The rows to mark published, and what the round reports.
+struct Prefix {
+    ids: Vec<i64>,
+    report: Delivered,
+}
+
+/// The id-ordered prefix of a round's rows that was delivered: (row id, topic, error). After a
+/// failure, later rows are published again next round (duplicates the consumers dedupe),
+/// never marked out of order.
+fn delivered_prefix<'a>(results: impl Iterator<Item = (i64, &'a str, Option<String>)>) -> Prefix {
+    let mut ids = Vec::new();
     let mut per_topic: HashMap<&str, u64> = HashMap::new();
     let mut first_error = None;
-    for (id, topic, result) in results {
-        match result {
-            Ok(_) if first_error.is_none() => {
-                published.push(id);
+    for (id, topic, error) in results {
+        match error {
+            None if first_error.is_none() => {
+                ids.push(id);
                 *per_topic.entry(topic).or_default() += 1;
             }
-            Ok(_) => {}
-            Err((e, _)) => {
+            None => {}
+            Some(e) => {
                 METRICS.relay_errors.with_label_values(&["publish"]).inc();
                 first_error.get_or_insert_with(|| format!("outbox row {id} to {topic}: {e}"));
             }
         }
     }
-    // clock_timestamp(), not now(): the time the acknowledgements were in, not when this
-    // round's transaction began (before its rows were even read).
-    sqlx::query("UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY($1)")
-        .bind(&published)
-        .execute(&mut *tx)
-        .await?;
-    Ok(Locked::Delivered(Delivered {
-        published: published.len(),
+    let report = Delivered {
+        published: ids.len(),
         per_topic: per_topic
             .into_iter()
-            .map(|(topic, n)| (topic.to_owned(), n))
+            .map(|(t, n)| (t.to_owned(), n))
             .collect(),
         first_error,
-    }))
+    };
+    Prefix { ids, report }
 }
 
 /// Deletes published rows past `relay.retention_hours` (see `db::Pruning`), never a
@@ -306,3 +339,59 @@ const PRUNE_SQL: &str = r#"
         FOR UPDATE SKIP LOCKED
     ))
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A round's results, the ids marked published, how many topics, the row the error names.
+    type Case = (
+        Vec<(i64, &'static str, Option<String>)>,
+        Vec<i64>,
+        usize,
+        Option<i64>,
+    );
+
+    #[test]
+    fn only_the_id_ordered_prefix_before_the_first_failure_is_marked_published() {
+        let failed = || Some("broker refused".to_owned());
+        let cases: [Case; 4] = [
+            (vec![], vec![], 0, None),
+            (
+                vec![(1, "a", None), (2, "b", None), (3, "a", None)],
+                vec![1, 2, 3],
+                2,
+                None,
+            ),
+            (
+                vec![(1, "a", None), (2, "b", failed()), (3, "a", None)],
+                vec![1],
+                1,
+                Some(2),
+            ),
+            (
+                vec![(1, "a", failed()), (2, "a", failed())],
+                vec![],
+                0,
+                Some(1),
+            ),
+        ];
+        for (results, ids, topics, error_row) in cases {
+            let prefix = delivered_prefix(results.into_iter());
+            assert_eq!(prefix.ids, ids);
+            assert_eq!(prefix.report.published, ids.len());
+            assert_eq!(prefix.report.per_topic.len(), topics);
+            let error = prefix.report.first_error;
+            match error_row {
+                None => assert_eq!(error, None),
+                Some(row) => {
+                    let expected = format!("outbox row {row} to ");
+                    assert!(
+                        error.is_some_and(|e| e.starts_with(&expected)),
+                        "{expected}"
+                    );
+                }
+            }
+        }
+    }
+}
