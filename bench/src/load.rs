@@ -33,6 +33,19 @@ pub(crate) struct Work {
 }
 
 impl Work {
+    /// Prints how phase `number` cut its work over `seconds`.
+    pub(crate) fn print(&self, number: i64, seconds: f64) {
+        println!(
+            "  phase {number}: {} batch transactions ({:.0}/s, {:.1} events each), {} relay rounds ({:.0}/s, {:.1} rows each)",
+            self.transactions,
+            self.transactions as f64 / seconds,
+            self.events / self.transactions.max(1) as f64,
+            self.relay_rounds,
+            self.relay_rounds as f64 / seconds,
+            self.relay_rows / self.relay_rounds.max(1) as f64,
+        );
+    }
+
     pub(crate) fn now() -> Self {
         let batches = METRICS.batch_size.with_label_values(&["account"]);
         let rounds = &METRICS.relay_round_rows;

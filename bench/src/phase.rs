@@ -78,24 +78,8 @@ pub(crate) async fn run_phase(
     settings.processor.account_group = name.clone();
     settings.processor.batch_max = batch_max;
     kafka::create_topics(&settings.kafka, &settings.topics).await?;
-
-    // Users of this phase, funded through the ledger.
     let first_user = number * 10_000_000;
-    let mut tx = pool.begin().await?;
-    for user in first_user..first_user + args.users {
-        let account = store::open_account(&mut tx, user, Currency::CNY).await?;
-        let amount = Amount::new(1_000_000_000).context("amount")?;
-        store::deposit(
-            &mut tx,
-            account,
-            amount,
-            "bench",
-            &settings.topics.account_events,
-        )
-        .await?
-        .map_err(|e| anyhow::anyhow!("bench deposit failed: {e:?}"))?;
-    }
-    tx.commit().await?;
+    fund_users(pool, &settings, first_user..first_user + args.users).await?;
 
     // Results: AccountDebited as received from the topic.
     let received: Arc<Mutex<HashMap<i64, Received>>> = Arc::default();
@@ -108,21 +92,7 @@ pub(crate) async fn run_phase(
         pool,
         None,
     )?;
-    wait_for(
-        Duration::from_secs(120),
-        "the processor to claim its partitions",
-        || async {
-            let claimed: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM consumer_offsets WHERE consumer_group = $1",
-            )
-            .bind(&name)
-            .fetch_one(pool)
-            .await
-            .unwrap_or(0);
-            claimed >= i64::from(settings.kafka.partitions)
-        },
-    )
-    .await?;
+    wait_claimed(pool, &name, settings.kafka.partitions).await?;
 
     let producer: FutureProducer =
         kafka::producer_config(&settings.kafka, Duration::from_secs(60)).create()?;
@@ -166,25 +136,7 @@ pub(crate) async fn run_phase(
         wall_us: sent_wall_us,
     } = sent;
 
-    let deadline = Duration::from_secs(600 + events / 100);
-    wait_for(deadline, "every AccountDebited to be published", || async {
-        received
-            .lock()
-            .map(|r| r.len() as u64 >= events + warmup)
-            .unwrap_or(false)
-    })
-    .await?;
-    // Received can come before the relay's mark commits.
-    wait_for(deadline, "every AccountDebited to be marked published", || async {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT count(*) FROM outbox WHERE topic = $1 AND published_at IS NOT NULL AND headers @> '[[\"eventType\", \"AccountDebited\"]]'",
-        )
-        .bind(&settings.topics.account_events)
-        .fetch_one(pool)
-        .await
-        .is_ok_and(|n| n as u64 >= events + warmup)
-    })
-    .await?;
+    wait_published(pool, &settings, &received, events + warmup).await?;
     let delay_after = telemetry::bucket_counts(&METRICS.consume_delay, &["account"]);
     let batches = Work::now().since(batches_before);
     let cpu = cpu_before
@@ -195,41 +147,15 @@ pub(crate) async fn run_phase(
     results.abort();
     pipeline.stop(Duration::from_secs(30)).await?;
 
-    // Where the time goes: from the batch transaction's start to the relay's mark, for the
-    // measured orders (the warm-up's first batches wait for connections to open).
     let timeline = Timeline::read(pool, &settings.topics.account_events).await?;
-    let mut marked: Vec<i64> = timeline
-        .rows
-        .iter()
-        .filter(|(order, _)| sent_wall_us.contains_key(order))
-        .map(|(_, (started, published))| published - started)
-        .collect();
-    marked.sort_unstable();
-    let us_as_ms = |us: Option<i64>| us.map_or(f64::NAN, |us| us as f64 / 1000.0);
-    println!(
-        "  phase {number}: transaction start -> relay marked published: p50 {:.1} ms, p99 {:.1} ms",
-        us_as_ms(nearest_rank(&marked, 0.5)),
-        us_as_ms(nearest_rank(&marked, 0.99))
+    print_breakdown(
+        number,
+        &timeline,
+        &sent_wall_us,
+        &delay_before,
+        &delay_after,
     );
-
-    let delay_ms = |q| {
-        telemetry::bucket_quantile(&delay_before, &delay_after, q).map_or(f64::NAN, |s| s * 1000.0)
-    };
-    println!(
-        "  phase {number}: message created -> polled by the processor: p50 <= {} ms, p99 <= {} ms (histogram bucket bounds)",
-        delay_ms(0.5),
-        delay_ms(0.99)
-    );
-    let seconds = started.elapsed().as_secs_f64();
-    println!(
-        "  phase {number}: {} batch transactions ({:.0}/s, {:.1} events each), {} relay rounds ({:.0}/s, {:.1} rows each)",
-        batches.transactions,
-        batches.transactions as f64 / seconds,
-        batches.events / batches.transactions.max(1) as f64,
-        batches.relay_rounds,
-        batches.relay_rounds as f64 / seconds,
-        batches.relay_rows / batches.relay_rounds.max(1) as f64,
-    );
+    batches.print(number, started.elapsed().as_secs_f64());
     let received = received
         .lock()
         .map_err(|_| anyhow::anyhow!("results lock poisoned"))?
@@ -261,4 +187,108 @@ pub(crate) async fn run_phase(
         cpu,
         unstolen,
     })
+}
+
+/// Opens and funds (through the ledger) the accounts of `users`.
+async fn fund_users(
+    pool: &PgPool,
+    settings: &Settings,
+    users: std::ops::Range<i64>,
+) -> anyhow::Result<()> {
+    let mut tx = pool.begin().await?;
+    for user in users {
+        let account = store::open_account(&mut tx, user, Currency::CNY).await?;
+        let amount = Amount::new(1_000_000_000).context("amount")?;
+        store::deposit(
+            &mut tx,
+            account,
+            amount,
+            "bench",
+            &settings.topics.account_events,
+        )
+        .await?
+        .map_err(|e| anyhow::anyhow!("bench deposit failed: {e:?}"))?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Waits until the processor of `group` claimed all its partitions.
+async fn wait_claimed(pool: &PgPool, group: &str, partitions: i32) -> anyhow::Result<()> {
+    wait_for(
+        Duration::from_secs(120),
+        "the processor to claim its partitions",
+        || async {
+            let claimed: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM consumer_offsets WHERE consumer_group = $1",
+            )
+            .bind(group)
+            .fetch_one(pool)
+            .await
+            .unwrap_or(0);
+            claimed >= i64::from(partitions)
+        },
+    )
+    .await
+}
+
+/// Waits until `count` AccountDebited were received downstream and marked published.
+async fn wait_published(
+    pool: &PgPool,
+    settings: &Settings,
+    received: &Mutex<HashMap<i64, Received>>,
+    count: u64,
+) -> anyhow::Result<()> {
+    let deadline = Duration::from_secs(600 + count / 100);
+    wait_for(deadline, "every AccountDebited to be published", || async {
+        received
+            .lock()
+            .map(|r| r.len() as u64 >= count)
+            .unwrap_or(false)
+    })
+    .await?;
+    // Received can come before the relay's mark commits.
+    wait_for(deadline, "every AccountDebited to be marked published", || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM outbox WHERE topic = $1 AND published_at IS NOT NULL AND headers @> '[[\"eventType\", \"AccountDebited\"]]'",
+        )
+        .bind(&settings.topics.account_events)
+        .fetch_one(pool)
+        .await
+        .is_ok_and(|n| n as u64 >= count)
+    })
+    .await
+}
+
+/// Where the time goes: from the batch transaction's start to the relay's mark, for the
+/// measured orders (the warm-up's first batches wait for connections to open), and from
+/// creation to the processor's poll.
+fn print_breakdown(
+    number: i64,
+    timeline: &Timeline,
+    sent_wall_us: &HashMap<i64, i64>,
+    delay_before: &[(f64, u64)],
+    delay_after: &[(f64, u64)],
+) {
+    let mut marked: Vec<i64> = timeline
+        .rows
+        .iter()
+        .filter(|(order, _)| sent_wall_us.contains_key(order))
+        .map(|(_, (started, published))| published - started)
+        .collect();
+    marked.sort_unstable();
+    let us_as_ms = |us: Option<i64>| us.map_or(f64::NAN, |us| us as f64 / 1000.0);
+    println!(
+        "  phase {number}: transaction start -> relay marked published: p50 {:.1} ms, p99 {:.1} ms",
+        us_as_ms(nearest_rank(&marked, 0.5)),
+        us_as_ms(nearest_rank(&marked, 0.99))
+    );
+    let delay_ms = |q| {
+        telemetry::bucket_quantile(delay_before, delay_after, q).map_or(f64::NAN, |s| s * 1000.0)
+    };
+    println!(
+        "  phase {number}: message created -> polled by the processor: p50 <= {} ms, p99 <= {} ms (histogram bucket bounds)",
+        delay_ms(0.5),
+        delay_ms(0.99)
+    );
 }
