@@ -11,6 +11,10 @@ pub mod store;
 pub mod sweeper;
 
 use serde::Serialize;
+use sqlx::encode::IsNull;
+use sqlx::error::BoxDynError;
+use sqlx::postgres::{PgArgumentBuffer, PgTypeInfo, PgValueRef};
+use sqlx::Postgres;
 
 /// Where an order is in the saga.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -36,6 +40,31 @@ impl OrderStatus {
 
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|status| status.as_str() == s)
+    }
+}
+
+// Stored as the TEXT of `as_str` (the column's CHECK lists the same four); a row holding any
+// other text fails to decode instead of becoming a status nobody handles.
+impl sqlx::Type<Postgres> for OrderStatus {
+    fn type_info() -> PgTypeInfo {
+        <&str as sqlx::Type<Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &PgTypeInfo) -> bool {
+        <&str as sqlx::Type<Postgres>>::compatible(ty)
+    }
+}
+
+impl sqlx::Encode<'_, Postgres> for OrderStatus {
+    fn encode_by_ref(&self, buf: &mut PgArgumentBuffer) -> Result<IsNull, BoxDynError> {
+        <&str as sqlx::Encode<Postgres>>::encode(self.as_str(), buf)
+    }
+}
+
+impl sqlx::Decode<'_, Postgres> for OrderStatus {
+    fn decode(value: PgValueRef<'_>) -> Result<Self, BoxDynError> {
+        let text = <&str as sqlx::Decode<Postgres>>::decode(value)?;
+        Self::parse(text).ok_or_else(|| format!("unknown order status {text:?}").into())
     }
 }
 

@@ -66,7 +66,7 @@ struct SagaRow {
     user_id: i64,
     amount_fen: i64,
     currency: String,
-    status: String,
+    status: OrderStatus,
     cancel_reason: Option<String>,
     paid_at: Option<DateTime<Utc>>,
     cancelled_at: Option<DateTime<Utc>>,
@@ -77,12 +77,8 @@ struct SagaRow {
 }
 
 impl SagaRow {
-    fn status(&self) -> Option<OrderStatus> {
-        OrderStatus::parse(&self.status)
-    }
-
     fn set_status(&mut self, status: OrderStatus) {
-        self.status = status.as_str().to_owned();
+        self.status = status;
         self.dirty = true;
     }
 
@@ -189,11 +185,8 @@ impl OrderProcessor {
             // A deposit concerns no order.
             AccountEvent::Credited => return Outcome::Ignored,
         };
-        let Some(status) = order.status() else {
-            return Outcome::Duplicate;
-        };
         let saga = saga::Order {
-            status,
+            status: order.status,
             refund_requested: order.refund_requested_at.is_some(),
             refunded: order.refunded_at.is_some(),
         };

@@ -21,7 +21,7 @@ pub struct Order {
     pub amount_fen: i64,
     pub currency: String,
     pub items: serde_json::Value,
-    pub status: String,
+    pub status: OrderStatus,
     pub cancel_reason: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -29,12 +29,6 @@ pub struct Order {
     pub cancelled_at: Option<DateTime<Utc>>,
     pub refund_requested_at: Option<DateTime<Utc>>,
     pub refunded_at: Option<DateTime<Utc>>,
-}
-
-impl Order {
-    pub fn status(&self) -> Option<OrderStatus> {
-        OrderStatus::parse(&self.status)
-    }
 }
 
 const COLUMNS: &str = "id, order_no, user_id, amount_fen, currency, items, status, cancel_reason, \
@@ -169,7 +163,7 @@ pub async fn cancel(
     order_id: i64,
     order_events_topic: &str,
 ) -> Result<Result<CancelOutcome, CancelRefused>, sqlx::Error> {
-    let current: Option<(String, Option<DateTime<Utc>>)> = sqlx::query_as(
+    let current: Option<(OrderStatus, Option<DateTime<Utc>>)> = sqlx::query_as(
         "SELECT status, refund_requested_at FROM orders WHERE id = $1 AND user_id = $2 FOR UPDATE",
     )
     .bind(order_id)
@@ -178,11 +172,6 @@ pub async fn cancel(
     .await?;
     let Some((status, refund_requested_at)) = current else {
         return Ok(Err(CancelRefused::NotFound));
-    };
-    let Some(status) = OrderStatus::parse(&status) else {
-        return Err(sqlx::Error::Decode(
-            format!("order {order_id} has unknown status {status:?}").into(),
-        ));
     };
     let order = saga::Order {
         status,
