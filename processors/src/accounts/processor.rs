@@ -80,18 +80,18 @@ impl Handler for AccountProcessor {
         let now = Utc::now();
         let mut applied = Applied::default();
         for fresh in events {
-            let outcome = match &fresh.event {
+            let (outcome, emits) = match &fresh.event {
                 OrderEvent::Created(order) => {
                     let decision = book.debit(order, fresh.event_id);
-                    self.debited(fresh, order, decision, now, &mut applied.emitted)?
+                    self.debited(fresh, order, decision, now)?
                 }
                 OrderEvent::Cancelled(cancel) if cancel.refund_required => {
                     let decision = book.refund(cancel, fresh.event_id);
-                    self.refunded(fresh, cancel, decision, now, &mut applied.emitted)
+                    self.refunded(fresh, cancel, decision, now)
                 }
-                OrderEvent::Cancelled(_) | OrderEvent::Paid(_) => Outcome::Ignored,
+                OrderEvent::Cancelled(_) | OrderEvent::Paid(_) => (Outcome::Ignored, None),
             };
-            applied.outcomes.push(outcome);
+            applied.push(outcome, emits);
         }
         book.postings.write(conn).await?;
         Ok(applied)
@@ -99,15 +99,14 @@ impl Handler for AccountProcessor {
 }
 
 impl AccountProcessor {
-    /// The outcome of a debit decision; the event that announces it goes to `emitted`.
+    /// The outcome of a debit decision, and the event that announces it.
     fn debited(
         &self,
         fresh: &Fresh<OrderEvent>,
         order: &OrderCreated,
         decision: DebitDecision,
         now: DateTime<Utc>,
-        emitted: &mut Vec<OutboxRow>,
-    ) -> Result<Outcome, ApplyError> {
+    ) -> Result<(Outcome, Option<OutboxRow>), ApplyError> {
         Ok(match decision {
             DebitDecision::Debited {
                 account_id,
@@ -121,8 +120,8 @@ impl AccountProcessor {
                     balance_after_fen: balance_after,
                     currency: order.currency,
                 };
-                emitted.push(self.event(fresh, order.user_id, now, payload));
-                Outcome::Applied
+                let row = self.event(fresh, order.user_id, now, payload);
+                (Outcome::Applied, Some(row))
             }
             DebitDecision::Failed(reason) => {
                 let payload = AccountDebitFailed {
@@ -132,16 +131,17 @@ impl AccountProcessor {
                     amount_fen: order.amount_fen,
                     currency: order.currency,
                 };
-                emitted.push(self.event(fresh, order.user_id, now, payload));
-                Outcome::BusinessFailure
+                let row = self.event(fresh, order.user_id, now, payload);
+                (Outcome::BusinessFailure, Some(row))
             }
             DebitDecision::Duplicate => {
                 tracing::warn!(order_id = order.order_id, event_id = %fresh.event_id, "order already debited; treating OrderCreated as a duplicate");
-                Outcome::Duplicate
+                (Outcome::Duplicate, None)
             }
-            DebitDecision::Unpostable(why) => {
-                Outcome::DeadLettered(Poison::new(PoisonClass::BalanceOverflow, why))
-            }
+            DebitDecision::Unpostable(why) => (
+                Outcome::DeadLettered(Poison::new(PoisonClass::BalanceOverflow, why)),
+                None,
+            ),
             // `lock_system_accounts` creates it; missing means a concurrent oddity: the batch
             // is retried.
             DebitDecision::NoSettlementAccount => {
@@ -154,15 +154,14 @@ impl AccountProcessor {
         })
     }
 
-    /// The outcome of a refund decision; the event that announces it goes to `emitted`.
+    /// The outcome of a refund decision, and the event that announces it.
     fn refunded(
         &self,
         fresh: &Fresh<OrderEvent>,
         cancel: &OrderCancelled,
         decision: RefundDecision,
         now: DateTime<Utc>,
-        emitted: &mut Vec<OutboxRow>,
-    ) -> Outcome {
+    ) -> (Outcome, Option<OutboxRow>) {
         match decision {
             RefundDecision::Refunded {
                 account_id,
@@ -178,20 +177,23 @@ impl AccountProcessor {
                     balance_after_fen: balance_after,
                     currency: debit.currency,
                 };
-                emitted.push(self.event(fresh, user_id, now, payload));
-                Outcome::Applied
+                (
+                    Outcome::Applied,
+                    Some(self.event(fresh, user_id, now, payload)),
+                )
             }
             RefundDecision::NeverDebited => {
                 tracing::info!(
                     order_id = cancel.order_id,
                     "refund requested for an order that was never debited; nothing to refund"
                 );
-                Outcome::Ignored
+                (Outcome::Ignored, None)
             }
-            RefundDecision::Duplicate => Outcome::Duplicate,
-            RefundDecision::Unpostable(why) => {
-                Outcome::DeadLettered(Poison::new(PoisonClass::BalanceOverflow, why))
-            }
+            RefundDecision::Duplicate => (Outcome::Duplicate, None),
+            RefundDecision::Unpostable(why) => (
+                Outcome::DeadLettered(Poison::new(PoisonClass::BalanceOverflow, why)),
+                None,
+            ),
         }
     }
 

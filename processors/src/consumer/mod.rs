@@ -102,8 +102,8 @@ pub trait Handler: Send + Sync + 'static {
     fn decode(&self, raw: &RawEvent) -> Result<Self::Event, Poison>;
 
     /// Applies `events` in order inside the batch transaction: writes the business rows and
-    /// says what to publish. Returns one outcome per event, in order. For an event it
-    /// reports as `DeadLettered` it must have written and emitted nothing.
+    /// says what to publish, one `Applied::push` per event, in order. For an event it reports
+    /// as `DeadLettered` it must have written nothing (what it emits is dropped).
     fn apply(
         &self,
         conn: &mut PgConnection,
@@ -134,14 +134,25 @@ impl ApplyError {
     }
 }
 
-/// What a handler made of a batch.
+/// What a handler made of a batch: one outcome per event, in order, each with the events it
+/// emits. The framework writes the emitted events to the outbox in the batch's closing
+/// statement, together with the offset compare-and-set.
 #[derive(Debug, Default)]
 pub struct Applied {
-    /// One per event, in order.
-    pub outcomes: Vec<Outcome>,
-    /// Events to publish, in order. The framework writes them to the outbox in the batch's
-    /// closing statement, together with the offset compare-and-set.
-    pub emitted: Vec<OutboxRow>,
+    outcomes: Vec<Outcome>,
+    /// Everything emitted, in order.
+    emitted: Vec<OutboxRow>,
+}
+
+impl Applied {
+    /// Records what became of the next event and the events it emits. A dead-lettered event
+    /// emits nothing (its dead letter is the framework's): rows given with it are dropped.
+    pub fn push(&mut self, outcome: Outcome, emits: impl IntoIterator<Item = OutboxRow>) {
+        if !matches!(outcome, Outcome::DeadLettered(_)) {
+            self.emitted.extend(emits);
+        }
+        self.outcomes.push(outcome);
+    }
 }
 
 /// What a worker needs to know about its place in the world.

@@ -151,17 +151,17 @@ impl Handler for OrderProcessor {
         let now = Utc::now();
         let mut applied = Applied::default();
         for fresh in events {
-            let outcome = match fresh.event.order_id() {
+            let (outcome, emits) = match fresh.event.order_id() {
                 Some(order_id) => match orders.get_mut(&order_id) {
-                    Some(order) => self.advance(order, fresh, now, &mut applied.emitted),
+                    Some(order) => self.advance(order, fresh, now),
                     None => {
                         tracing::warn!(order_id, event_id = %fresh.event_id, "account event for an order paystream does not know; ignored");
-                        Outcome::Ignored
+                        (Outcome::Ignored, None)
                     }
                 },
-                None => Outcome::Ignored,
+                None => (Outcome::Ignored, None),
             };
-            applied.outcomes.push(outcome);
+            applied.push(outcome, emits);
         }
         write(conn, orders.into_values().filter(|o| o.dirty)).await?;
         Ok(applied)
@@ -169,55 +169,47 @@ impl Handler for OrderProcessor {
 }
 
 impl OrderProcessor {
-    /// Moves `order` as the saga says for the account event `fresh`; what that announces
-    /// goes to `emitted`.
+    /// Moves `order` as the saga says for the account event `fresh`; returns the outcome and
+    /// the event that announces the move.
     fn advance(
         &self,
         order: &mut SagaRow,
         fresh: &Fresh<AccountEvent>,
         now: DateTime<Utc>,
-        emitted: &mut Vec<OutboxRow>,
-    ) -> Outcome {
+    ) -> (Outcome, Option<OutboxRow>) {
         let trigger = match &fresh.event {
             AccountEvent::Debited { .. } => Trigger::Debited,
             AccountEvent::DebitFailed { reason, .. } => Trigger::DebitFailed(*reason),
             AccountEvent::Refunded { .. } => Trigger::Refunded,
             // A deposit concerns no order.
-            AccountEvent::Credited => return Outcome::Ignored,
+            AccountEvent::Credited => return (Outcome::Ignored, None),
         };
         let saga = saga::Order {
             status: order.status,
             refund_requested: order.refund_requested_at.is_some(),
             refunded: order.refunded_at.is_some(),
         };
-        self.carry_out(
-            order,
-            saga::next(saga, trigger),
-            fresh.event_id,
-            now,
-            emitted,
-        )
+        self.carry_out(order, saga::next(saga, trigger), fresh.event_id, now)
     }
 
-    /// Carries out a transition of `order` caused by the event `cause`.
+    /// Carries out a transition of `order` caused by the event `cause`; returns the outcome
+    /// and the event that announces it.
     fn carry_out(
         &self,
         order: &mut SagaRow,
         transition: Transition,
         cause: Uuid,
         now: DateTime<Utc>,
-        emitted: &mut Vec<OutboxRow>,
-    ) -> Outcome {
+    ) -> (Outcome, Option<OutboxRow>) {
         let order_id = order.id;
         let topic = &self.order_events_topic;
+        let cancelled = derived_event_id(cause, "OrderCancelled");
         match transition {
             Transition::Pay => {
                 order.set_status(OrderStatus::Paid);
                 order.paid_at = Some(now);
                 // `None` only for a row the table's checks should have refused.
-                let paid = order.paid(cause, now, topic);
-                emitted.extend(paid);
-                Outcome::Applied
+                (Outcome::Applied, order.paid(cause, now, topic))
             }
             Transition::Cancel {
                 reason,
@@ -226,45 +218,37 @@ impl OrderProcessor {
                 order.set_status(OrderStatus::Cancelled);
                 order.cancel_reason = Some(reason.to_owned());
                 order.cancelled_at = Some(now);
-                let id = derived_event_id(cause, "OrderCancelled");
-                emitted.push(cancellation(
-                    topic,
-                    order_id,
-                    order.user_id,
-                    reason,
-                    refund_required,
-                    id,
-                ));
-                Outcome::Applied
+                let user = order.user_id;
+                let row = cancellation(topic, order_id, user, reason, refund_required, cancelled);
+                (Outcome::Applied, Some(row))
             }
             Transition::Compensate => {
                 // The money was taken for an order that is no longer wanted.
                 let why = order.cancel_reason.clone().unwrap_or_default();
                 tracing::info!(order_id, reason = %why, "debit landed after the order was cancelled; requesting a refund");
-                let id = derived_event_id(cause, "OrderCancelled");
-                emitted.push(cancellation(topic, order_id, order.user_id, &why, true, id));
-                Outcome::Applied
+                let row = cancellation(topic, order_id, order.user_id, &why, true, cancelled);
+                (Outcome::Applied, Some(row))
             }
             Transition::CompleteRefund => {
                 order.set_status(OrderStatus::Refunded);
                 order.refunded_at = Some(now);
-                Outcome::Applied
+                (Outcome::Applied, None)
             }
             Transition::RecordRefund => {
                 order.refunded_at = Some(now);
                 order.dirty = true;
-                Outcome::Applied
+                (Outcome::Applied, None)
             }
             Transition::Unexpected => {
                 tracing::warn!(
                     order_id,
                     "refund reported for an order that is still PENDING; ignored"
                 );
-                Outcome::Ignored
+                (Outcome::Ignored, None)
             }
             // Account events never ask for a refund or a cancel; the rest is behind us.
             Transition::Stale | Transition::RequestRefund { .. } | Transition::Refuse(_) => {
-                Outcome::Duplicate
+                (Outcome::Duplicate, None)
             }
         }
     }
