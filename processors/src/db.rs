@@ -31,6 +31,43 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
 }
 
+/// Maps an enum with `as_str(self) -> &'static str` and `parse(&str) -> Option<Self>` to a
+/// TEXT column holding `as_str`: rows carry the enum, and text that is none of its values
+/// fails to decode instead of becoming a value nobody handles.
+macro_rules! text_column {
+    ($ty:ty) => {
+        impl sqlx::Type<sqlx::Postgres> for $ty {
+            fn type_info() -> sqlx::postgres::PgTypeInfo {
+                <&str as sqlx::Type<sqlx::Postgres>>::type_info()
+            }
+
+            fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
+                <&str as sqlx::Type<sqlx::Postgres>>::compatible(ty)
+            }
+        }
+
+        impl sqlx::Encode<'_, sqlx::Postgres> for $ty {
+            fn encode_by_ref(
+                &self,
+                buf: &mut sqlx::postgres::PgArgumentBuffer,
+            ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+                <&str as sqlx::Encode<sqlx::Postgres>>::encode(self.as_str(), buf)
+            }
+        }
+
+        impl sqlx::Decode<'_, sqlx::Postgres> for $ty {
+            fn decode(
+                value: sqlx::postgres::PgValueRef<'_>,
+            ) -> Result<Self, sqlx::error::BoxDynError> {
+                let text = <&str as sqlx::Decode<sqlx::Postgres>>::decode(value)?;
+                <$ty>::parse(text)
+                    .ok_or_else(|| format!("{text:?} is not a {}", stringify!($ty)).into())
+            }
+        }
+    };
+}
+pub(crate) use text_column;
+
 /// The parameters of a statement built piece by piece: each value is bound where its
 /// placeholder is written into the SQL text, so text and bindings cannot drift apart.
 #[derive(Default)]

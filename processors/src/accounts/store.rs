@@ -7,7 +7,16 @@ use uuid::Uuid;
 use crate::domain::{Amount, Currency};
 use crate::ledger::{Account, AccountKind, NewTransfer, PostError, Postings, TransferKind};
 
-type AccountRow = (i64, String, Option<i64>, String, i32, String, i64, Vec<u8>);
+type AccountRow = (
+    i64,
+    AccountKind,
+    Option<i64>,
+    String,
+    i32,
+    String,
+    i64,
+    Vec<u8>,
+);
 
 impl From<AccountRow> for Account {
     fn from(
@@ -15,7 +24,7 @@ impl From<AccountRow> for Account {
     ) -> Self {
         Self {
             id,
-            kind: AccountKind::parse(&kind),
+            kind,
             user_id,
             currency,
             shard,
@@ -59,9 +68,10 @@ pub async fn lock_system_accounts(
     shard: i32,
     ids: &[i64],
 ) -> Result<Vec<Account>, sqlx::Error> {
-    let (kind, kind_name) = match kind {
-        AccountKind::Funding => (AccountKind::Funding, "FUNDING"),
-        _ => (AccountKind::Settlement, "SETTLEMENT"),
+    // System accounts only: a user account is never created here.
+    let kind = match kind {
+        AccountKind::Funding => AccountKind::Funding,
+        AccountKind::User | AccountKind::Settlement => AccountKind::Settlement,
     };
     let sql = format!(
         "SELECT {ACCOUNT_COLUMNS} FROM accounts \
@@ -70,7 +80,7 @@ pub async fn lock_system_accounts(
     );
     let select = || {
         sqlx::query_as::<_, AccountRow>(&sql)
-            .bind(kind_name)
+            .bind(kind)
             .bind(currencies)
             .bind(shard)
             .bind(ids)
@@ -91,7 +101,7 @@ pub async fn lock_system_accounts(
             "INSERT INTO accounts (kind, currency, shard) SELECT $1, c, $3 FROM unnest($2::text[]) AS c \
              ON CONFLICT DO NOTHING",
         )
-        .bind(kind_name)
+        .bind(kind)
         .bind(currencies)
         .bind(shard)
         .execute(&mut *conn)

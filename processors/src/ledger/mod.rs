@@ -23,14 +23,23 @@ pub enum AccountKind {
 }
 
 impl AccountKind {
-    pub fn parse(kind: &str) -> Self {
-        match kind {
-            "SETTLEMENT" => Self::Settlement,
-            "FUNDING" => Self::Funding,
-            _ => Self::User,
+    pub const ALL: [AccountKind; 3] = [Self::User, Self::Settlement, Self::Funding];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::User => "USER",
+            Self::Settlement => "SETTLEMENT",
+            Self::Funding => "FUNDING",
         }
     }
+
+    pub fn parse(kind: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == kind)
+    }
 }
+
+// Stored as the TEXT of `as_str`; the column's CHECK lists the same three.
+crate::db::text_column!(AccountKind);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TransferKind {

@@ -11,10 +11,6 @@ pub mod store;
 pub mod sweeper;
 
 use serde::Serialize;
-use sqlx::encode::IsNull;
-use sqlx::error::BoxDynError;
-use sqlx::postgres::{PgArgumentBuffer, PgTypeInfo, PgValueRef};
-use sqlx::Postgres;
 
 /// Where an order is in the saga.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -43,30 +39,8 @@ impl OrderStatus {
     }
 }
 
-// Stored as the TEXT of `as_str` (the column's CHECK lists the same four); a row holding any
-// other text fails to decode instead of becoming a status nobody handles.
-impl sqlx::Type<Postgres> for OrderStatus {
-    fn type_info() -> PgTypeInfo {
-        <&str as sqlx::Type<Postgres>>::type_info()
-    }
-
-    fn compatible(ty: &PgTypeInfo) -> bool {
-        <&str as sqlx::Type<Postgres>>::compatible(ty)
-    }
-}
-
-impl sqlx::Encode<'_, Postgres> for OrderStatus {
-    fn encode_by_ref(&self, buf: &mut PgArgumentBuffer) -> Result<IsNull, BoxDynError> {
-        <&str as sqlx::Encode<Postgres>>::encode(self.as_str(), buf)
-    }
-}
-
-impl sqlx::Decode<'_, Postgres> for OrderStatus {
-    fn decode(value: PgValueRef<'_>) -> Result<Self, BoxDynError> {
-        let text = <&str as sqlx::Decode<Postgres>>::decode(value)?;
-        Self::parse(text).ok_or_else(|| format!("unknown order status {text:?}").into())
-    }
-}
+// Stored as the TEXT of `as_str`; the column's CHECK lists the same four.
+crate::db::text_column!(OrderStatus);
 
 /// Why an order was cancelled (`cancel_reason`, and `reason` of `OrderCancelled`). Debit
 /// failures use the `AccountDebitFailed` reason as is.
