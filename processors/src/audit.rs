@@ -176,6 +176,12 @@ const CHECKS: &[(&str, &str, &[Param])] = &[
 pub const CHECK_COUNT: usize = CHECKS.len();
 
 pub async fn check(pool: &PgPool, limits: &Limits) -> Result<Vec<Violation>, sqlx::Error> {
+    // The audit reads whole tables: a legitimate long reader, so it lifts the connection's
+    // statement timeout (`database.statement_timeout_ms`) for its own transaction.
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL statement_timeout = 0")
+        .execute(&mut *tx)
+        .await?;
     let mut violations = Vec::new();
     for (invariant, sql, params) in CHECKS {
         let mut query = sqlx::query_scalar(sql);
@@ -187,12 +193,13 @@ pub async fn check(pool: &PgPool, limits: &Limits) -> Result<Vec<Violation>, sql
             };
             query = query.bind(value.as_secs_f64());
         }
-        let rows: Vec<String> = query.fetch_all(pool).await?;
+        let rows: Vec<String> = query.fetch_all(&mut *tx).await?;
         violations.extend(
             rows.into_iter()
                 .map(|detail| Violation { invariant, detail }),
         );
     }
+    tx.commit().await?;
     Ok(violations)
 }
 

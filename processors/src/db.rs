@@ -18,17 +18,54 @@ pub fn connect(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
     let options: PgConnectOptions = settings.url.parse()?;
     let options = options
         .application_name("paystream")
-        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1))
+        .options(session_limits(settings));
     Ok(PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(Duration::from_millis(settings.connect_timeout_ms))
         .connect_lazy_with(options))
 }
 
+/// The session settings that bound every wait of a connection (see `DatabaseSettings`), sent
+/// with the connection's start-up so that no statement runs without them. Zero leaves the
+/// server's own setting.
+fn session_limits(settings: &DatabaseSettings) -> Vec<(&'static str, String)> {
+    let keepalive = settings.tcp_keepalive_idle_s;
+    [
+        ("statement_timeout", settings.statement_timeout_ms),
+        ("lock_timeout", settings.lock_timeout_ms),
+        (
+            "idle_in_transaction_session_timeout",
+            settings.idle_in_transaction_timeout_ms,
+        ),
+        ("tcp_keepalives_idle", keepalive),
+        (
+            "tcp_keepalives_interval",
+            settings.tcp_keepalive_interval_s * u64::from(keepalive > 0),
+        ),
+        (
+            "tcp_keepalives_count",
+            settings.tcp_keepalive_count * u64::from(keepalive > 0),
+        ),
+    ]
+    .into_iter()
+    .filter(|(_, value)| *value > 0)
+    .map(|(name, value)| (name, value.to_string()))
+    .collect()
+}
+
 /// Applies every pending migration. Safe to run concurrently and repeatedly: sqlx takes an
 /// advisory lock and skips what is applied.
+///
+/// A migration may legitimately run long (an index build) and wait for other transactions:
+/// it runs on a connection of its own without the statement and lock timeouts, which is then
+/// closed rather than returned to the pool with those limits lifted.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    MIGRATOR.run(pool).await
+    let mut conn = pool.acquire().await?.detach();
+    sqlx::query("SELECT set_config('statement_timeout', '0', false), set_config('lock_timeout', '0', false)")
+        .execute(&mut conn)
+        .await?;
+    MIGRATOR.run(&mut conn).await
 }
 
 /// Maps an enum with `as_str(self) -> &'static str` and `parse(&str) -> Option<Self>` to a
@@ -211,8 +248,10 @@ pub fn classify(err: &sqlx::Error) -> ErrorClass {
         | sqlx::Error::Protocol(_) => ErrorClass::Transient,
         sqlx::Error::Database(db) => match db.code().as_deref() {
             // serialization_failure, deadlock_detected, unique_violation (a concurrent writer
-            // got there first; the retry will see its row), lock_not_available.
-            Some("40001" | "40P01" | "23505" | "55P03") => ErrorClass::Transient,
+            // got there first; the retry will see its row), lock_not_available (lock_timeout),
+            // idle_in_transaction_session_timeout (the session was ended; the retry takes a
+            // new one).
+            Some("40001" | "40P01" | "23505" | "55P03" | "25P03") => ErrorClass::Transient,
             // connection exceptions, insufficient resources, operator intervention
             // (admin shutdown, pg_terminate_backend), system errors.
             Some(code)

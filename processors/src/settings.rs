@@ -28,6 +28,23 @@ pub struct DatabaseSettings {
     pub url: String,
     pub max_connections: u32,
     pub connect_timeout_ms: u64,
+    /// The longest a statement may run (0: no limit). Above the longest legitimate one; the
+    /// audit, a legitimate long reader, lifts it for its own transaction.
+    pub statement_timeout_ms: u64,
+    /// The longest a statement may wait for a lock (0: no limit); the wait then fails as a
+    /// transient error and is retried.
+    pub lock_timeout_ms: u64,
+    /// How long a session may sit idle inside a transaction before the server ends it and
+    /// releases its locks (0: no limit): a frozen or partitioned worker's locks are freed
+    /// after this. Above the relay's `delivery_timeout_ms`, which a round waits inside its
+    /// transaction.
+    pub idle_in_transaction_timeout_ms: u64,
+    /// TCP keepalive idle time, in seconds, of the server's side of each connection (0: the
+    /// server's default): a dead client host is noticed after about this plus
+    /// `tcp_keepalive_interval_s` × `tcp_keepalive_count`, instead of the kernel's two hours.
+    pub tcp_keepalive_idle_s: u64,
+    pub tcp_keepalive_interval_s: u64,
+    pub tcp_keepalive_count: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
