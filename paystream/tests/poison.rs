@@ -260,3 +260,53 @@ async fn a_poison_message_near_the_size_limit_with_a_binary_key_is_dead_lettered
     assert_eq!(env.balance(account).await, 750);
     env.assert_invariants().await;
 }
+
+/// rdkafka's header accessor panics on a header name that is not UTF-8; read on the Kafka
+/// thread, such a record used to kill the worker, again after every restart. It is now
+/// dead-lettered with its reason, and the events behind it are applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_whose_header_name_is_not_utf8_is_dead_lettered_and_the_worker_goes_on() {
+    assert_eq!(
+        raw::crc32c(b"123456789"),
+        0xE306_9283,
+        "the raw producer's checksum"
+    );
+    let env = TestEnv::new(1).await;
+    let account = env.funded_account(9, 1_000).await;
+    let hostile = order_created(Uuid::new_v4(), 90, 9, 100);
+    let records = [raw::RawRecord {
+        key: Some(b"9".to_vec()),
+        value: Some(hostile.clone()),
+        headers: vec![
+            (b"trace\xff\xfe".to_vec(), b"x".to_vec()),
+            (b"origin".to_vec(), b"shop".to_vec()),
+        ],
+    }];
+    raw::produce(&brokers(), &env.settings.topics.order_events, 0, &records).await;
+    let producer = env.producer();
+    env.produce(&producer, "9", &order_created(Uuid::new_v4(), 91, 9, 250))
+        .await;
+
+    let dead = env.collect(&env.settings.topics.dead_letter);
+    let worker = env.spawn_account_processor(env.settings.clone());
+    let relay = env.spawn_relay();
+    let letters = dead.wait_for(1).await;
+    env.wait_consumed(2).await;
+    worker.stop().await;
+    relay.stop().await;
+
+    let letter = &letters[0];
+    let header = |name: &str| letter.headers.get(name).map(String::as_str);
+    assert_eq!(header("x-dlq-error-class"), Some("UNREADABLE_HEADERS"));
+    assert_eq!(header("x-dlq-original-offset"), Some("0"));
+    assert_eq!(header("x-dlq-headers-dropped"), Some("1"));
+    assert_eq!(header("origin"), Some("shop"), "readable headers are kept");
+    assert_eq!(letter.value, hostile, "the original value, byte for byte");
+    assert_eq!(letter.key.as_deref(), Some(&b"9"[..]));
+    assert_eq!(
+        env.balance(account).await,
+        750,
+        "only the order behind the unreadable record was debited"
+    );
+    env.assert_invariants().await;
+}

@@ -16,10 +16,25 @@ use super::{ApplyError, Fresh, Handler, Outcome, WorkerConfig};
 use crate::backoff::Backoff;
 use crate::db::ErrorClass;
 use crate::dlq;
-use crate::events::decode_envelope;
+use crate::events::{decode_envelope, Poison, PoisonClass};
 use crate::kafka::InboundMessage;
 use crate::outbox::{self, OutboxRow};
 use crate::telemetry::METRICS;
+
+/// A record with a header that cannot be read is poison: it cannot be read whole, and what
+/// it carries must not be applied on the strength of the part that could.
+fn readable(msg: &InboundMessage) -> Result<(), Poison> {
+    if msg.unreadable_headers == 0 {
+        return Ok(());
+    }
+    Err(Poison::new(
+        PoisonClass::UnreadableHeaders,
+        format!(
+            "{} header name(s) are not UTF-8; the record cannot be read whole (the dead letter keeps the value, the key and the headers that could be read)",
+            msg.unreadable_headers
+        ),
+    ))
+}
 
 #[derive(Debug)]
 pub(super) enum BatchError {
@@ -210,13 +225,15 @@ impl<H: Handler> BatchRunner<H> {
         let mut decoded = Vec::new();
         for (k, part) in parts.iter().enumerate() {
             for (i, msg) in part.msgs.iter().enumerate() {
-                let result = decode_envelope(msg.payload.as_deref(), max_bytes).and_then(|raw| {
-                    Ok(Fresh {
-                        event_id: raw.event_id,
-                        event: self.handler.decode(&raw)?,
-                        raw,
-                    })
-                });
+                let result = readable(msg)
+                    .and_then(|()| decode_envelope(msg.payload.as_deref(), max_bytes))
+                    .and_then(|raw| {
+                        Ok(Fresh {
+                            event_id: raw.event_id,
+                            event: self.handler.decode(&raw)?,
+                            raw,
+                        })
+                    });
                 match result {
                     Ok(fresh) => decoded.push(((k, i), fresh)),
                     Err(poison) => outcomes[k][i] = Some(Outcome::DeadLettered(poison)),

@@ -75,7 +75,9 @@ pub fn dead_letter(
         .unwrap_or_else(|| Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true));
     let message: String = poison.message.chars().take(MAX_ERROR_MESSAGE).collect();
 
-    let (mut headers, mut dropped) = copied_headers(&msg.headers);
+    let (mut headers, copy_dropped) = copied_headers(&msg.headers);
+    // Headers that could not be read at all (a name that is not UTF-8) are dropped too.
+    let mut dropped = copy_dropped + msg.unreadable_headers;
     let mut provenance =
         |name: &str, value: String| headers.push((name.to_owned(), value.into_bytes()));
     // What an earlier failure of a replayed dead letter already lost stays said.
@@ -169,6 +171,7 @@ mod tests {
             key: Some(key.to_vec()),
             payload: Some(payload),
             headers,
+            unreadable_headers: 0,
             timestamp: None,
         }
     }

@@ -22,6 +22,8 @@ pub enum PoisonClass {
     UnsupportedSchemaVersion,
     InvalidAmount,
     BalanceOverflow,
+    /// A header name that is not UTF-8: the record cannot be read whole.
+    UnreadableHeaders,
 }
 
 impl PoisonClass {
@@ -36,6 +38,7 @@ impl PoisonClass {
             Self::UnsupportedSchemaVersion => "UNSUPPORTED_SCHEMA_VERSION",
             Self::InvalidAmount => "INVALID_AMOUNT",
             Self::BalanceOverflow => "BALANCE_OVERFLOW",
+            Self::UnreadableHeaders => "UNREADABLE_HEADERS",
         }
     }
 }

@@ -12,6 +12,8 @@ pub struct InboundMessage {
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
     pub headers: Vec<(String, Vec<u8>)>,
+    /// Headers that could not be read (a name that is not UTF-8); they are not in `headers`.
+    pub unreadable_headers: usize,
     /// The message's timestamp in milliseconds, when it has one.
     pub timestamp: Option<i64>,
 }
@@ -19,13 +21,24 @@ pub struct InboundMessage {
 impl InboundMessage {
     /// Copies a fetched record out of the client's buffers.
     pub fn read(m: &BorrowedMessage<'_>) -> Self {
+        let (headers, unreadable_headers) = super::read_headers(m);
+        if unreadable_headers > 0 {
+            tracing::warn!(
+                topic = m.topic(),
+                partition = m.partition(),
+                offset = m.offset(),
+                unreadable_headers,
+                "a header name is not UTF-8 (the panic above is rdkafka's, caught); the record will be dead-lettered"
+            );
+        }
         Self {
             topic: m.topic().to_owned(),
             partition: m.partition(),
             offset: m.offset(),
             key: m.key().map(<[u8]>::to_vec),
             payload: m.payload().map(<[u8]>::to_vec),
-            headers: super::owned_headers(m),
+            headers,
+            unreadable_headers,
             timestamp: m.timestamp().to_millis(),
         }
     }

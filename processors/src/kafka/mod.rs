@@ -5,6 +5,7 @@ mod message;
 
 pub use message::{fingerprint, InboundMessage};
 
+use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -16,22 +17,37 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use crate::settings::{KafkaSettings, TopicSettings};
 
-/// A received message's headers as owned (key, value) pairs; a header without a value has an
-/// empty one.
+/// A received message's headers as owned (name, value) pairs, in order (a header without a
+/// value has an empty one), and how many could not be read. rdkafka's header accessor panics
+/// on a name that is not UTF-8 (it unwraps `CStr::to_str`), so each header is read on its own
+/// under `catch_unwind` and such a header is counted instead of taking the thread down.
+pub fn read_headers(message: &impl Message) -> (Vec<(String, Vec<u8>)>, usize) {
+    let Some(headers) = message.headers() else {
+        return (Vec::new(), 0);
+    };
+    let mut read = Vec::with_capacity(headers.count());
+    let mut unreadable = 0;
+    for i in 0..headers.count() {
+        let header = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            headers.try_get(i).map(|h| {
+                (
+                    h.key.to_owned(),
+                    h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                )
+            })
+        }));
+        match header {
+            Ok(Some(pair)) => read.push(pair),
+            Ok(None) => {}
+            Err(_) => unreadable += 1,
+        }
+    }
+    (read, unreadable)
+}
+
+/// The headers `read_headers` can read; those it cannot are left out.
 pub fn owned_headers(message: &impl Message) -> Vec<(String, Vec<u8>)> {
-    message
-        .headers()
-        .map(|hs| {
-            hs.iter()
-                .map(|h| {
-                    (
-                        h.key.to_owned(),
-                        h.value.map(<[u8]>::to_vec).unwrap_or_default(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+    read_headers(message).0
 }
 
 /// (key, value) pairs as the headers of a record to send, in order: the inverse of
