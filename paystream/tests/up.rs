@@ -235,3 +235,29 @@ async fn paystream_audit_accepts_a_stored_offset_at_the_end_of_a_multi_record_ba
 
     assert_eq!(audit(&env).await, (Some(0), vec![]));
 }
+
+/// A consumer group that stopped moving while messages wait is a stall: correct but stopped
+/// is an outage, and `paystream audit` says so (it used to exit 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paystream_audit_names_a_consumer_group_that_stopped_moving_while_messages_wait() {
+    let env = TestEnv::new(1).await;
+    let producer = env.producer();
+    for order in 1..=3 {
+        let value = order_created(uuid::Uuid::new_v4(), order, 81, 100);
+        env.produce(&producer, "81", &value).await;
+    }
+    let topic = &env.settings.topics.order_events;
+    // One group idle for ten minutes with the messages waiting, one that just moved.
+    exec(
+        &env,
+        &format!(
+            "INSERT INTO consumer_offsets (consumer_group, topic, partition, next_offset, epoch, owner, updated_at) VALUES \
+             ('stalled-group', '{topic}', 0, 1, 1, 'gone', now() - interval '10 minutes'), \
+             ('moving-group', '{topic}', 0, 1, 1, 'here', now())"
+        ),
+    )
+    .await;
+    let (code, named) = audit(&env).await;
+    assert_eq!(code, Some(2));
+    assert_eq!(named, vec!["consumer_groups_make_progress".to_owned()]);
+}

@@ -120,6 +120,9 @@ pub struct AuditSettings {
     pub interval_s: u64,
     pub settle_s: u64,
     pub outbox_max_age_s: u64,
+    /// A consumer group whose stored offset has not moved for this long while messages wait
+    /// is reported by `paystream audit` (0: not checked).
+    pub stall_after_s: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
