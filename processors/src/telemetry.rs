@@ -32,6 +32,7 @@ pub struct Metrics {
     pub consume_delay: HistogramVec,
     pub retries: IntCounterVec,
     pub fenced_commits: IntCounterVec,
+    pub offset_jumps: IntCounterVec,
     pub dedupe_pruned: IntCounterVec,
     pub relay_published: IntCounterVec,
     pub relay_round_rows: Histogram,
@@ -137,6 +138,11 @@ impl Metrics {
                 "paystream_fenced_commits_total",
                 "Commits refused because this worker no longer owns the partition (zombie).",
                 &["processor"],
+            ),
+            offset_jumps: counter(
+                "paystream_offset_jumps_total",
+                "Fetches of a live partition that skipped offsets, by cause: deleted (retention removed messages never applied), not_in_log (transaction markers, compaction), unknown.",
+                &["processor", "cause"],
             ),
             dedupe_pruned: counter(
                 "paystream_dedupe_pruned_total",

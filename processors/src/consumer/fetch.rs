@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use super::batch::BatchRunner;
 use super::lanes::Lanes;
-use super::partition::{lock, Lane, Partitions};
+use super::partition::{lock, Lane, Partitions, Phase};
 use super::rebalance::Context;
 use super::{Handler, WorkerConfig};
 use crate::backoff::Backoff;
@@ -204,7 +204,9 @@ impl<H: Handler> Fetch<H> {
             let Some(first) = msgs.first().map(|m| m.offset) else {
                 continue;
             };
-            if !self.prove_by_first(partition, state, first) {
+            if matches!(state.phase, Phase::Live) {
+                self.report_jump(partition, state.dispatched, first);
+            } else if !self.prove_by_first(partition, state, first) {
                 continue;
             }
             state.dispatched = msgs.last().map_or(state.dispatched, |m| m.offset + 1);

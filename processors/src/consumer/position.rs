@@ -143,6 +143,49 @@ impl Resume {
     }
 }
 
+/// Why a live partition's fetch skipped offsets: from `expected` (the next offset after what
+/// was fetched before) the fetch went on at a later one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Jump {
+    /// The missing offsets lie below the log start: retention removed messages this group
+    /// never applied (it lagged too far). They are gone; the loss is reported loudly.
+    Deleted { missing: i64 },
+    /// The log starts at or below them: they hold no messages (transaction markers, or
+    /// compaction), which is normal on a topic with transactional producers.
+    NotInLog { missing: i64 },
+    /// The broker did not say where its log starts.
+    Unknown { missing: i64 },
+}
+
+impl Jump {
+    /// The `cause` label of `paystream_offset_jumps_total`.
+    pub fn cause(self) -> &'static str {
+        match self {
+            Self::Deleted { .. } => "deleted",
+            Self::NotInLog { .. } => "not_in_log",
+            Self::Unknown { .. } => "unknown",
+        }
+    }
+}
+
+/// Whether a live partition's fetch, expected to go on at `expected`, went on at `first`;
+/// `low` asks the broker for the log start, only when it did not.
+pub(super) fn forward_jump(
+    expected: i64,
+    first: i64,
+    low: impl FnOnce() -> Option<i64>,
+) -> Option<Jump> {
+    if first <= expected {
+        return None;
+    }
+    let missing = first - expected;
+    Some(match low() {
+        Some(low) if expected < low => Jump::Deleted { missing },
+        Some(_) => Jump::NotInLog { missing },
+        None => Jump::Unknown { missing },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,5 +328,34 @@ mod tests {
             ..r
         };
         assert!(!reported.silence_due(start + Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn a_live_fetch_that_skips_offsets_is_named_by_where_the_log_starts() {
+        // (expected, first, low, jump)
+        let cases = [
+            (10, 10, Some(0), None),
+            (10, 11, Some(0), Some(Jump::NotInLog { missing: 1 })),
+            (10, 25, Some(10), Some(Jump::NotInLog { missing: 15 })),
+            (10, 25, Some(20), Some(Jump::Deleted { missing: 15 })),
+            (10, 25, None, Some(Jump::Unknown { missing: 15 })),
+        ];
+        for (expected, first, low, jump) in cases {
+            assert_eq!(
+                forward_jump(expected, first, || low),
+                jump,
+                "{expected} {first} {low:?}"
+            );
+        }
+        let asked = std::cell::Cell::new(false);
+        let no_jump = forward_jump(10, 10, || {
+            asked.set(true);
+            Some(0)
+        });
+        assert_eq!(
+            (no_jump, asked.get()),
+            (None, false),
+            "no broker call without a jump"
+        );
     }
 }

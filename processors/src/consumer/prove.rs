@@ -10,7 +10,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::fetch::Fetch;
 use super::partition::{lock, PartitionState, Phase};
-use super::position::Decision;
+use super::position::{forward_jump, Decision, Jump};
 use super::Handler;
 use crate::kafka::InboundMessage;
 use crate::telemetry::METRICS;
@@ -183,6 +183,45 @@ impl<H: Handler> Fetch<H> {
             Duration::from_secs(5),
         ) {
             tracing::warn!(partition, target, error = %e, "seek failed; it will be retried");
+        }
+    }
+
+    /// A live partition's fetch must go on where the last one ended (`expected`); when it
+    /// skipped offsets instead, says so in the log and in `paystream_offset_jumps_total`.
+    /// What is gone cannot be applied, so the partition goes on either way, but never
+    /// silently: messages retention deleted before this group applied them are an error.
+    pub(super) fn report_jump(&self, partition: i32, expected: i64, first: i64) {
+        let topic = &self.config.topic;
+        let low = || match self
+            .consumer
+            .fetch_watermarks(topic, partition, Duration::from_secs(10))
+        {
+            Ok((low, _)) => Some(low),
+            Err(e) => {
+                tracing::warn!(partition, error = %e, "cannot read watermarks to explain an offset jump");
+                None
+            }
+        };
+        let Some(jump) = forward_jump(expected, first, low) else {
+            return;
+        };
+        METRICS
+            .offset_jumps
+            .with_label_values(&[self.name, jump.cause()])
+            .inc();
+        match jump {
+            Jump::Deleted { missing } => tracing::error!(
+                partition, expected, first, missing,
+                "messages were deleted by retention before this consumer group applied them; they are lost to it (docs/operations.md, \"offset jumps\")"
+            ),
+            Jump::NotInLog { missing } => tracing::debug!(
+                partition, expected, first, missing,
+                "offsets without messages skipped (transaction markers or compaction)"
+            ),
+            Jump::Unknown { missing } => tracing::warn!(
+                partition, expected, first, missing,
+                "the fetch skipped offsets and the broker did not say why"
+            ),
         }
     }
 }
