@@ -310,3 +310,42 @@ async fn a_record_whose_header_name_is_not_utf8_is_dead_lettered_and_the_worker_
     );
     env.assert_invariants().await;
 }
+
+/// Memory is bounded in bytes, not only in messages: batches of large records hold at most
+/// `processor.batch_max_bytes` (at least one record), and relay rounds at most
+/// `relay.round_max_bytes` of payload, however many records fit the count limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_and_relay_rounds_of_large_records_stay_within_their_byte_budgets() {
+    const RECORDS: usize = 12;
+    let env = TestEnv::new(1).await;
+    let mut settings = env.settings.clone();
+    settings.processor.batch_max_bytes = 2 * 1024 * 1024;
+    settings.relay.round_max_bytes = 2 * 1024 * 1024;
+    let large = vec![b'x'; 900 * 1024]; // not JSON: each is dead-lettered whole
+    let producer = env.producer();
+    for _ in 0..RECORDS {
+        env.produce(&producer, "5", &large).await;
+    }
+    let dead = env.collect(&env.settings.topics.dead_letter);
+    let worker = env.spawn_account_processor(settings.clone());
+    let relay = spawn_worker(&settings, paystream_processors::outbox::relay::run);
+    dead.wait_for(RECORDS).await;
+    env.wait_consumed(RECORDS as i64).await;
+    worker.stop().await;
+    relay.stop().await;
+
+    let metrics = &paystream_processors::telemetry::METRICS;
+    let batches = metrics.batch_size.with_label_values(&["account"]);
+    // Two 900 KiB records fit 2 MiB, a third does not: at least six batches.
+    assert!(
+        batches.get_sample_count() >= (RECORDS / 2) as u64,
+        "{} batches for {RECORDS} records of 900 KiB",
+        batches.get_sample_count()
+    );
+    assert_eq!(batches.get_sample_sum() as usize, RECORDS);
+    let rounds = metrics.relay_round_rows.get_sample_count();
+    assert!(
+        rounds >= (RECORDS / 2) as u64,
+        "{rounds} relay rounds for {RECORDS} dead letters of 900 KiB"
+    );
+}

@@ -54,6 +54,9 @@ pub struct KafkaSettings {
     pub replication_factor: i32,
     pub message_max_bytes: usize,
     pub session_timeout_ms: u64,
+    /// Most kilobytes the Kafka client prefetches per consumer (`queued.max.messages.kbytes`);
+    /// at least twice `message_max_bytes`.
+    pub fetch_queue_max_kbytes: usize,
     pub fetch_wait_max_ms: u64,
     pub linger_ms: u64,
     pub max_poll_interval_ms: u64,
@@ -70,6 +73,11 @@ pub struct TopicSettings {
 pub struct ProcessorSettings {
     pub account_group: String,
     pub batch_max: usize,
+    /// Most bytes (keys, values, headers) of one partition's batch; a batch holds at least
+    /// one message whatever its size.
+    pub batch_max_bytes: usize,
+    /// Most bytes of fetched messages waiting in a worker's queues before fetching pauses.
+    pub queue_max_bytes: usize,
     pub batch_linger_ms: u64,
     pub group_commit: bool,
     pub max_event_bytes: usize,
@@ -84,6 +92,8 @@ pub struct ProcessorSettings {
 #[derive(Debug, Clone, Deserialize)]
 pub struct RelaySettings {
     pub batch_max: i64,
+    /// Most payload bytes one relay round reads and sends; a round takes at least one row.
+    pub round_max_bytes: i64,
     pub poll_interval_ms: u64,
     pub retention_hours: u64,
     pub prune_interval_s: u64,

@@ -3,7 +3,7 @@
 //! lanes. It never applies anything itself, so fetching goes on while batches commit.
 //!
 //! Backpressure: fetching pauses while the queues hold `4 × batch_max` messages per
-//! partition, and stops altogether while a batch has been stuck for half of
+//! partition or `processor.queue_max_bytes` bytes, and stops altogether while a batch has been stuck for half of
 //! `max.poll.interval.ms`, so that Kafka's liveness check moves the partitions to a healthy
 //! worker, as it would for a stuck poll loop; the stuck batch's commit is then fenced.
 
@@ -127,15 +127,17 @@ impl<H: Handler> Fetch<H> {
                 lag_measured = Instant::now();
                 self.measure_lag();
             }
-            let (assigned, queued, stalled) = {
+            let (assigned, queued, queued_bytes, stalled) = {
                 let states = lock(&self.partitions);
                 (
                     states.len().max(1),
                     states.values().map(|s| s.queue.len()).sum::<usize>(),
+                    states.values().map(|s| s.queued_bytes).sum::<usize>(),
                     states.values().any(|s| s.stalled(stall_limit)),
                 )
             };
-            if queued >= queue_limit || stalled {
+            let full = queued >= queue_limit || queued_bytes >= settings.processor.queue_max_bytes;
+            if full || stalled {
                 // The lanes are behind (or stuck): let them drain before fetching more.
                 std::thread::sleep(Duration::from_millis(1));
                 continue;
@@ -210,7 +212,7 @@ impl<H: Handler> Fetch<H> {
                 continue;
             }
             state.dispatched = msgs.last().map_or(state.dispatched, |m| m.offset + 1);
-            state.queue.extend(msgs);
+            state.enqueue(msgs);
             if state.lane == Lane::Idle {
                 state.lane = Lane::Ready;
                 starting.push((partition, state.epoch));

@@ -59,14 +59,19 @@ impl<H: Handler> Lanes<H> {
     /// Applies the queues of `members` until they are empty, a claim is gone (revoked or
     /// re-claimed), a partition is fenced, or the worker is cancelled.
     pub async fn run(self, mut members: Members) {
-        let batch_max = self.runner.config.settings.processor.batch_max;
+        let processor = &self.runner.config.settings.processor;
+        let (batch_max, batch_max_bytes) = (processor.batch_max, processor.batch_max_bytes);
         loop {
-            let taken = self.take(&mut members, batch_max);
+            let taken = self.take(&mut members, batch_max, batch_max_bytes);
             if taken.is_empty() {
                 return;
             }
             let total: usize = taken.iter().map(|(_, _, batch)| batch.len()).sum();
-            if taken.len() > 1 && total >= batch_max {
+            let bytes: usize = taken
+                .iter()
+                .flat_map(|(_, _, batch)| batch.iter().map(InboundMessage::size))
+                .sum();
+            if taken.len() > 1 && (total >= batch_max || bytes >= batch_max_bytes) {
                 // A backlog: put the batches back and give every member its own lane.
                 self.put_back(taken);
                 let lanes = members
@@ -83,7 +88,7 @@ impl<H: Handler> Lanes<H> {
 
     /// Takes each member's next batch; a member with nothing left (or fenced, or no longer
     /// claimed at its epoch) leaves the lane.
-    fn take(&self, members: &mut Members, batch_max: usize) -> Vec<Taken> {
+    fn take(&self, members: &mut Members, batch_max: usize, max_bytes: usize) -> Vec<Taken> {
         let mut taken = Vec::new();
         let mut states = lock(&self.partitions);
         members.retain(|&(partition, epoch)| {
@@ -94,8 +99,7 @@ impl<H: Handler> Lanes<H> {
                 state.lane = Lane::Idle;
                 return false;
             }
-            let n = state.queue.len().min(batch_max);
-            let batch: Vec<InboundMessage> = state.queue.drain(..n).collect();
+            let batch = state.take_batch(batch_max, max_bytes);
             state.lane = Lane::Applying(Instant::now());
             let at = Position {
                 epoch,
@@ -112,9 +116,7 @@ impl<H: Handler> Lanes<H> {
         for (partition, at, batch) in taken {
             if let Some(state) = claimed(&mut states, partition, at.epoch) {
                 state.lane = Lane::Ready;
-                for msg in batch.into_iter().rev() {
-                    state.queue.push_front(msg);
-                }
+                state.put_back(batch);
             }
         }
     }

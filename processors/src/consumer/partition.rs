@@ -49,6 +49,8 @@ pub(super) struct PartitionState {
     pub dispatched: i64,
     /// Messages fetched and not yet applied, in offset order.
     pub queue: VecDeque<InboundMessage>,
+    /// The bytes of `queue` (`InboundMessage::size`).
+    pub queued_bytes: usize,
     pub lane: Lane,
     pub phase: Phase,
 }
@@ -61,6 +63,7 @@ impl PartitionState {
             next_offset,
             dispatched: next_offset,
             queue: VecDeque::new(),
+            queued_bytes: 0,
             lane: Lane::Idle,
             phase: Phase::Unproven(resume),
         }
@@ -75,7 +78,31 @@ impl PartitionState {
     pub fn fence(&mut self) {
         self.phase = Phase::Fenced;
         self.queue.clear();
+        self.queued_bytes = 0;
         self.lane = Lane::Idle;
+    }
+
+    /// Queues fetched messages (in offset order, after those queued already).
+    pub fn enqueue(&mut self, msgs: Vec<InboundMessage>) {
+        self.queued_bytes += msgs.iter().map(InboundMessage::size).sum::<usize>();
+        self.queue.extend(msgs);
+    }
+
+    /// Takes the next batch off the queue: at most `max` messages and `max_bytes` bytes, and
+    /// at least one message when any is queued.
+    pub fn take_batch(&mut self, max: usize, max_bytes: usize) -> Vec<InboundMessage> {
+        let n = batch_len(self.queue.iter().map(InboundMessage::size), max, max_bytes);
+        let batch: Vec<InboundMessage> = self.queue.drain(..n).collect();
+        self.queued_bytes -= batch.iter().map(InboundMessage::size).sum::<usize>();
+        batch
+    }
+
+    /// Puts a batch taken by `take_batch` back at the front of the queue.
+    pub fn put_back(&mut self, batch: Vec<InboundMessage>) {
+        self.queued_bytes += batch.iter().map(InboundMessage::size).sum::<usize>();
+        for msg in batch.into_iter().rev() {
+            self.queue.push_front(msg);
+        }
     }
 }
 
@@ -97,4 +124,42 @@ pub(super) fn claimed(
     epoch: i64,
 ) -> Option<&mut PartitionState> {
     states.get_mut(&partition).filter(|s| s.epoch == epoch)
+}
+
+/// How many of the messages with these sizes (in queue order) make a batch: at most `max`
+/// of them and `max_bytes` bytes, and at least one whatever its size.
+fn batch_len(sizes: impl Iterator<Item = usize>, max: usize, max_bytes: usize) -> usize {
+    let mut total = 0;
+    let mut n = 0;
+    for size in sizes.take(max) {
+        total += size;
+        if n > 0 && total > max_bytes {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::batch_len;
+
+    #[test]
+    fn a_batch_is_bounded_in_messages_and_in_bytes_and_holds_at_least_one_message() {
+        // (sizes, max messages, max bytes, batch length)
+        let cases: [(&[usize], usize, usize, usize); 7] = [
+            (&[], 10, 100, 0),
+            (&[10, 10, 10], 10, 100, 3),
+            (&[10, 10, 10], 2, 100, 2),
+            (&[40, 40, 40], 10, 100, 2),
+            (&[40, 60, 1], 10, 100, 2),
+            (&[500, 1], 10, 100, 1),
+            (&[1, 500], 10, 100, 1),
+        ];
+        for (sizes, max, max_bytes, expected) in cases {
+            let n = batch_len(sizes.iter().copied(), max, max_bytes);
+            assert_eq!(n, expected, "{sizes:?} {max} {max_bytes}");
+        }
+    }
 }

@@ -43,6 +43,12 @@ impl InboundMessage {
         }
     }
 
+    /// The bytes the message holds in memory: key, value and headers.
+    pub fn size(&self) -> usize {
+        let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        self.key.as_ref().map_or(0, Vec::len) + self.payload.as_ref().map_or(0, Vec::len) + headers
+    }
+
     /// See `fingerprint`: what the stored offset remembers of the last message applied.
     pub fn fingerprint(&self) -> i64 {
         fingerprint(self.key.as_deref(), self.payload.as_deref(), self.timestamp)

@@ -111,6 +111,14 @@ pub fn consumer_config(kafka: &KafkaSettings, group: &str) -> ClientConfig {
         .set(
             "max.partition.fetch.bytes",
             kafka.message_max_bytes.to_string(),
+        )
+        // The client's own prefetch queue, bounded in bytes; it must hold one full fetch.
+        .set(
+            "queued.max.messages.kbytes",
+            kafka
+                .fetch_queue_max_kbytes
+                .max(kafka.message_max_bytes * 2 / 1024)
+                .to_string(),
         );
     config
 }

@@ -68,8 +68,9 @@ pub async fn run(
         if listener.is_none() {
             listener = listen(&pool).await;
         }
-        match publish_round(&pool, &producer, settings.relay.batch_max).await {
-            Ok(Round::Published(n)) if n as i64 >= settings.relay.batch_max => {
+        let (rows, bytes) = (settings.relay.batch_max, settings.relay.round_max_bytes);
+        match bounded_round(&pool, &producer, rows, bytes).await {
+            Ok(Round::Full(_)) => {
                 failures = 0;
                 continue; // a full round: there may be more, drain before waiting
             }
@@ -172,16 +173,30 @@ async fn listen(pool: &PgPool) -> Option<PgListener> {
 pub enum Round {
     /// Another relay holds the lock this round.
     NotLeader,
+    /// Published every row there was (so many).
     Published(usize),
+    /// Published as many rows as a round takes (rows or bytes): more may be waiting.
+    Full(usize),
 }
 
-/// One relay round: publishes up to `limit` unpublished rows in id order and marks them, all
-/// inside one transaction that holds the relay lock, which is released when this returns.
-/// `run` loops over it; it is public for tests.
+/// One relay round over at most `limit` rows, with no bound on their bytes; see
+/// `bounded_round`. Public for tests.
 pub async fn publish_round(
     pool: &PgPool,
     producer: &FutureProducer,
     limit: i64,
+) -> anyhow::Result<Round> {
+    bounded_round(pool, producer, limit, i64::MAX).await
+}
+
+/// One relay round: publishes up to `limit` unpublished rows, and up to `max_bytes` of their
+/// payloads (at least one row), in id order and marks them, all inside one transaction that
+/// holds the relay lock, which is released when this returns. `run` loops over it.
+pub async fn bounded_round(
+    pool: &PgPool,
+    producer: &FutureProducer,
+    limit: i64,
+    max_bytes: i64,
 ) -> anyhow::Result<Round> {
     let mut tx = pool.begin().await?;
     // Every way out ends the transaction explicitly, never by dropping `tx` (`db::release`):
@@ -189,7 +204,7 @@ pub async fn publish_round(
     // next round (on another pooled connection) would find itself "not the leader" and leave
     // the rows of the notification that woke it waiting for the next notification or the
     // fallback poll.
-    let delivered = match locked_round(&mut tx, producer, limit).await {
+    let delivered = match locked_round(&mut tx, producer, limit, max_bytes).await {
         Ok(Locked::Delivered(delivered)) => delivered,
         Ok(Locked::NotLeader) => {
             tx.rollback().await?;
@@ -214,6 +229,7 @@ pub async fn publish_round(
     }
     match delivered.first_error {
         Some(e) => anyhow::bail!("publish failed: {e}"),
+        None if delivered.full => Ok(Round::Full(delivered.published)),
         None => Ok(Round::Published(delivered.published)),
     }
 }
@@ -231,12 +247,15 @@ struct Delivered {
     per_topic: HashMap<String, u64>,
     /// The first failed delivery; the rows from it on stay unpublished.
     first_error: Option<String>,
+    /// Whether the round took as many rows or bytes as a round may: more may be waiting.
+    full: bool,
 }
 
 async fn locked_round(
     tx: &mut PgConnection,
     producer: &FutureProducer,
     limit: i64,
+    max_bytes: i64,
 ) -> Result<Locked, sqlx::Error> {
     // The marks need not wait for the WAL flush: a mark lost in a crash only means the row
     // is published again, a duplicate the consumers drop by event id.
@@ -249,18 +268,30 @@ async fn locked_round(
     if !leader {
         return Ok(Locked::NotLeader);
     }
-    let rows: Vec<Row> = sqlx::query_as(
+    // The rows in id order while the payloads before each one stay under `max_bytes` (the
+    // running sum streams with the index scan, so the limit stops it); the last one read may
+    // cross the budget and is kept for the next round unless it is the first.
+    let mut rows: Vec<Row> = sqlx::query_as(
         r#"
-        SELECT id, topic, message_key, message_key_raw, payload, headers FROM outbox
-        WHERE published_at IS NULL ORDER BY id LIMIT $1
+        SELECT id, topic, message_key, message_key_raw, payload, headers FROM (
+            SELECT id, topic, message_key, message_key_raw, payload, headers,
+                   sum(octet_length(payload)) OVER (ORDER BY id) - octet_length(payload) AS before
+            FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1
+        ) r
+        WHERE before < $2 ORDER BY id
         "#,
     )
     .bind(limit)
+    .bind(max_bytes)
     .fetch_all(&mut *tx)
     .await?;
     if rows.is_empty() {
         return Ok(Locked::Empty);
     }
+    let read = rows.len();
+    rows.truncate(within_budget(rows.iter().map(|row| row.4.len()), max_bytes));
+    // Full when the round stopped at its row or byte budget: more may be waiting.
+    let full = read as i64 >= limit || rows.len() < read;
 
     // Enqueue in id order; the idempotent producer keeps that order per partition.
     let deliveries = rows
@@ -287,7 +318,24 @@ async fn locked_round(
         .bind(&delivered.ids)
         .execute(&mut *tx)
         .await?;
-    Ok(Locked::Delivered(delivered.report))
+    Ok(Locked::Delivered(Delivered {
+        full,
+        ..delivered.report
+    }))
+}
+
+/// How many of the rows with these payload sizes fit `max_bytes` together (at least one).
+fn within_budget(sizes: impl Iterator<Item = usize>, max_bytes: i64) -> usize {
+    let mut total = 0i64;
+    let mut n = 0;
+    for size in sizes {
+        total = total.saturating_add(size as i64);
+        if n > 0 && total > max_bytes {
+            break;
+        }
+        n += 1;
+    }
+    n
 }
 
 /// The rows to mark published, and what the round reports.
@@ -323,6 +371,7 @@ fn delivered_prefix<'a>(results: impl Iterator<Item = (i64, &'a str, Option<Stri
             .map(|(t, n)| (t.to_owned(), n))
             .collect(),
         first_error,
+        full: false,
     };
     Prefix { ids, report }
 }
@@ -351,6 +400,25 @@ mod tests {
         usize,
         Option<i64>,
     );
+
+    #[test]
+    fn a_round_takes_the_rows_whose_payloads_fit_its_byte_budget_and_at_least_one() {
+        // (payload sizes, budget, rows taken)
+        let cases: [(&[usize], i64, usize); 5] = [
+            (&[10, 10, 10], 100, 3),
+            (&[40, 40, 40], 100, 2),
+            (&[40, 60, 1], 100, 2),
+            (&[500, 1], 100, 1),
+            (&[10, 10], i64::MAX, 2),
+        ];
+        for (sizes, budget, expected) in cases {
+            assert_eq!(
+                within_budget(sizes.iter().copied(), budget),
+                expected,
+                "{sizes:?}"
+            );
+        }
+    }
 
     #[test]
     fn only_the_id_ordered_prefix_before_the_first_failure_is_marked_published() {
