@@ -28,7 +28,7 @@ pub(crate) async fn broker_floor(
     settings.topics.order_events = format!("{name}.order.events");
     settings.topics.account_events = format!("{name}.account.events");
     settings.topics.dead_letter = format!("{name}.deadletter.events");
-    kafka::create_topics(&settings.kafka, &settings.topics).await?;
+    kafka::create_topics(&settings).await?;
     let topic = settings.topics.order_events.clone();
     let consumer: StreamConsumer = kafka::consumer_config(&settings.kafka, &name).create()?;
     let mut assignment = rdkafka::TopicPartitionList::new();

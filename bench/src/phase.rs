@@ -77,7 +77,7 @@ pub(crate) async fn run_phase(
     settings.topics.dead_letter = format!("{name}.deadletter.events");
     settings.processor.account_group = name.clone();
     settings.processor.batch_max = batch_max;
-    kafka::create_topics(&settings.kafka, &settings.topics).await?;
+    kafka::create_topics(&settings).await?;
     let first_user = number * 10_000_000;
     fund_users(pool, &settings, first_user..first_user + args.users).await?;
 

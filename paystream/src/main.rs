@@ -105,19 +105,27 @@ struct TokenArgs {
 pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let mut settings =
-        Settings::load(cli.config.as_deref()).context("Failed to load configuration")?;
+    let mut settings = match Settings::load(cli.config.as_deref()) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("paystream: Failed to load configuration: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     if cli.json_logs {
         settings.log.format = paystream_processors::settings::LogFormat::Json;
     }
     telemetry::init_logging(&settings.log);
-    let result = run(cli.command, settings).await;
-    if let Err(e) = &result {
-        tracing::error!(error = format!("{e:#}"), "paystream failed");
+    // The error is said once, as its chain of causes: never a backtrace for an operator.
+    match run(cli.command, settings).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "paystream failed");
+            std::process::ExitCode::FAILURE
+        }
     }
-    result
 }
 
 async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
@@ -126,7 +134,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Migrate => migrate(&pool).await,
         Command::Topics {
             command: TopicsCommand::Create,
-        } => kafka::create_topics(&settings.kafka, &settings.topics).await,
+        } => kafka::create_topics(&settings).await,
         Command::Process {
             processor: ProcessorKind::Account,
         } => {

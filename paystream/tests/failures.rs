@@ -513,7 +513,7 @@ async fn a_topic_recreated_under_a_live_database_is_held_and_none_of_its_events_
         .await
         .expect("delete topic");
     assert!(deleted.iter().all(Result::is_ok), "{deleted:?}");
-    paystream_processors::kafka::create_topics(&env.settings.kafka, &env.settings.topics)
+    paystream_processors::kafka::create_topics(&env.settings)
         .await
         .expect("create the topic again");
     // Eight new orders: offsets 0 to 7 of the new log, where the database stands at 5.

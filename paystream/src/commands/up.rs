@@ -13,7 +13,7 @@ use paystream_processors::{api, kafka};
 /// a shutdown signal.
 pub async fn run(settings: &Settings, pool: &Pool) -> anyhow::Result<()> {
     crate::migrate(pool).await?;
-    kafka::create_topics(&settings.kafka, &settings.topics).await?;
+    kafka::create_topics(settings).await?;
     let listener = tokio::net::TcpListener::bind(&settings.api.listen)
         .await
         .with_context(|| format!("Failed to listen on {}", settings.api.listen))?;

@@ -131,9 +131,7 @@ impl TestEnv {
         paystream_processors::telemetry::init_logging(&settings.log);
         let pool = db::connect(&settings.database).expect("pool");
         db::migrate(&pool).await.expect("migrate");
-        kafka::create_topics(&settings.kafka, &settings.topics)
-            .await
-            .expect("topics");
+        kafka::create_topics(&settings).await.expect("topics");
         Self {
             id,
             settings,

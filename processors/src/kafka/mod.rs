@@ -2,20 +2,18 @@
 //! broker, the size limits of the topics, and topic creation.
 
 mod message;
+mod topics;
 
 pub use message::{fingerprint, InboundMessage};
+pub use topics::create_topics;
 
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::types::RDKafkaErrorCode;
 
-use crate::settings::{KafkaSettings, TopicSettings};
+use crate::settings::KafkaSettings;
 
 /// A received message's headers as owned (name, value) pairs, in order (a header without a
 /// value has an empty one), and how many could not be read. rdkafka's header accessor panics
@@ -133,42 +131,4 @@ pub const DEAD_LETTER_ALLOWANCE: usize = 64 * 1024;
 /// bounded size).
 pub fn dead_letter_max_bytes(kafka: &KafkaSettings) -> usize {
     kafka.message_max_bytes + DEAD_LETTER_ALLOWANCE
-}
-
-/// Creates the three topics. Topics that already exist are left as they are.
-pub async fn create_topics(kafka: &KafkaSettings, topics: &TopicSettings) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = base_config(kafka).create()?;
-    let max_bytes = kafka.message_max_bytes.to_string();
-    let dead_letter_max = dead_letter_max_bytes(kafka).to_string();
-    let new_topics: Vec<NewTopic<'_>> = [
-        (&topics.order_events, &max_bytes),
-        (&topics.account_events, &max_bytes),
-        (&topics.dead_letter, &dead_letter_max),
-    ]
-    .into_iter()
-    .map(|(name, max)| {
-        NewTopic::new(
-            name,
-            kafka.partitions,
-            TopicReplication::Fixed(kafka.replication_factor),
-        )
-        .set("max.message.bytes", max)
-    })
-    .collect();
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    for result in admin.create_topics(&new_topics, &options).await? {
-        match result {
-            Ok(name) => {
-                tracing::info!(topic = %name, partitions = kafka.partitions, "topic created")
-            }
-            Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => {
-                tracing::info!(topic = %name, "topic already exists")
-            }
-            Err((name, code)) => {
-                return Err(KafkaError::AdminOp(code))
-                    .map_err(|e| anyhow::anyhow!("Failed to create topic {name}: {e}"))
-            }
-        }
-    }
-    Ok(())
 }
