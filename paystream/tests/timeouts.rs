@@ -17,6 +17,37 @@ async fn setting(pool: &sqlx::PgPool, name: &str) -> String {
         .expect("setting")
 }
 
+/// An account of `user`, and a transaction on `pool` that holds its row locked.
+async fn locked_account(
+    env: &TestEnv,
+    pool: &sqlx::PgPool,
+    user: i64,
+) -> (i64, sqlx::Transaction<'static, sqlx::Postgres>) {
+    let mut conn = env.pool.acquire().await.expect("connection");
+    let account = store::open_account(&mut conn, user, Currency::CNY)
+        .await
+        .expect("account");
+    drop(conn);
+    let mut tx = pool.begin().await.expect("begin");
+    sqlx::query("SELECT id FROM accounts WHERE id = $1 FOR UPDATE")
+        .bind(account)
+        .execute(&mut *tx)
+        .await
+        .expect("lock the row");
+    (account, tx)
+}
+
+/// Updates `account` on `pool`, failing the test rather than waiting past the deadline.
+async fn update_account(pool: &sqlx::PgPool, account: i64) -> Result<u64, sqlx::Error> {
+    let update = sqlx::query("UPDATE accounts SET updated_at = now() WHERE id = $1")
+        .bind(account)
+        .execute(pool);
+    tokio::time::timeout(DEADLINE, update)
+        .await
+        .expect("the update is not left waiting")
+        .map(|done| done.rows_affected())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_connection_starts_with_the_configured_limits() {
     let env = TestEnv::new(1).await;
@@ -43,36 +74,19 @@ async fn every_connection_starts_with_the_configured_limits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_left_idle_in_a_transaction_loses_its_locks_to_the_next_one() {
     let env = TestEnv::new(1).await;
-    let mut conn = env.pool.acquire().await.expect("connection");
-    let account = store::open_account(&mut conn, 7, Currency::CNY)
-        .await
-        .expect("account");
-    drop(conn);
-
     // A worker that froze inside its transaction, holding an account row.
     let mut frozen_settings = env.settings.database.clone();
     frozen_settings.idle_in_transaction_timeout_ms = 1_000;
     let frozen_pool = db::connect(&frozen_settings).expect("pool");
-    let mut frozen = frozen_pool.begin().await.expect("begin");
-    sqlx::query("SELECT id FROM accounts WHERE id = $1 FOR UPDATE")
-        .bind(account)
-        .execute(&mut *frozen)
-        .await
-        .expect("lock the row");
+    let (account, mut frozen) = locked_account(&env, &frozen_pool, 7).await;
 
     // Its successor gets the row once the server has ended the frozen session (without the
     // timeout it would wait for the lock forever, or until its own lock_timeout).
     let mut successor_settings = env.settings.database.clone();
     successor_settings.lock_timeout_ms = 30_000;
     let successor = db::connect(&successor_settings).expect("pool");
-    let update = sqlx::query("UPDATE accounts SET updated_at = now() WHERE id = $1")
-        .bind(account)
-        .execute(&successor);
-    let updated = tokio::time::timeout(DEADLINE, update)
-        .await
-        .expect("the successor is not left waiting")
-        .expect("the successor takes the row");
-    assert_eq!(updated.rows_affected(), 1);
+    let updated = update_account(&successor, account).await;
+    assert_eq!(updated.expect("the successor takes the row"), 1);
 
     // The frozen worker finds its session gone when it wakes, and retries as transient.
     let error = sqlx::query("SELECT 1")
@@ -85,27 +99,12 @@ async fn a_session_left_idle_in_a_transaction_loses_its_locks_to_the_next_one() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_wait_longer_than_the_lock_timeout_fails_as_transient_instead_of_waiting_on() {
     let env = TestEnv::new(1).await;
-    let mut conn = env.pool.acquire().await.expect("connection");
-    let account = store::open_account(&mut conn, 8, Currency::CNY)
-        .await
-        .expect("account");
-    drop(conn);
-    let mut holder = env.pool.begin().await.expect("begin");
-    sqlx::query("SELECT id FROM accounts WHERE id = $1 FOR UPDATE")
-        .bind(account)
-        .execute(&mut *holder)
-        .await
-        .expect("lock the row");
-
+    let (account, holder) = locked_account(&env, &env.pool, 8).await;
     let mut waiter_settings = env.settings.database.clone();
     waiter_settings.lock_timeout_ms = 300;
     let waiter = db::connect(&waiter_settings).expect("pool");
-    let update = sqlx::query("UPDATE accounts SET updated_at = now() WHERE id = $1")
-        .bind(account)
-        .execute(&waiter);
-    let error = tokio::time::timeout(DEADLINE, update)
+    let error = update_account(&waiter, account)
         .await
-        .expect("the waiter is not left waiting")
         .expect_err("the wait ends at the lock timeout");
     assert_eq!(classify(&error), ErrorClass::Transient, "{error:?}");
     holder.rollback().await.expect("rollback");
