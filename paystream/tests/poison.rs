@@ -349,3 +349,58 @@ async fn batches_and_relay_rounds_of_large_records_stay_within_their_byte_budget
         "{rounds} relay rounds for {RECORDS} dead letters of 900 KiB"
     );
 }
+
+/// SPEC §3: what fails its schema is poison. serde filled the envelope from a JSON array by
+/// position, and the UUID parser took an eventId without hyphens, which the schema's pattern
+/// refuses: both debited the user. Both are now dead-lettered, and the next event applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_that_is_an_array_or_whose_event_id_lacks_hyphens_moves_no_money() {
+    let env = TestEnv::new(1).await;
+    let account = env.funded_account(6, 1_000).await;
+    let payload = |order: i64| {
+        json!({"orderId": order, "orderNo": format!("ORD-{order}"), "userId": 6, "amountFen": 100,
+               "currency": "CNY", "items": [{"sku": "A", "qty": 1, "priceFen": 100}],
+               "idempotencyKey": format!("k-{order}")})
+    };
+    let as_array = json!([
+        Uuid::new_v4(),
+        "OrderCreated",
+        1,
+        "2026-01-01T00:00:00Z",
+        payload(60)
+    ]);
+    let mut unhyphenated: serde_json::Value =
+        serde_json::from_slice(&envelope(Uuid::new_v4(), "OrderCreated", payload(61)))
+            .expect("json");
+    unhyphenated["eventId"] = json!(Uuid::new_v4().simple().to_string());
+    let producer = env.producer();
+    for value in [&as_array, &unhyphenated] {
+        env.produce(&producer, "6", &serde_json::to_vec(value).expect("json"))
+            .await;
+    }
+    env.produce(&producer, "6", &order_created(Uuid::new_v4(), 62, 6, 250))
+        .await;
+
+    let dead = env.collect(&env.settings.topics.dead_letter);
+    let worker = env.spawn_account_processor(env.settings.clone());
+    let relay = env.spawn_relay();
+    let letters = dead.wait_for(2).await;
+    env.wait_consumed(3).await;
+    worker.stop().await;
+    relay.stop().await;
+
+    for letter in &letters {
+        assert_eq!(
+            letter.headers.get("x-dlq-error-class").map(String::as_str),
+            Some("SCHEMA_VIOLATION"),
+            "{:?}",
+            letter.headers
+        );
+    }
+    assert_eq!(
+        env.balance(account).await,
+        750,
+        "only the valid order was debited"
+    );
+    env.assert_invariants().await;
+}

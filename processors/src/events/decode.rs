@@ -79,6 +79,34 @@ struct WireEnvelope {
     payload: serde_json::Map<String, Value>,
 }
 
+/// What the schemas require of the envelope beyond what its typed decoding checks: a JSON
+/// object (serde would fill the envelope from an array by position), and an `eventId` in the
+/// schema's pattern, the hyphenated form (the UUID parser also takes the simple, braced and
+/// URN forms, which the schema refuses).
+fn check_envelope_shape(value: &Value) -> Result<(), Poison> {
+    let violation =
+        |what: &str| Poison::new(PoisonClass::SchemaViolation, format!("envelope: {what}"));
+    let Value::Object(envelope) = value else {
+        return Err(violation("must be a JSON object"));
+    };
+    match envelope.get("eventId").and_then(Value::as_str) {
+        Some(id) if is_hyphenated_uuid(id) => Ok(()),
+        Some(id) => Err(violation(&format!(
+            "eventId {id:?} is not a UUID in its hyphenated form (8-4-4-4-12 hexadecimal digits)"
+        ))),
+        None => Err(violation("eventId must be a string")),
+    }
+}
+
+/// `^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$`
+fn is_hyphenated_uuid(id: &str) -> bool {
+    id.len() == 36
+        && id.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
 /// Reads the envelope of a message value, or says which class of poison it is.
 pub fn decode_envelope(value: Option<&[u8]>, max_bytes: usize) -> Result<RawEvent, Poison> {
     let bytes = match value {
@@ -93,7 +121,10 @@ pub fn decode_envelope(value: Option<&[u8]>, max_bytes: usize) -> Result<RawEven
     }
     let text = std::str::from_utf8(bytes)
         .map_err(|e| Poison::new(PoisonClass::InvalidUtf8, format!("value is not UTF-8: {e}")))?;
-    let wire: WireEnvelope = serde_json::from_str(text).map_err(|e| {
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| Poison::new(PoisonClass::NotJson, format!("envelope: {e}")))?;
+    check_envelope_shape(&value)?;
+    let wire: WireEnvelope = serde_json::from_value(value).map_err(|e| {
         let class = match e.classify() {
             serde_json::error::Category::Data => PoisonClass::SchemaViolation,
             _ => PoisonClass::NotJson,
@@ -472,5 +503,44 @@ mod tests {
             decode("OrderCreated", json!({})).map_err(|p| p.class),
             Err(PoisonClass::UnknownEventType)
         );
+    }
+
+    #[test]
+    fn an_envelope_is_a_json_object_with_a_hyphenated_event_id() {
+        let valid = json!({
+            "eventId": "0b6e8f1e-5c1a-4e7b-9d3e-2f4a6b8c0d1e", "eventType": "OrderPaid",
+            "schemaVersion": 1, "occurredAt": "2026-01-01T00:00:00Z", "payload": {}
+        });
+        let decode = |v: &Value| decode_envelope(Some(v.to_string().as_bytes()), 1 << 20);
+        assert!(decode(&valid).is_ok());
+        let as_array = json!([
+            "0b6e8f1e-5c1a-4e7b-9d3e-2f4a6b8c0d1e",
+            "OrderPaid",
+            1,
+            "2026-01-01T00:00:00Z",
+            {}
+        ]);
+        let mut cases = vec![as_array];
+        for id in [
+            "0b6e8f1e5c1a4e7b9d3e2f4a6b8c0d1e",
+            "{0b6e8f1e-5c1a-4e7b-9d3e-2f4a6b8c0d1e}",
+            "urn:uuid:0b6e8f1e-5c1a-4e7b-9d3e-2f4a6b8c0d1e",
+            "0b6e8f1e-5c1a-4e7b-9d3e-2f4a6b8c0d1g",
+        ] {
+            let mut v = valid.clone();
+            v["eventId"] = json!(id);
+            cases.push(v);
+        }
+        let mut numeric = valid.clone();
+        numeric["eventId"] = json!(7);
+        cases.push(numeric);
+        for case in cases {
+            let poison = decode(&case).expect_err("poison");
+            assert_eq!(
+                poison.class,
+                PoisonClass::SchemaViolation,
+                "{case}: {poison}"
+            );
+        }
     }
 }
