@@ -798,3 +798,60 @@ async fn metrics_show_a_known_workload_through_both_processors() {
         .expect(200);
     system.stop().await;
 }
+
+/// A body that names a key twice says two things; which one serde_json kept was a parser
+/// detail that a proxy or an audit log reading the same bytes may decide the other way. It
+/// is refused with 400 DUPLICATE_JSON_KEY, at any depth, and no money moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_naming_a_key_twice_is_refused_and_moves_no_money() {
+    let env = TestEnv::new(1).await;
+    let system = System::start(&env, &env.settings, Parts::ALL).await;
+    let api = &system.api;
+    let account = api.funded_account(32, 10_000).await;
+    let token = api.token(32);
+    let item = r#"{"sku": "A", "qty": 1, "priceFen": 100}"#;
+    let bodies = [
+        format!(r#"{{"amountFen": 100, "amountFen": 9000, "currency": "CNY", "items": [{item}]}}"#),
+        format!(r#"{{"amountFen": 100, "currency": "CNY", "currency": "USD", "items": [{item}]}}"#),
+        r#"{"amountFen": 100, "currency": "CNY", "items": [{"sku": "A", "qty": 1, "priceFen": 100, "priceFen": 1}]}"#.to_owned(),
+    ];
+    for (i, body) in bodies.iter().enumerate() {
+        let reply = api
+            .send(
+                "POST",
+                "/v1/orders",
+                Some(&token),
+                Some(&format!("dup-{i}")),
+                Some(body.clone()),
+            )
+            .await;
+        assert_eq!(
+            (reply.status.as_u16(), reply.code()),
+            (400, "DUPLICATE_JSON_KEY"),
+            "{body}: {reply:?}"
+        );
+    }
+    let deposit = api
+        .send(
+            "POST",
+            &format!("/v1/accounts/{account}/deposits"),
+            Some(&api.admin_token()),
+            Some("dup-deposit"),
+            Some(r#"{"amountFen": 1, "amountFen": 1000000}"#.to_owned()),
+        )
+        .await;
+    assert_eq!(
+        (deposit.status.as_u16(), deposit.code()),
+        (400, "DUPLICATE_JSON_KEY"),
+        "{deposit:?}"
+    );
+
+    let orders = api.get("/v1/orders", &token).await.expect(200);
+    assert_eq!(
+        orders.body["items"].as_array().map(Vec::len),
+        Some(0),
+        "{orders:?}"
+    );
+    assert_eq!(api.balance(32, account).await, 10_000, "no money moved");
+    system.stop().await;
+}

@@ -5,6 +5,7 @@
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
@@ -32,17 +33,96 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(Self(Map::new()));
         }
-        match serde_json::from_slice::<Value>(&bytes) {
-            Ok(Value::Object(map)) => Ok(Self(map)),
+        match serde_json::from_slice::<UniqueKeys>(&bytes) {
+            Ok(UniqueKeys(Value::Object(map))) => Ok(Self(map)),
             Ok(_) => Err(ApiError::invalid(
                 "INVALID_REQUEST",
                 "the request body must be a JSON object",
+            )),
+            Err(e) if e.to_string().starts_with(DUPLICATE) => Err(ApiError::bad_request(
+                "DUPLICATE_JSON_KEY",
+                format!("the request body is ambiguous: {e}; send each key once"),
             )),
             Err(e) => Err(ApiError::bad_request(
                 "MALFORMED_JSON",
                 format!("the request body is not valid JSON: {e}"),
             )),
         }
+    }
+}
+
+const DUPLICATE: &str = "duplicate key";
+
+/// A JSON value whose objects, at any depth, name each key once. serde_json keeps the last of
+/// two equal keys; a proxy, a WAF or an audit log reading the same bytes may keep the first
+/// (a parser differential), so a body that says two things is refused, not interpreted.
+struct UniqueKeys(Value);
+
+impl<'de> Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer
+            .deserialize_any(UniqueKeysVisitor)
+            .map(UniqueKeys)
+    }
+}
+
+struct UniqueKeysVisitor;
+
+impl<'de> Visitor<'de> for UniqueKeysVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+        serde_json::Number::from_f64(v)
+            .map(Value::Number)
+            .ok_or_else(|| E::custom("a number that is not finite"))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(UniqueKeys(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut object = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.contains_key(&key) {
+                return Err(de::Error::custom(format!("{DUPLICATE} {key:?}")));
+            }
+            let UniqueKeys(value) = map.next_value()?;
+            object.insert(key, value);
+        }
+        Ok(Value::Object(object))
     }
 }
 
@@ -163,4 +243,36 @@ pub fn string_value<'v>(
                 format!("{name} must be a string of 1 to {max_chars} characters"),
             )
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(body: &str) -> Result<Value, String> {
+        serde_json::from_str::<UniqueKeys>(body)
+            .map(|v| v.0)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_body_naming_a_key_twice_at_any_depth_is_refused_and_the_rest_reads_as_serde_json_does() {
+        for body in [
+            r#"{"amountFen": 1, "amountFen": 2}"#,
+            r#"{"items": [{"sku": "a", "sku": "b"}]}"#,
+            r#"{"a": {"b": {"c": 1, "c": 1}}}"#,
+        ] {
+            let error = read(body).expect_err(body);
+            assert!(error.starts_with(DUPLICATE), "{body}: {error}");
+        }
+        for body in [
+            r#"{"amountFen": 100, "currency": "CNY", "items": [{"sku": "a", "qty": 1, "priceFen": 100}]}"#,
+            r#"[1, -2, 3.5, 18446744073709551615, "x", null, true, {"a": [], "b": {}}]"#,
+            r#"{"a": 1, "b": {"a": 1}}"#,
+        ] {
+            let ours = read(body).expect(body);
+            let theirs: Value = serde_json::from_str(body).expect(body);
+            assert_eq!(ours, theirs, "{body}");
+        }
+    }
 }
