@@ -122,10 +122,41 @@ async fn main() -> std::process::ExitCode {
     match run(cli.command, settings).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "paystream failed");
+            match hint(&e) {
+                Some(hint) => tracing::error!(error = format!("{e:#}"), hint, "paystream failed"),
+                None => tracing::error!(error = format!("{e:#}"), "paystream failed"),
+            }
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// What to do about an error an operator can fix with a command: a database that was never
+/// migrated, an unreachable database or broker, a missing topic.
+fn hint(error: &anyhow::Error) -> Option<&'static str> {
+    for cause in error.chain() {
+        if let Some(e) = cause.downcast_ref::<sqlx::Error>() {
+            return match e {
+                sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01") => {
+                    Some("the database is not migrated: run `paystream migrate`")
+                }
+                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => Some(
+                    "PostgreSQL is not reachable at database.url (PAYSTREAM__DATABASE__URL); scripts/pg.sh up starts a local one",
+                ),
+                _ => None,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<rdkafka::error::KafkaError>() {
+            let text = e.to_string();
+            if text.contains("UnknownTopic") || text.contains("Unknown topic") {
+                return Some("a topic is missing: run `paystream topics create`");
+            }
+            if text.contains("BrokerTransportFailure") || text.contains("AllBrokersDown") {
+                return Some("the broker is not reachable at kafka.brokers (PAYSTREAM__KAFKA__BROKERS); scripts/broker.sh up starts a local one");
+            }
+        }
+    }
+    None
 }
 
 async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {

@@ -261,3 +261,32 @@ async fn paystream_audit_names_a_consumer_group_that_stopped_moving_while_messag
     assert_eq!(code, Some(2));
     assert_eq!(named, vec!["consumer_groups_make_progress".to_owned()]);
 }
+
+/// A command that meets a database nobody migrated says so in one line and names the command
+/// that fixes it; it used to print a stack backtrace of "relation accounts does not exist".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_on_an_unmigrated_database_says_to_run_migrate_without_a_backtrace() {
+    let env = TestEnv::new(1).await;
+    let empty = format!(
+        "{}_empty",
+        env.database_url.rsplit('/').next().expect("name")
+    );
+    exec(&env, &format!("CREATE DATABASE {empty}")).await;
+    let url = format!(
+        "{}/{empty}",
+        env.database_url.rsplit_once('/').expect("url").0
+    );
+    let out = env
+        .spawn_child_logged(
+            &["audit"],
+            &[("PAYSTREAM__DATABASE__URL", &url), ("RUST_BACKTRACE", "1")],
+        )
+        .wait_with_output()
+        .await
+        .expect("audit runs");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(log.contains("run `paystream migrate`"), "{log}");
+    assert!(!log.contains("backtrace"), "{log}");
+    exec(&env, &format!("DROP DATABASE {empty} WITH (FORCE)")).await;
+}
