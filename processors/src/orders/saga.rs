@@ -94,9 +94,13 @@ pub fn next(order: Order, trigger: Trigger) -> Transition {
             reason: failure.as_str(),
             refund_required: false,
         },
-        (Pending, Trigger::CancelRequested) => Cancel {
-            reason: reason::USER_REQUESTED,
-            refund_required: true,
+        (_, Trigger::CancelRequested) => match cancel_requested(order) {
+            Ok(CancelRequest::Cancel { reason }) => Cancel {
+                reason,
+                refund_required: true,
+            },
+            Ok(CancelRequest::RequestRefund { reason }) => RequestRefund { reason },
+            Err(refusal) => Refuse(refusal),
         },
         (Pending, Trigger::PaymentTimeout) => Cancel {
             reason: reason::PAYMENT_TIMEOUT,
@@ -104,18 +108,32 @@ pub fn next(order: Order, trigger: Trigger) -> Transition {
         },
         (Pending, Trigger::Refunded) => Unexpected,
         (Paid, Trigger::Refunded) => CompleteRefund,
-        (Paid, Trigger::CancelRequested) if order.refund_requested => {
-            Refuse(Refusal::RefundAlreadyRequested)
-        }
-        (Paid, Trigger::CancelRequested) => RequestRefund {
-            reason: reason::USER_REQUESTED,
-        },
         (Cancelled, Trigger::Debited) => Compensate,
         (Cancelled, Trigger::Refunded) if !order.refunded => RecordRefund,
-        (status @ (Cancelled | Refunded), Trigger::CancelRequested) => {
-            Refuse(Refusal::AlreadyFinal(status))
-        }
         (Paid | Cancelled | Refunded, _) => Stale,
+    }
+}
+
+/// What the owner's cancel request does, when the order can take it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelRequest {
+    /// PENDING -> CANCELLED, asking for a refund of a debit that may be on its way.
+    Cancel { reason: &'static str },
+    /// A PAID order stays PAID until its refund lands, and asks for it.
+    RequestRefund { reason: &'static str },
+}
+
+/// The owner's cancel request, the part of `next` the API carries out: a typed answer with
+/// no transition a cancel request cannot have.
+pub fn cancel_requested(order: Order) -> Result<CancelRequest, Refusal> {
+    let reason = reason::USER_REQUESTED;
+    match order.status {
+        OrderStatus::Pending => Ok(CancelRequest::Cancel { reason }),
+        OrderStatus::Paid if order.refund_requested => Err(Refusal::RefundAlreadyRequested),
+        OrderStatus::Paid => Ok(CancelRequest::RequestRefund { reason }),
+        status @ (OrderStatus::Cancelled | OrderStatus::Refunded) => {
+            Err(Refusal::AlreadyFinal(status))
+        }
     }
 }
 

@@ -5,7 +5,7 @@ use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::saga::{self, Refusal, Transition, Trigger};
+use super::saga::{self, CancelRequest, Refusal};
 use super::OrderStatus;
 use crate::domain::{Amount, Currency};
 use crate::events::{Envelope, OrderCancelled, OrderCreated, OrderItem};
@@ -178,12 +178,12 @@ pub async fn cancel(
         refund_requested: refund_requested_at.is_some(),
         refunded: false,
     };
-    let (outcome, why) = match saga::next(order, Trigger::CancelRequested) {
-        Transition::Cancel { reason, .. } => {
+    let (outcome, why) = match saga::cancel_requested(order) {
+        Ok(CancelRequest::Cancel { reason }) => {
             let order = mark_cancelled(conn, order_id, reason).await?;
             (CancelOutcome::Cancelled(order), reason)
         }
-        Transition::RequestRefund { reason } => {
+        Ok(CancelRequest::RequestRefund { reason }) => {
             let order: Order = sqlx::query_as(&format!(
                 r#"
                 UPDATE orders SET refund_requested_at = now(), cancel_reason = $2, updated_at = now()
@@ -196,17 +196,10 @@ pub async fn cancel(
             .await?;
             (CancelOutcome::RefundRequested(order), reason)
         }
-        Transition::Refuse(Refusal::RefundAlreadyRequested) => {
+        Err(Refusal::RefundAlreadyRequested) => {
             return Ok(Err(CancelRefused::RefundAlreadyRequested))
         }
-        Transition::Refuse(Refusal::AlreadyFinal(status)) => {
-            return Ok(Err(CancelRefused::AlreadyFinal(status)))
-        }
-        other => {
-            return Err(sqlx::Error::Protocol(format!(
-                "the saga answered a cancel request with {other:?}"
-            )))
-        }
+        Err(Refusal::AlreadyFinal(status)) => return Ok(Err(CancelRefused::AlreadyFinal(status))),
     };
     let (CancelOutcome::Cancelled(order) | CancelOutcome::RefundRequested(order)) = &outcome;
     let event = cancellation(
