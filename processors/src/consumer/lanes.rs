@@ -62,15 +62,11 @@ impl<H: Handler> Lanes<H> {
         let processor = &self.runner.config.settings.processor;
         let (batch_max, batch_max_bytes) = (processor.batch_max, processor.batch_max_bytes);
         loop {
-            let taken = self.take(&mut members, batch_max, batch_max_bytes);
+            let (taken, bytes) = self.take(&mut members, batch_max, batch_max_bytes);
             if taken.is_empty() {
                 return;
             }
             let total: usize = taken.iter().map(|(_, _, batch)| batch.len()).sum();
-            let bytes: usize = taken
-                .iter()
-                .flat_map(|(_, _, batch)| batch.iter().map(InboundMessage::size))
-                .sum();
             if taken.len() > 1 && (total >= batch_max || bytes >= batch_max_bytes) {
                 // A backlog: put the batches back and give every member its own lane.
                 self.put_back(taken);
@@ -88,8 +84,15 @@ impl<H: Handler> Lanes<H> {
 
     /// Takes each member's next batch; a member with nothing left (or fenced, or no longer
     /// claimed at its epoch) leaves the lane.
-    fn take(&self, members: &mut Members, batch_max: usize, max_bytes: usize) -> Vec<Taken> {
+    /// Returns the batches and their bytes together.
+    fn take(
+        &self,
+        members: &mut Members,
+        batch_max: usize,
+        max_bytes: usize,
+    ) -> (Vec<Taken>, usize) {
         let mut taken = Vec::new();
+        let mut bytes = 0;
         let mut states = lock(&self.partitions);
         members.retain(|&(partition, epoch)| {
             let Some(state) = claimed(&mut states, partition, epoch) else {
@@ -99,7 +102,8 @@ impl<H: Handler> Lanes<H> {
                 state.lane = Lane::Idle;
                 return false;
             }
-            let batch = state.take_batch(batch_max, max_bytes);
+            let (batch, batch_bytes) = state.take_batch(batch_max, max_bytes);
+            bytes += batch_bytes;
             state.lane = Lane::Applying(Instant::now());
             let at = Position {
                 epoch,
@@ -108,7 +112,7 @@ impl<H: Handler> Lanes<H> {
             taken.push((partition, at, batch));
             true
         });
-        taken
+        (taken, bytes)
     }
 
     fn put_back(&self, taken: Vec<Taken>) {

@@ -89,12 +89,11 @@ impl PartitionState {
     }
 
     /// Takes the next batch off the queue: at most `max` messages and `max_bytes` bytes, and
-    /// at least one message when any is queued.
-    pub fn take_batch(&mut self, max: usize, max_bytes: usize) -> Vec<InboundMessage> {
-        let n = batch_len(self.queue.iter().map(InboundMessage::size), max, max_bytes);
-        let batch: Vec<InboundMessage> = self.queue.drain(..n).collect();
-        self.queued_bytes -= batch.iter().map(InboundMessage::size).sum::<usize>();
-        batch
+    /// at least one message when any is queued. Returns it and its bytes.
+    pub fn take_batch(&mut self, max: usize, max_bytes: usize) -> (Vec<InboundMessage>, usize) {
+        let (n, bytes) = batch_len(self.queue.iter().map(InboundMessage::size), max, max_bytes);
+        self.queued_bytes -= bytes;
+        (self.queue.drain(..n).collect(), bytes)
     }
 
     /// Puts a batch taken by `take_batch` back at the front of the queue.
@@ -126,19 +125,18 @@ pub(super) fn claimed(
     states.get_mut(&partition).filter(|s| s.epoch == epoch)
 }
 
-/// How many of the messages with these sizes (in queue order) make a batch: at most `max`
-/// of them and `max_bytes` bytes, and at least one whatever its size.
-fn batch_len(sizes: impl Iterator<Item = usize>, max: usize, max_bytes: usize) -> usize {
-    let mut total = 0;
-    let mut n = 0;
+/// How many of the messages with these sizes (in queue order) make a batch, and their bytes:
+/// at most `max` of them and `max_bytes` bytes, and at least one whatever its size.
+fn batch_len(sizes: impl Iterator<Item = usize>, max: usize, max_bytes: usize) -> (usize, usize) {
+    let (mut n, mut total) = (0, 0);
     for size in sizes.take(max) {
-        total += size;
-        if n > 0 && total > max_bytes {
+        if n > 0 && total + size > max_bytes {
             break;
         }
         n += 1;
+        total += size;
     }
-    n
+    (n, total)
 }
 
 #[cfg(test)]
@@ -158,8 +156,9 @@ mod tests {
             (&[1, 500], 10, 100, 1),
         ];
         for (sizes, max, max_bytes, expected) in cases {
-            let n = batch_len(sizes.iter().copied(), max, max_bytes);
+            let (n, bytes) = batch_len(sizes.iter().copied(), max, max_bytes);
             assert_eq!(n, expected, "{sizes:?} {max} {max_bytes}");
+            assert_eq!(bytes, sizes[..n].iter().sum::<usize>(), "{sizes:?}");
         }
     }
 }
