@@ -147,13 +147,16 @@ fn hint(error: &anyhow::Error) -> Option<&'static str> {
             };
         }
         if let Some(e) = cause.downcast_ref::<rdkafka::error::KafkaError>() {
-            let text = e.to_string();
-            if text.contains("UnknownTopic") || text.contains("Unknown topic") {
-                return Some("a topic is missing: run `paystream topics create`");
-            }
-            if text.contains("BrokerTransportFailure") || text.contains("AllBrokersDown") {
-                return Some("the broker is not reachable at kafka.brokers (PAYSTREAM__KAFKA__BROKERS); scripts/broker.sh up starts a local one");
-            }
+            use rdkafka::types::RDKafkaErrorCode as Code;
+            return match e.rdkafka_error_code() {
+                Some(Code::UnknownTopic | Code::UnknownTopicOrPartition) => {
+                    Some("a topic is missing: run `paystream topics create`")
+                }
+                Some(Code::BrokerTransportFailure | Code::AllBrokersDown) => Some(
+                    "the broker is not reachable at kafka.brokers (PAYSTREAM__KAFKA__BROKERS); scripts/broker.sh up starts a local one",
+                ),
+                _ => None,
+            };
         }
     }
     None
