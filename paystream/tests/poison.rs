@@ -12,6 +12,24 @@ use rdkafka::util::Timeout;
 use serde_json::json;
 use uuid::Uuid;
 
+/// Runs the account processor and the relay (with `settings`) until `letters` dead letters
+/// arrived and `consumed` messages were applied, then stops them; returns the dead letters.
+async fn dead_letters_after_processing(
+    env: &TestEnv,
+    settings: &paystream_processors::settings::Settings,
+    letters: usize,
+    consumed: i64,
+) -> Vec<Received> {
+    let dead = env.collect(&env.settings.topics.dead_letter);
+    let worker = env.spawn_account_processor(settings.clone());
+    let relay = spawn_worker(settings, paystream_processors::outbox::relay::run);
+    let received = dead.wait_for(letters).await;
+    env.wait_consumed(consumed).await;
+    worker.stop().await;
+    relay.stop().await;
+    received
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_kind_of_poison_message_lands_on_the_dead_letter_topic_and_the_stream_keeps_flowing() {
     let env = TestEnv::new(1).await;
@@ -60,13 +78,9 @@ async fn each_kind_of_poison_message_lands_on_the_dead_letter_topic_and_the_stre
     env.produce(&producer, "7", &order_created(Uuid::new_v4(), 71, 7, 250))
         .await;
 
-    let dead = env.collect(&env.settings.topics.dead_letter);
-    let worker = env.spawn_account_processor(env.settings.clone());
-    let relay = env.spawn_relay();
-    let letters = dead.wait_for(poison.len()).await;
-    env.wait_consumed(poison.len() as i64 + 1).await;
-    worker.stop().await;
-    relay.stop().await;
+    let letters =
+        dead_letters_after_processing(&env, &env.settings, poison.len(), poison.len() as i64 + 1)
+            .await;
 
     assert_eq!(
         letters.len(),
@@ -287,13 +301,7 @@ async fn a_record_whose_header_name_is_not_utf8_is_dead_lettered_and_the_worker_
     env.produce(&producer, "9", &order_created(Uuid::new_v4(), 91, 9, 250))
         .await;
 
-    let dead = env.collect(&env.settings.topics.dead_letter);
-    let worker = env.spawn_account_processor(env.settings.clone());
-    let relay = env.spawn_relay();
-    let letters = dead.wait_for(1).await;
-    env.wait_consumed(2).await;
-    worker.stop().await;
-    relay.stop().await;
+    let letters = dead_letters_after_processing(&env, &env.settings, 1, 2).await;
 
     let letter = &letters[0];
     let header = |name: &str| letter.headers.get(name).map(String::as_str);
@@ -326,13 +334,7 @@ async fn batches_and_relay_rounds_of_large_records_stay_within_their_byte_budget
     for _ in 0..RECORDS {
         env.produce(&producer, "5", &large).await;
     }
-    let dead = env.collect(&env.settings.topics.dead_letter);
-    let worker = env.spawn_account_processor(settings.clone());
-    let relay = spawn_worker(&settings, paystream_processors::outbox::relay::run);
-    dead.wait_for(RECORDS).await;
-    env.wait_consumed(RECORDS as i64).await;
-    worker.stop().await;
-    relay.stop().await;
+    dead_letters_after_processing(&env, &settings, RECORDS, RECORDS as i64).await;
 
     let metrics = &paystream_processors::telemetry::METRICS;
     let batches = metrics.batch_size.with_label_values(&["account"]);
@@ -381,13 +383,7 @@ async fn an_envelope_that_is_an_array_or_whose_event_id_lacks_hyphens_moves_no_m
     env.produce(&producer, "6", &order_created(Uuid::new_v4(), 62, 6, 250))
         .await;
 
-    let dead = env.collect(&env.settings.topics.dead_letter);
-    let worker = env.spawn_account_processor(env.settings.clone());
-    let relay = env.spawn_relay();
-    let letters = dead.wait_for(2).await;
-    env.wait_consumed(3).await;
-    worker.stop().await;
-    relay.stop().await;
+    let letters = dead_letters_after_processing(&env, &env.settings, 2, 3).await;
 
     for letter in &letters {
         assert_eq!(
