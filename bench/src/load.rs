@@ -85,6 +85,31 @@ pub(crate) struct Orders<'a> {
 }
 
 impl Orders<'_> {
+    /// Records orders `range` as the API would have taken them: the account processor moves
+    /// money only for an order that exists with the event's terms.
+    pub(crate) async fn record(
+        &self,
+        pool: &PgPool,
+        range: std::ops::Range<u64>,
+    ) -> anyhow::Result<()> {
+        sqlx::query(
+            r#"
+            INSERT INTO orders (id, order_no, user_id, amount_fen, currency)
+            SELECT $1 + i, 'BENCH-' || ($1 + i), $2 + i % $3, 1, 'CNY'
+            FROM generate_series($4::bigint, $5::bigint - 1) AS i
+            "#,
+        )
+        .bind(self.first_order)
+        .bind(self.first_user)
+        .bind(self.users)
+        .bind(range.start as i64)
+        .bind(range.end as i64)
+        .execute(pool)
+        .await
+        .context("Failed to record the bench orders")?;
+        Ok(())
+    }
+
     /// Produces orders `range`, at `rate` per second or as fast as the producer takes them,
     /// and waits until the broker acknowledged every one.
     pub(crate) async fn produce(

@@ -106,6 +106,7 @@ pub(crate) async fn run_phase(
     // The latency phase measures the steady state: a second of orders at the rate first, not
     // measured, so that connection set-up and first fetches are not counted as latency.
     let warmup = rate.unwrap_or(0);
+    orders.record(pool, 0..events + warmup).await?;
     if warmup > 0 {
         orders
             .produce(events..events + warmup, rate, &mut Sent::default())

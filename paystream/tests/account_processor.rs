@@ -15,11 +15,15 @@ async fn the_same_order_created_delivered_twice_at_different_offsets_is_applied_
     let account = env.funded_account(1, 1_000).await;
     let producer = env.producer();
     let event_id = Uuid::new_v4();
-    env.produce(&producer, "1", &order_created(event_id, 10, 1, 100))
+    env.produce(&producer, "1", &env.new_order(event_id, 10, 1, 100).await)
         .await;
-    env.produce(&producer, "1", &order_created(Uuid::new_v4(), 11, 1, 1))
-        .await;
-    env.produce(&producer, "1", &order_created(event_id, 10, 1, 100))
+    env.produce(
+        &producer,
+        "1",
+        &env.new_order(Uuid::new_v4(), 11, 1, 1).await,
+    )
+    .await;
+    env.produce(&producer, "1", &env.new_order(event_id, 10, 1, 100).await)
         .await;
 
     let worker = env.spawn_account_processor(env.settings.clone());
@@ -54,8 +58,12 @@ async fn insufficient_balance_emits_debit_failed_and_leaves_every_balance_unchan
             .expect("balances");
     let events = env.collect(&env.settings.topics.account_events);
     let producer = env.producer();
-    env.produce(&producer, "2", &order_created(Uuid::new_v4(), 20, 2, 500))
-        .await;
+    env.produce(
+        &producer,
+        "2",
+        &env.new_order(Uuid::new_v4(), 20, 2, 500).await,
+    )
+    .await;
 
     let worker = env.spawn_account_processor(env.settings.clone());
     let relay = env.spawn_relay();
@@ -88,6 +96,76 @@ async fn insufficient_balance_emits_debit_failed_and_leaves_every_balance_unchan
     env.assert_invariants().await;
 }
 
+/// An `OrderCreated` is a claim; the order row the API wrote is what is owed. Records
+/// produced as raw bytes (not through paystream's producer): one names an order that does
+/// not exist, two name a real order with another amount or user. None moves money, each
+/// gets `AccountDebitFailed` with its reason, and the order's own event is applied after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_created_for_an_order_that_does_not_exist_or_differs_from_it_moves_no_money() {
+    let env = TestEnv::new(1).await;
+    let account = env.funded_account(6, 1_000).await;
+    env.funded_account(7, 1_000).await;
+    env.record_orders(&[(61, 6, 300)]).await;
+    let events = env.collect(&env.settings.topics.account_events);
+    let record = |key: &str, value: Vec<u8>| raw::RawRecord {
+        key: Some(key.as_bytes().to_vec()),
+        value: Some(value),
+        headers: vec![],
+    };
+    let records = [
+        record("6", order_created(Uuid::new_v4(), 60, 6, 300)),
+        record("6", order_created(Uuid::new_v4(), 61, 6, 999)),
+        record("7", order_created(Uuid::new_v4(), 61, 7, 300)),
+        record("6", order_created(Uuid::new_v4(), 61, 6, 300)),
+    ];
+    raw::produce(&brokers(), &env.settings.topics.order_events, 0, &records).await;
+
+    let worker = env.spawn_account_processor(env.settings.clone());
+    let relay = env.spawn_relay();
+    // Two deposits, three failures, one debit.
+    let received = events.wait_for(6).await;
+    worker.stop().await;
+    relay.stop().await;
+
+    let outcomes: Vec<(String, Value, Value)> = received
+        .iter()
+        .map(Received::json)
+        .filter(|e| e["eventType"] != "AccountCredited")
+        .inspect(|e| assert_valid(&schemas_dir(), e["eventType"].as_str().unwrap_or(""), e))
+        .map(|e| {
+            let p = &e["payload"];
+            (
+                e["eventType"].as_str().unwrap_or("").to_owned(),
+                p["orderId"].clone(),
+                p["reason"].clone(),
+            )
+        })
+        .collect();
+    let failed = |order: i64, reason: &str| {
+        (
+            "AccountDebitFailed".to_owned(),
+            Value::from(order),
+            Value::from(reason),
+        )
+    };
+    assert_eq!(
+        outcomes,
+        [
+            failed(60, "ORDER_NOT_FOUND"),
+            failed(61, "ORDER_MISMATCH"),
+            failed(61, "ORDER_MISMATCH"),
+            ("AccountDebited".to_owned(), Value::from(61), Value::Null),
+        ]
+    );
+    assert_eq!(env.balance(account).await, 700);
+    assert_eq!(
+        env.scalar("SELECT count(*) FROM transfers WHERE kind = 'DEBIT'")
+            .await,
+        1
+    );
+    env.assert_invariants().await;
+}
+
 /// 100 orders of 10 against a balance of 500, spread over four partitions (as a producer
 /// that ignored the user-id key would) and two workers, so batches really race on the row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,6 +173,8 @@ async fn a_hundred_concurrent_orders_of_10_against_500_give_exactly_50_debits() 
     let env = TestEnv::new(4).await;
     let account = env.funded_account(3, 500).await;
     let producer = env.producer();
+    let orders: Vec<(i64, i64, i64)> = (0..100).map(|i| (1_000 + i, 3, 10)).collect();
+    env.record_orders(&orders).await;
     let sends = (0..100).map(|i| {
         let value = order_created(Uuid::new_v4(), 1_000 + i, 3, 10);
         let producer = producer.clone();
@@ -133,22 +213,26 @@ async fn a_cancelled_order_is_refunded_once_and_only_after_a_debit() {
     env.produce(
         &producer,
         "4",
-        &order_cancelled(Uuid::new_v4(), 40, 4, true),
+        &env.cancel_order(Uuid::new_v4(), 40, 4, true).await,
     )
     .await;
-    env.produce(&producer, "4", &order_created(Uuid::new_v4(), 41, 4, 300))
-        .await;
     env.produce(
         &producer,
         "4",
-        &order_cancelled(Uuid::new_v4(), 41, 4, true),
+        &env.new_order(Uuid::new_v4(), 41, 4, 300).await,
+    )
+    .await;
+    env.produce(
+        &producer,
+        "4",
+        &env.cancel_order(Uuid::new_v4(), 41, 4, true).await,
     )
     .await;
     // A second cancellation with another event id must not refund twice.
     env.produce(
         &producer,
         "4",
-        &order_cancelled(Uuid::new_v4(), 41, 4, true),
+        &env.cancel_order(Uuid::new_v4(), 41, 4, true).await,
     )
     .await;
 
@@ -177,10 +261,10 @@ async fn every_event_the_code_emits_validates_against_its_json_schema() {
     env.funded_account(5, 500).await;
     let producer = env.producer();
     for value in [
-        order_created(Uuid::new_v4(), 50, 5, 200),
-        order_created(Uuid::new_v4(), 51, 5, 10_000),
-        order_created(Uuid::new_v4(), 52, 99, 1),
-        order_cancelled(Uuid::new_v4(), 50, 5, true),
+        env.new_order(Uuid::new_v4(), 50, 5, 200).await,
+        env.new_order(Uuid::new_v4(), 51, 5, 10_000).await,
+        env.new_order(Uuid::new_v4(), 52, 99, 1).await,
+        env.cancel_order(Uuid::new_v4(), 50, 5, true).await,
     ] {
         env.produce(&producer, "5", &value).await;
     }
@@ -253,7 +337,7 @@ async fn processed_event_ids_past_their_retention_are_pruned_and_newer_ones_stil
     let account = env.funded_account(7, 1_000).await;
     let producer = env.producer();
     let event_id = Uuid::new_v4();
-    let order = order_created(event_id, 70, 7, 2_000);
+    let order = env.new_order(event_id, 70, 7, 2_000).await;
     env.produce(&producer, "7", &order).await;
 
     let mut settings = env.settings.clone();

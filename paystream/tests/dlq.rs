@@ -78,10 +78,18 @@ async fn dlq_list_finds_poison_messages_with_their_reasons_and_its_filters_work(
         &envelope(Uuid::new_v4(), "OrderShipped", json!({})),
     )
     .await;
-    env.produce(&producer, "1", &order_created(Uuid::new_v4(), 9, 1, 0))
-        .await;
-    env.produce(&producer, "1", &order_created(Uuid::new_v4(), 10, 1, 100))
-        .await;
+    env.produce(
+        &producer,
+        "1",
+        &env.new_order(Uuid::new_v4(), 9, 1, 0).await,
+    )
+    .await;
+    env.produce(
+        &producer,
+        "1",
+        &env.new_order(Uuid::new_v4(), 10, 1, 100).await,
+    )
+    .await;
     let worker = env.spawn_account_processor(env.settings.clone());
     let relay = env.spawn_relay();
     dead.wait_for(3).await;
@@ -156,7 +164,7 @@ async fn a_replayed_dead_letter_with_a_valid_payload_is_applied_once_however_oft
     put_dead_letter(
         &env,
         "5",
-        &order_created(Uuid::new_v4(), 500, 5, 300),
+        &env.new_order(Uuid::new_v4(), 500, 5, 300).await,
         "SCHEMA_VIOLATION",
         1,
     )

@@ -14,6 +14,11 @@ const USERS: i64 = 50;
 /// Produces `range` orders of 3 fen spread over `USERS` users, keyed by user.
 async fn produce_orders(env: &TestEnv, range: std::ops::Range<i64>) {
     let producer = env.producer();
+    let orders: Vec<(i64, i64, i64)> = range
+        .clone()
+        .map(|i| (10_000 + i, 100 + i % USERS, 3))
+        .collect();
+    env.record_orders(&orders).await;
     let sends = range.map(|i| {
         let user = 100 + i % USERS;
         let value = order_created(Uuid::new_v4(), 10_000 + i, user, 3);
@@ -89,6 +94,10 @@ async fn a_relay_killed_with_sigkill_mid_publish_loses_no_row_and_duplicates_are
     fund_users(&env).await;
     // The order service's side of the outbox: OrderCreated rows waiting to be published.
     let total = 3_000_i64;
+    let orders: Vec<(i64, i64, i64)> = (0..total)
+        .map(|i| (20_000 + i, 100 + i % USERS, 3))
+        .collect();
+    env.record_orders(&orders).await;
     let mut tx = env.pool.begin().await.expect("begin");
     let rows: Vec<OutboxRow> = (0..total)
         .map(|i| {
@@ -221,7 +230,7 @@ async fn a_zombie_worker_cannot_commit_after_a_rebalance() {
     env.produce(
         &env.producer(),
         "9",
-        &order_created(Uuid::new_v4(), 90, 9, 100),
+        &env.new_order(Uuid::new_v4(), 90, 9, 100).await,
     )
     .await;
     wait_until("worker A to sit inside its batch transaction", || async {

@@ -75,8 +75,12 @@ async fn each_kind_of_poison_message_lands_on_the_dead_letter_topic_and_the_stre
     for (_, value) in &poison {
         env.produce(&producer, "7", value).await;
     }
-    env.produce(&producer, "7", &order_created(Uuid::new_v4(), 71, 7, 250))
-        .await;
+    env.produce(
+        &producer,
+        "7",
+        &env.new_order(Uuid::new_v4(), 71, 7, 250).await,
+    )
+    .await;
 
     let letters =
         dead_letters_after_processing(&env, &env.settings, poison.len(), poison.len() as i64 + 1)
@@ -147,12 +151,12 @@ async fn a_debit_the_ledger_refuses_is_dead_lettered_and_applies_when_replayed_a
     let small = env.funded_account(81, 1_000).await;
     let big_amount = i64::MAX - 999;
     let big = env.funded_account(82, big_amount).await;
-    let refused = order_created(Uuid::new_v4(), 810, 81, 1_000);
+    let refused = env.new_order(Uuid::new_v4(), 810, 81, 1_000).await;
     let producer = env.producer();
     env.produce(
         &producer,
         "82",
-        &order_created(Uuid::new_v4(), 820, 82, big_amount),
+        &env.new_order(Uuid::new_v4(), 820, 82, big_amount).await,
     )
     .await;
     env.produce(&producer, "81", &refused).await;
@@ -182,7 +186,7 @@ async fn a_debit_the_ledger_refuses_is_dead_lettered_and_applies_when_replayed_a
     env.produce(
         &producer,
         "82",
-        &order_cancelled(Uuid::new_v4(), 820, 82, true),
+        &env.cancel_order(Uuid::new_v4(), 820, 82, true).await,
     )
     .await;
     env.produce(&producer, "81", &refused).await;
@@ -235,8 +239,12 @@ async fn a_poison_message_near_the_size_limit_with_a_binary_key_is_dead_lettered
         .await
         .map_err(|(e, _)| e)
         .expect("produce the poison message");
-    env.produce(&producer, "9", &order_created(Uuid::new_v4(), 90, 9, 250))
-        .await;
+    env.produce(
+        &producer,
+        "9",
+        &env.new_order(Uuid::new_v4(), 90, 9, 250).await,
+    )
+    .await;
 
     let dead = env.collect(&env.settings.topics.dead_letter);
     let events = env.collect(&env.settings.topics.account_events);
@@ -287,7 +295,7 @@ async fn a_record_whose_header_name_is_not_utf8_is_dead_lettered_and_the_worker_
     );
     let env = TestEnv::new(1).await;
     let account = env.funded_account(9, 1_000).await;
-    let hostile = order_created(Uuid::new_v4(), 90, 9, 100);
+    let hostile = env.new_order(Uuid::new_v4(), 90, 9, 100).await;
     let records = [raw::RawRecord {
         key: Some(b"9".to_vec()),
         value: Some(hostile.clone()),
@@ -298,8 +306,12 @@ async fn a_record_whose_header_name_is_not_utf8_is_dead_lettered_and_the_worker_
     }];
     raw::produce(&brokers(), &env.settings.topics.order_events, 0, &records).await;
     let producer = env.producer();
-    env.produce(&producer, "9", &order_created(Uuid::new_v4(), 91, 9, 250))
-        .await;
+    env.produce(
+        &producer,
+        "9",
+        &env.new_order(Uuid::new_v4(), 91, 9, 250).await,
+    )
+    .await;
 
     let letters = dead_letters_after_processing(&env, &env.settings, 1, 2).await;
 
@@ -380,8 +392,12 @@ async fn an_envelope_that_is_an_array_or_whose_event_id_lacks_hyphens_moves_no_m
         env.produce(&producer, "6", &serde_json::to_vec(value).expect("json"))
             .await;
     }
-    env.produce(&producer, "6", &order_created(Uuid::new_v4(), 62, 6, 250))
-        .await;
+    env.produce(
+        &producer,
+        "6",
+        &env.new_order(Uuid::new_v4(), 62, 6, 250).await,
+    )
+    .await;
 
     let letters = dead_letters_after_processing(&env, &env.settings, 2, 3).await;
 

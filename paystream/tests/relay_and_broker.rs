@@ -137,7 +137,7 @@ async fn the_processor_and_relay_recover_by_themselves_when_the_broker_restarts(
         env.produce(
             &producer,
             "11",
-            &order_created(Uuid::new_v4(), 110 + i, 11, 10),
+            &env.new_order(Uuid::new_v4(), 110 + i, 11, 10).await,
         )
         .await;
     }
@@ -151,7 +151,7 @@ async fn the_processor_and_relay_recover_by_themselves_when_the_broker_restarts(
         env.produce(
             &producer,
             "11",
-            &order_created(Uuid::new_v4(), 110 + i, 11, 10),
+            &env.new_order(Uuid::new_v4(), 110 + i, 11, 10).await,
         )
         .await;
     }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::http::Client;
 use common::*;
+use sqlx::Connection as _;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -131,7 +132,7 @@ async fn exec(env: &TestEnv, sql: &str) {
 async fn paystream_audit_passes_a_clean_ledger_and_names_each_injected_violation() {
     const UNLOCK: &str = "ALTER TABLE ledger_entries DISABLE TRIGGER ledger_entries_append_only;";
     const LAST_ENTRY: &str = "(SELECT max(id) FROM ledger_entries WHERE delta_fen > 0)";
-    let cases: [(&str, String, &str); 7] = [
+    let cases: [(&str, String, &str); 9] = [
         ("a balance changed directly", "UPDATE accounts SET balance_fen = balance_fen + 1 WHERE kind = 'USER';".into(), "balance_equals_sum_of_entries"),
         (
             "an entry altered, its balance fixed up to match",
@@ -152,6 +153,16 @@ async fn paystream_audit_passes_a_clean_ledger_and_names_each_injected_violation
              FROM orders o JOIN transfers t ON t.order_id = o.id AND t.kind = 'DEBIT';"
                 .into(),
             "order_state_matches_its_transfers",
+        ),
+        (
+            "a debited order's amount changed",
+            "UPDATE orders SET amount_fen = amount_fen + 1;".into(),
+            "money_moves_only_for_its_order",
+        ),
+        (
+            "a debited order deleted",
+            "DELETE FROM orders;".into(),
+            "money_moves_only_for_its_order",
         ),
         (
             "a stored offset moved past the end of the log",
@@ -207,6 +218,8 @@ async fn paystream_audit_accepts_a_stored_offset_at_the_end_of_a_multi_record_ba
     const ORDERS: i64 = 5;
     let env = TestEnv::new(1).await;
     env.funded_account(80, 10_000).await;
+    let orders: Vec<(i64, i64, i64)> = (1..=ORDERS).map(|order| (order, 80, 100)).collect();
+    env.record_orders(&orders).await;
     // One record batch: the producer holds the sends until the batch is flushed.
     let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &env.settings.kafka.brokers)
@@ -289,4 +302,112 @@ async fn a_command_on_an_unmigrated_database_says_to_run_migrate_without_a_backt
     assert!(log.contains("run `paystream migrate`"), "{log}");
     assert!(!log.contains("backtrace"), "{log}");
     exec(&env, &format!("DROP DATABASE {empty} WITH (FORCE)")).await;
+}
+
+/// The published signing keys (the committed default, docker-compose's placeholder) let
+/// anyone mint admin tokens: `paystream api` refuses them and says what to set, unless it is
+/// told it runs on a laptop (`api.development`, which `paystream up` sets).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_refuses_to_start_with_a_published_signing_key_outside_development_mode() {
+    let env = TestEnv::new(1).await;
+    let published = [
+        "paystream-dev-secret-do-not-use-in-production",
+        "change-me-change-me-change-me",
+    ];
+    for key in published {
+        let child = env.spawn_child_logged(
+            &["api"],
+            &[
+                ("PAYSTREAM__API__JWT_SECRET", key),
+                ("PAYSTREAM__API__LISTEN", "127.0.0.1:0"),
+            ],
+        );
+        let out = tokio::time::timeout(DEADLINE, child.wait_with_output())
+            .await
+            .expect("paystream api exits")
+            .expect("wait");
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{key}: {log}");
+        assert!(
+            log.contains("published development key") && log.contains("PAYSTREAM__API__JWT_SECRET"),
+            "{key}: {log}"
+        );
+    }
+
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        probe.local_addr().expect("addr").port()
+    };
+    let listen = format!("127.0.0.1:{port}");
+    let _api = env.spawn_child(
+        &["api"],
+        &[
+            ("PAYSTREAM__API__JWT_SECRET", published[0]),
+            ("PAYSTREAM__API__DEVELOPMENT", "true"),
+            ("PAYSTREAM__API__LISTEN", &listen),
+        ],
+    );
+    let api = Client::new(format!("http://{listen}"), published[0]);
+    let token = api.token(5);
+    wait_until(
+        "the API in development mode to take its own tokens",
+        || async {
+            // Refused connections until it listens.
+            let reply = reqwest::Client::new()
+                .get(format!("http://{listen}/v1/orders"))
+                .bearer_auth(&token)
+                .send()
+                .await;
+            reply.ok().filter(|r| r.status() == 200).map(drop)
+        },
+    )
+    .await;
+}
+
+/// Two `paystream migrate` at once on a fresh database (two replicas' init containers, say)
+/// both succeed and leave every index valid. Migration 0006 builds an index CONCURRENTLY,
+/// which waits for every open snapshot, and the second migrator used to wait for the
+/// migration lock inside a statement: the deadlock detector aborted one of them, possibly
+/// the index build, leaving an INVALID index behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_migrations_run_at_once_both_succeed_and_leave_every_index_valid() {
+    let env = TestEnv::new(1).await;
+    let base = env.database_url.rsplit_once('/').expect("url").0.to_owned();
+    let name = env
+        .database_url
+        .rsplit('/')
+        .next()
+        .expect("name")
+        .to_owned();
+    for round in 0..3 {
+        let fresh = format!("{name}_migrate_{round}");
+        exec(&env, &format!("CREATE DATABASE {fresh}")).await;
+        let url = format!("{base}/{fresh}");
+        let migrators: Vec<_> = (0..2)
+            .map(|_| {
+                env.spawn_child_logged(&["migrate"], &[("PAYSTREAM__DATABASE__URL", &url)])
+                    .wait_with_output()
+            })
+            .collect();
+        for out in futures::future::join_all(migrators).await {
+            let out = out.expect("migrate runs");
+            let log = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "round {round}: {log}");
+        }
+        let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+        let (applied, invalid): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM _sqlx_migrations WHERE success), \
+                    (SELECT count(*) FROM pg_index WHERE NOT indisvalid)",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .expect("read the schema");
+        drop(conn);
+        assert_eq!(
+            (applied, invalid),
+            (paystream_processors::db::MIGRATOR.iter().count() as i64, 0),
+            "round {round}"
+        );
+        exec(&env, &format!("DROP DATABASE {fresh} WITH (FORCE)")).await;
+    }
 }

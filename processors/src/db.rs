@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use prometheus::IntCounter;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions};
-use sqlx::{Arguments, ConnectOptions, Encode, PgPool, Postgres, Transaction, Type};
+use sqlx::{
+    Arguments, ConnectOptions, Connection as _, Encode, PgPool, Postgres, Transaction, Type,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::settings::DatabaseSettings;
@@ -54,8 +56,16 @@ fn session_limits(settings: &DatabaseSettings) -> Vec<(&'static str, String)> {
     .collect()
 }
 
-/// Applies every pending migration. Safe to run concurrently and repeatedly: sqlx takes an
-/// advisory lock and skips what is applied.
+/// The advisory lock one `migrate` holds at a time (advisory locks are per database).
+const MIGRATE_LOCK: i64 = 0x7061_7973_6d69_6772; // "paysmigr"
+
+/// Applies every pending migration. Safe to run concurrently and repeatedly: one migrator at
+/// a time holds `MIGRATE_LOCK`, and the others skip what it applied.
+///
+/// The others wait *between* statements (`pg_try_advisory_lock`, retried), never inside one:
+/// migration 0006 builds an index CONCURRENTLY, which waits for every open snapshot, and a
+/// migrator blocked in `pg_advisory_lock` holds one, so the two would deadlock and PostgreSQL
+/// would abort one of them (sqlx's own lock, taken next, is then uncontended).
 ///
 /// A migration may legitimately run long (an index build) and wait for other transactions:
 /// it runs on a connection of its own without the statement and lock timeouts, which is then
@@ -65,7 +75,30 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     sqlx::query("SELECT set_config('statement_timeout', '0', false), set_config('lock_timeout', '0', false)")
         .execute(&mut conn)
         .await?;
-    MIGRATOR.run(&mut conn).await
+    let started = std::time::Instant::now();
+    let mut said = Duration::ZERO;
+    while !sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
+        .bind(MIGRATE_LOCK)
+        .fetch_one(&mut conn)
+        .await?
+    {
+        if started.elapsed() >= said + Duration::from_secs(10) {
+            said = started.elapsed();
+            tracing::info!(
+                waited_s = said.as_secs(),
+                "another `paystream migrate` is running; waiting for it to finish"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let result = MIGRATOR.run(&mut conn).await;
+    // Closing the connection would release it too; a failed unlock only means that.
+    let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(MIGRATE_LOCK)
+        .execute(&mut conn)
+        .await;
+    let _ = conn.close().await;
+    result
 }
 
 /// Maps an enum with `as_str(self) -> &'static str` and `parse(&str) -> Option<Self>` to a

@@ -113,6 +113,9 @@ pub struct ApiSettings {
     pub listen: String,
     pub public_url: String,
     pub jwt_secret: String,
+    /// Accepts a published development key (`DEVELOPMENT_KEYS`): a laptop, never production.
+    #[serde(default)]
+    pub development: bool,
     pub max_body_bytes: usize,
     pub request_timeout_ms: u64,
     pub rate_limit_per_s: f64,
@@ -217,6 +220,30 @@ impl Settings {
             return bad("orders.sweep_batch and api.page_max must be at least 1");
         }
         Ok(())
+    }
+}
+
+/// Signing keys published with paystream (the committed default, the placeholders of
+/// `docker-compose.yml` and the k8s example): anyone can mint tokens with them, admin ones
+/// included.
+pub const DEVELOPMENT_KEYS: &[&str] = &[
+    "paystream-dev-secret-do-not-use-in-production",
+    "change-me-change-me-change-me",
+    "CHANGE-ME-at-least-16-bytes",
+];
+
+impl ApiSettings {
+    /// Whether the API may serve with this signing key: any key in development mode, only a
+    /// key of the operator's own otherwise.
+    pub fn check_signing_key(&self) -> anyhow::Result<()> {
+        if self.development || !DEVELOPMENT_KEYS.contains(&self.jwt_secret.as_str()) {
+            return Ok(());
+        }
+        anyhow::bail!(
+            "api.jwt_secret is a published development key, so anyone could mint tokens (admin \
+             ones too): set PAYSTREAM__API__JWT_SECRET to a secret of your own (for example \
+             `openssl rand -hex 32`), or PAYSTREAM__API__DEVELOPMENT=true on a laptop"
+        )
     }
 }
 

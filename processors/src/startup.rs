@@ -125,6 +125,9 @@ pub fn start(
         cancel: CancellationToken::new(),
         failed: Arc::default(),
     };
+    if parts.contains(&Part::Api) {
+        settings.api.check_signing_key()?;
+    }
     if let Some(listener) = http {
         let processors = parts.iter().filter_map(|p| p.processor()).collect();
         let ops = OpsState::new(settings, pool.clone(), processors)?;

@@ -5,13 +5,21 @@ use std::time::Duration;
 use anyhow::Context as _;
 use paystream_processors::accounts::store;
 use paystream_processors::db::Pool;
-use paystream_processors::settings::Settings;
+use paystream_processors::settings::{ApiSettings, Settings};
 use paystream_processors::startup;
 use paystream_processors::{api, kafka};
 
 /// Migrates, creates the topics, starts every part and prints where to look, then runs until
 /// a shutdown signal.
 pub async fn run(settings: &Settings, pool: &Pool) -> anyhow::Result<()> {
+    // A laptop: the published development key is fine here (it is printed in the session).
+    let settings = &Settings {
+        api: ApiSettings {
+            development: true,
+            ..settings.api.clone()
+        },
+        ..settings.clone()
+    };
     crate::migrate(pool).await?;
     kafka::create_topics(settings).await?;
     let listener = tokio::net::TcpListener::bind(&settings.api.listen)

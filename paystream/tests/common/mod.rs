@@ -126,6 +126,8 @@ impl TestEnv {
         settings.api.rate_limit_burst = 1_000_000.0;
         settings.processor.retry_max_ms = 1000;
         settings.relay.poll_interval_ms = 200;
+        // A key of the test's own, as a deployment has (the published one is refused).
+        settings.api.jwt_secret = format!("test-key-{}", Uuid::new_v4());
 
         // Workers in this process log to the test's captured output.
         paystream_processors::telemetry::init_logging(&settings.log);
@@ -149,6 +151,7 @@ impl TestEnv {
             // Tests run in parallel: each worker's metrics endpoint takes a free port.
             ("PAYSTREAM__METRICS__LISTEN", "127.0.0.1:0".into()),
             ("PAYSTREAM__KAFKA__BROKERS", s.kafka.brokers.clone()),
+            ("PAYSTREAM__API__JWT_SECRET", s.api.jwt_secret.clone()),
             (
                 "PAYSTREAM__KAFKA__SESSION_TIMEOUT_MS",
                 s.kafka.session_timeout_ms.to_string(),
@@ -249,6 +252,69 @@ impl TestEnv {
         self.deposit_in(&mut tx, id, balance).await;
         tx.commit().await.expect("commit");
         id
+    }
+
+    /// Records orders as the API takes them (PENDING rows in CNY, no event): the account
+    /// processor moves money only for an order that exists with the event's terms. Each is
+    /// `(order_id, user_id, amount)`.
+    pub async fn record_orders(&self, orders: &[(i64, i64, i64)]) {
+        let ids: Vec<i64> = orders.iter().map(|o| o.0).collect();
+        let users: Vec<i64> = orders.iter().map(|o| o.1).collect();
+        let amounts: Vec<i64> = orders.iter().map(|o| o.2).collect();
+        sqlx::query(
+            r#"
+            INSERT INTO orders (id, order_no, user_id, amount_fen, currency)
+            SELECT id, 'ORD-' || id, user_id, amount, 'CNY'
+            FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS o(id, user_id, amount)
+            ON CONFLICT (id) DO NOTHING
+            "#,
+        )
+        .bind(&ids)
+        .bind(&users)
+        .bind(&amounts)
+        .execute(&self.pool)
+        .await
+        .expect("record orders");
+        // Orders the API takes later get ids past these.
+        sqlx::query(
+            "SELECT setval(pg_get_serial_sequence('orders', 'id'), (SELECT max(id) FROM orders))",
+        )
+        .execute(&self.pool)
+        .await
+        .expect("move the order id sequence");
+    }
+
+    /// An order as the API takes it: its row (`record_orders`), and the `OrderCreated` that
+    /// announces it. A non-positive amount records nothing (the table refuses it; the event
+    /// is poison anyway).
+    pub async fn new_order(
+        &self,
+        event_id: Uuid,
+        order_id: i64,
+        user_id: i64,
+        amount: i64,
+    ) -> Vec<u8> {
+        if amount > 0 {
+            self.record_orders(&[(order_id, user_id, amount)]).await;
+        }
+        order_created(event_id, order_id, user_id, amount)
+    }
+
+    /// The saga's side of a cancel, as the order processor or the API does it: the order row
+    /// CANCELLED, and the `OrderCancelled` that announces it.
+    pub async fn cancel_order(
+        &self,
+        event_id: Uuid,
+        order_id: i64,
+        user_id: i64,
+        refund: bool,
+    ) -> Vec<u8> {
+        sqlx::query("UPDATE orders SET status = 'CANCELLED', cancel_reason = 'USER_CANCELLED', cancelled_at = now() WHERE id = $1")
+            .bind(order_id)
+            .execute(&self.pool)
+            .await
+            .expect("cancel the order");
+        order_cancelled(event_id, order_id, user_id, refund)
     }
 
     /// Deposits `fen` into the account through the ledger.
@@ -396,7 +462,8 @@ impl Worker {
     }
 }
 
-/// An `OrderCreated` envelope as the order service would emit it.
+/// An `OrderCreated` envelope as the order service would emit it (`TestEnv::new_order` also
+/// records the order, without which no money moves).
 pub fn order_created(event_id: Uuid, order_id: i64, user_id: i64, amount: i64) -> Vec<u8> {
     envelope(
         event_id,

@@ -3,7 +3,9 @@
 //! Delivery semantics: exactly-once effects per event (see `consumer`). Per batch, in one
 //! transaction, the rules of `rules` decide: `OrderCreated` moves `amountFen` from the user's
 //! account to the settlement account of this partition's shard, or records why not
-//! (`AccountDebitFailed`); `OrderCancelled` with `refundRequired` moves it back, at most once
+//! (`AccountDebitFailed`, also when no order has the event's id, user, amount and currency:
+//! the order row, written by the API in the same database, is what is owed);
+//! `OrderCancelled` with `refundRequired` moves it back, at most once
 //! and only after a debit (`AccountRefunded`). The database backs the rules: one debit and
 //! one refund per order (unique index), user balances never negative (check constraint).
 //!
@@ -18,7 +20,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
-use super::rules::{Book, Debit, DebitDecision, RefundDecision};
+use super::rules::{Book, Debit, DebitDecision, OrderTerms, RefundDecision};
 use super::store;
 use crate::consumer::{self, Applied, ApplyError, Fresh, Handler, Outcome, WorkerConfig};
 use crate::domain::{Amount, Currency};
@@ -27,6 +29,7 @@ use crate::events::{
     OrderCancelled, OrderCreated, OrderEvent, Poison, PoisonClass, RawEvent,
 };
 use crate::ledger::{AccountKind, Postings};
+use crate::orders;
 use crate::outbox::OutboxRow;
 use crate::settings::Settings;
 
@@ -237,6 +240,21 @@ async fn load_book(
             _ => None,
         })
     };
+    let created_ids: Vec<i64> = created().map(|c| c.order_id).collect();
+    let orders = orders::store::terms(conn, &created_ids)
+        .await?
+        .into_iter()
+        .filter_map(|(id, user_id, amount, currency)| {
+            // A row the table's checks let through always parses; one that does not is
+            // unknown terms, so its debit is refused rather than guessed.
+            let terms = OrderTerms {
+                user_id,
+                amount: Amount::new(amount)?,
+                currency: Currency::parse(&currency)?,
+            };
+            Some((id, terms))
+        })
+        .collect();
     let mut user_ids: Vec<i64> = created().map(|c| c.user_id).collect();
     user_ids.sort_unstable();
     user_ids.dedup();
@@ -265,6 +283,7 @@ async fn load_book(
         .collect();
     let users_with_accounts = users.iter().filter_map(|a| a.user_id).collect();
     Ok(Book {
+        orders,
         postings: Postings::new(users.into_iter().chain(system)),
         debits,
         refunded,

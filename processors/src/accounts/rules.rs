@@ -9,6 +9,9 @@
 //!   currency (`CURRENCY_MISMATCH`), the account is frozen (`ACCOUNT_FROZEN`), or the balance
 //!   would go below zero (`INSUFFICIENT_BALANCE`). Each debit sees the balance left by the one
 //!   before it in the batch.
+//!   Money moves only for an order that exists with the event's user, amount and currency
+//!   (`ORDER_NOT_FOUND`, `ORDER_MISMATCH` otherwise): an event on `order.events` is a claim,
+//!   the order row is the fact.
 //! - A refund (`OrderCancelled` with `refundRequired`) moves the debited amount back, only
 //!   after a debit and at most once.
 //! - A transfer the ledger cannot post (a balance leaving the i64 range) is poison.
@@ -30,9 +33,29 @@ pub struct Debit {
     pub currency: Currency,
 }
 
+/// What an order owes: the terms the API recorded when it took the order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OrderTerms {
+    pub user_id: i64,
+    pub amount: Amount,
+    pub currency: Currency,
+}
+
+impl OrderTerms {
+    pub fn of(order: &OrderCreated) -> Self {
+        Self {
+            user_id: order.user_id,
+            amount: order.amount_fen,
+            currency: order.currency,
+        }
+    }
+}
+
 /// What a batch knows of the accounts and orders it touches: rows it has locked, in memory.
 #[derive(Debug, Default)]
 pub struct Book {
+    /// The recorded terms of each order the batch's debits name (absent: no such order).
+    pub orders: HashMap<i64, OrderTerms>,
     pub postings: Postings,
     /// The debit of each order, recorded or made in this batch.
     pub debits: HashMap<i64, Debit>,
@@ -85,6 +108,13 @@ impl Book {
     pub fn debit(&mut self, order: &OrderCreated, cause: Uuid) -> DebitDecision {
         if self.debits.contains_key(&order.order_id) {
             return DebitDecision::Duplicate;
+        }
+        match self.orders.get(&order.order_id) {
+            None => return DebitDecision::Failed(DebitFailure::OrderNotFound),
+            Some(&terms) if terms != OrderTerms::of(order) => {
+                return DebitDecision::Failed(DebitFailure::OrderMismatch)
+            }
+            Some(_) => {}
         }
         let Some(&from) = self.user_accounts.get(&(order.user_id, order.currency)) else {
             return DebitDecision::Failed(if self.users_with_accounts.contains(&order.user_id) {
@@ -236,6 +266,13 @@ mod tests {
         }
     }
 
+    impl Book {
+        /// Records `order` as the API would have, so its debit may move money.
+        fn knows(&mut self, order: &OrderCreated) {
+            self.orders.insert(order.order_id, OrderTerms::of(order));
+        }
+    }
+
     fn order(order_id: i64, user_id: i64, fen: i64, currency: Currency) -> OrderCreated {
         OrderCreated {
             order_id,
@@ -306,7 +343,9 @@ mod tests {
         ];
         for (order_id, user, fen, currency, settlement_balance, expected) in cases {
             let mut book = book(settlement_balance);
-            let decision = book.debit(&order(order_id, user, fen, currency), Uuid::nil());
+            let order = order(order_id, user, fen, currency);
+            book.knows(&order);
+            let decision = book.debit(&order, Uuid::nil());
             assert_eq!(decision, expected, "order {order_id}");
             let debited = matches!(decision, Debited { .. });
             assert_eq!(
@@ -318,11 +357,41 @@ mod tests {
     }
 
     #[test]
+    fn no_money_moves_for_an_order_that_does_not_exist_or_differs_from_the_event() {
+        let recorded = order(1, ALICE, 400, cny());
+        // (what the event claims, decision)
+        let cases = [
+            (order(2, ALICE, 400, cny()), DebitFailure::OrderNotFound),
+            (order(1, BOB, 400, cny()), DebitFailure::OrderMismatch),
+            (order(1, ALICE, 401, cny()), DebitFailure::OrderMismatch),
+            (order(1, ALICE, 400, usd()), DebitFailure::OrderMismatch),
+        ];
+        for (claim, failure) in cases {
+            let mut book = book(0);
+            book.knows(&recorded);
+            assert_eq!(
+                book.debit(&claim, Uuid::nil()),
+                DebitDecision::Failed(failure),
+                "{claim:?}"
+            );
+            assert!(book.debits.is_empty());
+            assert_eq!(
+                book.postings.account(11).map(|a| a.balance_fen),
+                Some(1_000)
+            );
+        }
+    }
+
+    #[test]
     fn debits_of_one_user_in_a_batch_each_see_the_balance_left_by_the_one_before() {
         let mut book = book(0);
         let decisions: Vec<DebitDecision> = [(1, 300), (2, 500), (3, 300), (4, 200)]
             .into_iter()
-            .map(|(id, fen)| book.debit(&order(id, ALICE, fen, cny()), Uuid::nil()))
+            .map(|(id, fen)| {
+                let order = order(id, ALICE, fen, cny());
+                book.knows(&order);
+                book.debit(&order, Uuid::nil())
+            })
             .collect();
         assert_eq!(
             decisions,
@@ -358,6 +427,7 @@ mod tests {
             RefundDecision::NeverDebited
         );
         let created = order(1, ALICE, 400, cny());
+        book.knows(&created);
         assert!(matches!(
             book.debit(&created, Uuid::nil()),
             DebitDecision::Debited { .. }

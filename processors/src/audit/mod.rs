@@ -129,6 +129,27 @@ const CHECKS: &[(&str, &str, &[Param])] = &[
         &[],
     ),
     (
+        "money_moves_only_for_its_order",
+        r#"
+        SELECT format('%s of order %s: %s', lower(t.kind), t.order_id,
+                      CASE WHEN o.id IS NULL THEN 'no such order'
+                           ELSE format('the order is user %s, %s %s; the transfer is user %s, %s %s',
+                                       o.user_id, o.amount_fen, o.currency,
+                                       coalesce(u.user_id::text, 'none'), t.amount_fen, t.currency)
+                      END)
+        FROM transfers t
+        JOIN accounts u
+          ON u.id = CASE t.kind WHEN 'DEBIT' THEN t.from_account_id ELSE t.to_account_id END
+        LEFT JOIN orders o ON o.id = t.order_id
+        WHERE t.kind IN ('DEBIT', 'REFUND')
+          AND (o.id IS NULL OR u.user_id IS DISTINCT FROM o.user_id
+               OR t.amount_fen <> o.amount_fen OR t.currency <> o.currency)
+        ORDER BY t.id
+        LIMIT 100
+        "#,
+        &[],
+    ),
+    (
         "order_state_matches_its_transfers",
         r#"
         SELECT format('order %s is %s with %s debit(s) and %s refund(s)', o.id, o.status, t.debits, t.refunds)

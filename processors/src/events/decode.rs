@@ -230,7 +230,7 @@ impl AccountEvent {
             }
             ("AccountDebitFailed", 1) => {
                 let reason = p.field("reason")?.as_str().and_then(DebitFailure::parse).ok_or_else(|| {
-                    Payload::violation("reason", "one of INSUFFICIENT_BALANCE, ACCOUNT_NOT_FOUND, CURRENCY_MISMATCH, ACCOUNT_FROZEN")
+                    Payload::violation("reason", "one of INSUFFICIENT_BALANCE, ACCOUNT_NOT_FOUND, CURRENCY_MISMATCH, ACCOUNT_FROZEN, ORDER_NOT_FOUND, ORDER_MISMATCH")
                 })?;
                 Ok(Self::DebitFailed {
                     order_id: p.id("orderId")?,

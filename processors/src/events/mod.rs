@@ -121,6 +121,10 @@ pub enum DebitFailure {
     AccountNotFound,
     CurrencyMismatch,
     AccountFrozen,
+    /// No order has the event's `orderId`: nothing is owed, so nothing moves.
+    OrderNotFound,
+    /// The order exists, but its user, amount or currency is not the event's.
+    OrderMismatch,
 }
 
 impl DebitFailure {
@@ -130,6 +134,8 @@ impl DebitFailure {
             Self::AccountNotFound,
             Self::CurrencyMismatch,
             Self::AccountFrozen,
+            Self::OrderNotFound,
+            Self::OrderMismatch,
         ]
         .into_iter()
         .find(|r| r.as_str() == reason)
@@ -141,7 +147,16 @@ impl DebitFailure {
             Self::AccountNotFound => "ACCOUNT_NOT_FOUND",
             Self::CurrencyMismatch => "CURRENCY_MISMATCH",
             Self::AccountFrozen => "ACCOUNT_FROZEN",
+            Self::OrderNotFound => "ORDER_NOT_FOUND",
+            Self::OrderMismatch => "ORDER_MISMATCH",
         }
+    }
+
+    /// Whether the failure is about the event rather than the order it names: an
+    /// `OrderCreated` that does not match any order says nothing about the real order with
+    /// that id (whose own event may still come), so the saga must not cancel it.
+    pub fn refutes_event(self) -> bool {
+        matches!(self, Self::OrderNotFound | Self::OrderMismatch)
     }
 }
 

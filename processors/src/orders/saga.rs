@@ -90,6 +90,9 @@ pub fn next(order: Order, trigger: Trigger) -> Transition {
     use Transition::*;
     match (order.status, trigger) {
         (Pending, Trigger::Debited) => Pay,
+        // An `OrderCreated` that matched no order (forged, or garbled upstream) failed; the
+        // order's own event may still come.
+        (Pending, Trigger::DebitFailed(failure)) if failure.refutes_event() => Stale,
         (Pending, Trigger::DebitFailed(failure)) => Cancel {
             reason: failure.as_str(),
             refund_required: false,
@@ -217,6 +220,19 @@ mod tests {
                 expected,
                 "{status:?} {trigger:?}"
             );
+        }
+    }
+
+    #[test]
+    fn a_debit_refused_for_not_matching_any_order_leaves_the_order_alone() {
+        for failure in [DebitFailure::OrderNotFound, DebitFailure::OrderMismatch] {
+            for status in OrderStatus::ALL {
+                assert_eq!(
+                    next(Order::new(status), Trigger::DebitFailed(failure)),
+                    Stale,
+                    "{status:?} {failure:?}"
+                );
+            }
         }
     }
 
