@@ -18,3 +18,5 @@ pub mod outbox;
 pub mod settings;
 pub mod startup;
 pub mod telemetry;
+#[cfg(test)]
+pub(crate) mod testing;

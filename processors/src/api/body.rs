@@ -194,14 +194,16 @@ impl<'a> Fields<'a> {
         Ok(amount)
     }
 
-    /// A currency from the configured list; `default` when the field is absent.
+    /// A currency from the configured list; `default` when the field is absent (not when it
+    /// is `null`: the schema says a string, and a body that says "no currency" is refused
+    /// rather than read as the default).
     pub fn currency(
         &self,
         name: &str,
         accepted: &[String],
         default: Option<Currency>,
     ) -> Result<Currency, ApiError> {
-        let value = match (self.get(name), default) {
+        let value = match (self.0.get(name), default) {
             (None, Some(default)) => return Ok(default),
             (None, None) => {
                 return Err(ApiError::invalid(
@@ -273,6 +275,28 @@ mod tests {
             let ours = read(body).expect(body);
             let theirs: Value = serde_json::from_str(body).expect(body);
             assert_eq!(ours, theirs, "{body}");
+        }
+    }
+
+    /// Hostile bytes: deep nesting, huge numbers, random bytes. A refusal, never a panic or a
+    /// stack overflow (serde_json's recursion limit holds through this visitor too).
+    #[test]
+    fn hostile_bodies_are_refused_without_a_panic() {
+        use crate::testing::{env_u64, Rng};
+        for deep in ["[".repeat(100_000), "{\"a\":".repeat(100_000)] {
+            assert!(read(&deep).is_err());
+        }
+        // Refused, or read as a number no amount field takes.
+        let huge = read(&format!("{{\"amountFen\": 1{}}}", "0".repeat(100_000)));
+        assert!(huge.map_or(true, |v| v["amountFen"].as_i64().is_none()));
+        let mut rng = Rng(env_u64("PAYSTREAM_FUZZ_SEED", 0x5eed));
+        let alphabet = b"{}[]\",:0123456789.-eE truefalsnul\\u";
+        for _ in 0..env_u64("PAYSTREAM_FUZZ_CASES", 2_000) {
+            let len = rng.below(48);
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| alphabet[rng.below(alphabet.len())])
+                .collect();
+            let _ = serde_json::from_slice::<UniqueKeys>(&bytes);
         }
     }
 }

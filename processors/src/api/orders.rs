@@ -269,4 +269,55 @@ mod tests {
             assert_eq!(parse(body.clone()).err(), Some(code), "{body}");
         }
     }
+
+    /// A property test: a valid body and thousands of hostile mutations of it. Whatever
+    /// `parse_order` accepts satisfies the OpenAPI schema of `NewOrder` (docs/openapi.json)
+    /// and adds up; nothing panics. (The API is stricter than that schema in places, e.g.
+    /// currencies come from `api.currencies`, so only this direction holds.)
+    #[test]
+    fn every_order_body_the_api_accepts_satisfies_its_schema_and_adds_up() {
+        use crate::testing::{env_u64, mutate, Rng};
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json");
+        let spec: Value =
+            serde_json::from_str(&std::fs::read_to_string(path).expect("openapi.json"))
+                .expect("JSON");
+        let schema =
+            json!({"$ref": "#/components/schemas/NewOrder", "components": spec["components"]});
+        let validator = jsonschema::validator_for(&schema).expect("schema compiles");
+        let settings = Settings::load(None).expect("defaults");
+        let valid = json!({"amountFen": 300, "currency": "CNY",
+                           "items": [{"sku": "A", "qty": 3, "priceFen": 100}]});
+        assert!(validator.is_valid(&valid));
+        let seed = env_u64("PAYSTREAM_FUZZ_SEED", 0x5eed);
+        let mut rng = Rng(seed);
+        let mut accepted = 0;
+        for case in 0..env_u64("PAYSTREAM_FUZZ_CASES", 2_000) {
+            let mut body = valid.clone();
+            for _ in 0..=rng.below(3) {
+                mutate(&mut body, &mut rng);
+            }
+            let Value::Object(map) = &body else {
+                continue;
+            };
+            let Ok(order) = parse_order(&settings.api, 1, map, "k") else {
+                continue;
+            };
+            accepted += 1;
+            let why = format!("case {case} (seed {seed}): {body}");
+            assert!(
+                validator.is_valid(&body),
+                "accepted but fails its schema: {why}"
+            );
+            let total: i64 = order.items.iter().map(|i| i.qty * i.price_fen.fen()).sum();
+            assert_eq!(total, order.amount.fen(), "{why}");
+            assert!(
+                order.amount.fen() <= settings.api.max_order_amount_fen,
+                "{why}"
+            );
+        }
+        assert!(
+            accepted > 0,
+            "no mutation was accepted: the campaign tested nothing"
+        );
+    }
 }

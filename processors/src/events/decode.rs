@@ -213,14 +213,14 @@ impl AccountEvent {
         match (raw.event_type.as_str(), raw.schema_version) {
             ("AccountDebited", 1) => {
                 let delta_fen = p.integer("deltaFen")?;
-                if delta_fen >= 0 {
+                if !(-i64::MAX..=-1).contains(&delta_fen) {
                     return Err(Poison::new(
                         PoisonClass::InvalidAmount,
-                        "deltaFen of a debit must be negative",
+                        "deltaFen of a debit must be negative (and not below -9223372036854775807)",
                     ));
                 }
                 p.id("accountId")?;
-                p.integer("balanceAfterFen")?;
+                p.balance("balanceAfterFen")?;
                 p.currency("currency")?;
                 Ok(Self::Debited {
                     order_id: p.id("orderId")?,
@@ -232,6 +232,13 @@ impl AccountEvent {
                 let reason = p.field("reason")?.as_str().and_then(DebitFailure::parse).ok_or_else(|| {
                     Payload::violation("reason", "one of INSUFFICIENT_BALANCE, ACCOUNT_NOT_FOUND, CURRENCY_MISMATCH, ACCOUNT_FROZEN, ORDER_NOT_FOUND, ORDER_MISMATCH")
                 })?;
+                // Optional, but what is there must hold.
+                if p.0.get("amountFen").is_some() {
+                    p.amount("amountFen")?;
+                }
+                if p.0.get("currency").is_some() {
+                    p.currency("currency")?;
+                }
                 Ok(Self::DebitFailed {
                     order_id: p.id("orderId")?,
                     user_id: p.id("userId")?,
@@ -239,15 +246,9 @@ impl AccountEvent {
                 })
             }
             ("AccountRefunded", 1) => {
-                let delta_fen = p.integer("deltaFen")?;
-                if delta_fen <= 0 {
-                    return Err(Poison::new(
-                        PoisonClass::InvalidAmount,
-                        "deltaFen of a refund must be positive",
-                    ));
-                }
+                let delta_fen = p.amount("deltaFen")?.fen();
                 p.id("accountId")?;
-                p.integer("balanceAfterFen")?;
+                p.balance("balanceAfterFen")?;
                 p.currency("currency")?;
                 Ok(Self::Refunded {
                     order_id: p.id("orderId")?,
@@ -255,7 +256,15 @@ impl AccountEvent {
                     delta_fen,
                 })
             }
-            ("AccountCredited", 1) => Ok(Self::Credited),
+            ("AccountCredited", 1) => {
+                p.id("accountId")?;
+                p.id("userId")?;
+                p.amount("deltaFen")?;
+                p.balance("balanceAfterFen")?;
+                p.currency("currency")?;
+                p.string("reference", 255)?;
+                Ok(Self::Credited)
+            }
             (
                 "AccountDebited" | "AccountDebitFailed" | "AccountRefunded" | "AccountCredited",
                 v,
@@ -309,6 +318,13 @@ impl Payload<'_> {
         self.field(name)?
             .as_i64()
             .ok_or_else(|| Self::violation(name, "an integer"))
+    }
+
+    fn balance(&self, name: &str) -> Result<i64, Poison> {
+        self.field(name)?
+            .as_i64()
+            .filter(|fen| *fen >= 0)
+            .ok_or_else(|| Self::violation(name, "a non-negative integer"))
     }
 
     fn amount(&self, name: &str) -> Result<Amount, Poison> {

@@ -6,6 +6,8 @@
 //! Decoding (`decode`) reads the envelope and types each payload, naming the poison class of
 //! whatever is not an event.
 
+#[cfg(test)]
+mod conformance;
 mod decode;
 
 pub use decode::{decode_envelope, AccountEvent, OrderEvent, Poison, PoisonClass, RawEvent};
