@@ -264,7 +264,16 @@ fn poll_batch(
         match consumer.poll(timeout) {
             None => break,
             Some(Err(e)) => {
-                tracing::warn!(error = %e, "consumer error");
+                use rdkafka::types::RDKafkaErrorCode::{UnknownTopic, UnknownTopicOrPartition};
+                match e.rdkafka_error_code() {
+                    // The worker keeps polling (the topic may be created meanwhile), and says
+                    // what fixes it.
+                    Some(UnknownTopic | UnknownTopicOrPartition) => tracing::warn!(
+                        error = %e,
+                        "the topic does not exist on the broker; run `paystream topics create`"
+                    ),
+                    _ => tracing::warn!(error = %e, "consumer error"),
+                }
                 break;
             }
             Some(Ok(m)) => {
