@@ -61,6 +61,11 @@ enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// Outbox rows the broker refused for good (parked): list, retry, discard.
+    Outbox {
+        #[command(subcommand)]
+        command: commands::outbox::OutboxCommand,
+    },
     /// Reconcile: check the invariants of SPEC §6 (ledger, conservation, order states, stuck
     /// orders, stuck outbox). Exit code 0 when all hold, 2 when any is violated.
     Audit {
@@ -195,6 +200,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Api => serve(startup::API, &settings, &pool, &settings.api.listen).await,
         Command::Audit { json } => commands::audit::run(&settings, &pool, json).await,
         Command::Dlq { command } => commands::dlq::run(&settings, &pool, command).await,
+        Command::Outbox { command } => commands::outbox::run(&pool, command).await,
         Command::Token(args) => token(&settings, &args),
         Command::Bench(args) => {
             let report = paystream_bench::run(settings, args).await?;

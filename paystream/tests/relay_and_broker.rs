@@ -418,3 +418,111 @@ async fn topics_create_refuses_existing_topics_too_small_for_what_paystream_send
     assert!(error.contains(&expected), "{error}");
     assert!(error.contains(&env.settings.topics.dead_letter), "{error}");
 }
+
+/// A row the broker can never take (here: larger than a message may be) used to stop every
+/// row behind it, on every topic. Now it is parked: the later rows of its own topic and key
+/// wait behind it (per-key order), everything else is published; the audit names it, and
+/// discarding it (on the record) lets its key go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_row_the_broker_refuses_for_good_holds_back_only_its_own_key() {
+    let env = TestEnv::new(1).await;
+    let mut settings = env.settings.clone();
+    // The relay's record limit is this plus the dead-letter allowance (64 KiB).
+    settings.kafka.message_max_bytes = 100_000;
+    let topic = env.settings.topics.account_events.clone();
+    let wire = env.collect(&topic);
+    let keyed = |topic: &str, key: &str, payload: &[u8]| OutboxRow {
+        topic: topic.to_owned(),
+        key: Some(key.as_bytes().to_vec()),
+        payload: payload.to_vec(),
+        headers: vec![],
+        event_id: Some(Uuid::new_v4()),
+    };
+    let rows = [
+        keyed(&topic, "a", &vec![b'x'; 300_000]),
+        keyed(&topic, "a", b"a-after"),
+        keyed(&topic, "b", b"b-1"),
+        keyed(&env.settings.topics.order_events, "a", b"other-topic-a"),
+        keyed(&topic, "b", b"b-2"),
+    ];
+    let mut tx = env.pool.begin().await.expect("begin");
+    outbox::insert(&mut tx, &rows).await.expect("insert");
+    tx.commit().await.expect("commit");
+    let relay = spawn_worker(&settings, paystream_processors::outbox::relay::run);
+
+    let published = || async {
+        let values: Vec<Vec<u8>> = sqlx::query_scalar(
+            "SELECT payload FROM outbox WHERE published_at IS NOT NULL ORDER BY id",
+        )
+        .fetch_all(&env.pool)
+        .await
+        .expect("published rows");
+        values
+    };
+    let flowed: Vec<&[u8]> = vec![b"b-1", b"other-topic-a", b"b-2"];
+    wait_until("the other keys and topics to be published", || async {
+        (published().await == flowed).then_some(())
+    })
+    .await;
+    let parked = wait_until("the refused row to be parked", || async {
+        let parked = outbox::parked(&env.pool).await.expect("parked rows");
+        (!parked.is_empty()).then_some(parked)
+    })
+    .await;
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    assert_eq!(
+        (parked[0].key.as_deref(), parked[0].waiting),
+        (Some("a"), 1)
+    );
+    let violations = paystream_processors::audit::check(
+        &env.pool,
+        &paystream_processors::audit::Limits::quiescent(&env.settings),
+    )
+    .await
+    .expect("audit");
+    assert!(
+        violations
+            .iter()
+            .any(|v| v.invariant == "no_outbox_row_is_parked"),
+        "{violations:?}"
+    );
+
+    let id = parked[0].id.to_string();
+    let out = env
+        .spawn_child_piped(
+            &[
+                "outbox",
+                "discard",
+                &id,
+                "--reason",
+                "too large for the test topic",
+            ],
+            &[("USER", "test-operator")],
+        )
+        .wait_with_output()
+        .await
+        .expect("paystream outbox discard");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let received = wire.wait_for(3).await;
+    relay.stop().await;
+    let values: Vec<&[u8]> = received.iter().map(|r| r.value.as_slice()).collect();
+    assert_eq!(values, [&b"b-1"[..], b"b-2", b"a-after"]);
+    let recorded: (String, String, String) =
+        sqlx::query_as("SELECT action, actor, reason FROM outbox_actions")
+            .fetch_one(&env.pool)
+            .await
+            .expect("the discard is recorded");
+    assert_eq!(
+        recorded,
+        (
+            "DISCARD".to_owned(),
+            "test-operator".to_owned(),
+            "too large for the test topic".to_owned()
+        )
+    );
+    assert!(outbox::parked(&env.pool).await.expect("parked").is_empty());
+}

@@ -106,8 +106,9 @@ async fn readyz(State(state): State<OpsState>) -> Response {
 
 /// Sets the gauges that describe database state, at scrape time, from the tables' owners.
 async fn refresh_database_gauges(pool: &PgPool) -> Result<(), sqlx::Error> {
-    let (backlog, oldest) = crate::outbox::backlog(pool).await?;
+    let (backlog, oldest, parked) = crate::outbox::backlog(pool).await?;
     METRICS.outbox_backlog.set(backlog);
+    METRICS.outbox_parked.set(parked);
     METRICS
         .outbox_oldest_age
         .set(oldest.unwrap_or(0.0).max(0.0));

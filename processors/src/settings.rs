@@ -94,6 +94,8 @@ pub struct RelaySettings {
     pub batch_max: i64,
     /// Most payload bytes one relay round reads and sends; a round takes at least one row.
     pub round_max_bytes: i64,
+    /// A parked outbox row (refused by the broker for good) is tried again this long after.
+    pub park_retry_s: u64,
     pub poll_interval_ms: u64,
     pub retention_hours: u64,
     pub prune_interval_s: u64,

@@ -44,6 +44,7 @@ pub struct Metrics {
     pub idempotency_keys_expired: IntCounter,
     pub orders_timed_out: IntCounterVec,
     pub outbox_backlog: IntGauge,
+    pub outbox_parked: IntGauge,
     pub outbox_pruned: IntCounter,
     pub outbox_oldest_age: Gauge,
     pub orders_pending: IntGauge,
@@ -166,7 +167,8 @@ impl Metrics {
             },
             relay_errors: counter(
                 "paystream_relay_errors_total",
-                "Relay batches that failed and will be retried, by stage.",
+                "Relay failures, by stage: publish (a batch that failed and will be retried), \
+                 parked (a row the broker refused for good).",
                 &["stage"],
             ),
             relay_standby_rounds: int_counter(
@@ -200,7 +202,15 @@ impl Metrics {
                 "Orders cancelled by the payment timeout sweeper.",
                 &["reason"],
             ),
-            outbox_backlog: int_gauge("paystream_outbox_backlog", "Outbox rows not yet published."),
+            outbox_backlog: int_gauge(
+                "paystream_outbox_backlog",
+                "Outbox rows not yet published (discarded ones not counted).",
+            ),
+            outbox_parked: int_gauge(
+                "paystream_outbox_parked",
+                "Outbox rows the broker refused for good, parked: the later rows of their topic \
+                 and key wait behind them (`paystream outbox parked`).",
+            ),
             outbox_pruned: int_counter(
                 "paystream_outbox_pruned_total",
                 "Published outbox rows deleted past relay.retention_hours.",

@@ -2,4 +2,5 @@
 
 pub mod audit;
 pub mod dlq;
+pub mod outbox;
 pub mod up;

@@ -141,11 +141,14 @@ impl<'a> Columns<'a> {
     }
 }
 
-/// How many rows wait to be published, and how long the oldest has waited (seconds). Uses the
+/// How many rows wait to be published, how long the oldest has waited (seconds), and how many
+/// of them are parked. Uses the
 /// partial index on unpublished rows, so it stays cheap on a big table.
-pub async fn backlog(pool: &PgPool) -> Result<(i64, Option<f64>), sqlx::Error> {
+pub async fn backlog(pool: &PgPool) -> Result<(i64, Option<f64>, i64), sqlx::Error> {
     sqlx::query_as(
-        "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8 FROM outbox WHERE published_at IS NULL",
+        "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8, \
+                count(*) FILTER (WHERE parked_at IS NOT NULL) \
+         FROM outbox WHERE published_at IS NULL AND discarded_at IS NULL",
     )
     .fetch_one(pool)
     .await
@@ -187,4 +190,97 @@ mod tests {
             vec![("a".to_owned(), b"b".to_vec())]
         );
     }
+}
+
+/// A parked outbox row, as `paystream outbox parked` shows it.
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub struct Parked {
+    pub id: i64,
+    pub topic: String,
+    pub key: Option<String>,
+    pub event_id: Option<uuid::Uuid>,
+    pub bytes: i32,
+    pub parked_at: chrono::DateTime<chrono::Utc>,
+    pub reason: Option<String>,
+    /// Later rows of the same topic and key waiting behind it.
+    pub waiting: i64,
+}
+
+/// The parked rows not yet published or discarded, oldest first.
+pub async fn parked(pool: &PgPool) -> Result<Vec<Parked>, sqlx::Error> {
+    sqlx::query_as(
+        r#"
+        SELECT p.id, p.topic,
+               coalesce(p.message_key, encode(p.message_key_raw, 'hex')) AS key,
+               p.event_id, octet_length(p.payload) AS bytes, p.parked_at, p.park_reason AS reason,
+               (SELECT count(*) FROM outbox o
+                WHERE o.topic = p.topic AND o.id > p.id AND o.published_at IS NULL
+                  AND o.discarded_at IS NULL
+                  AND (p.message_key IS NOT NULL OR p.message_key_raw IS NOT NULL)
+                  AND o.message_key IS NOT DISTINCT FROM p.message_key
+                  AND o.message_key_raw IS NOT DISTINCT FROM p.message_key_raw) AS waiting
+        FROM outbox p
+        WHERE p.parked_at IS NOT NULL AND p.published_at IS NULL AND p.discarded_at IS NULL
+        ORDER BY p.id
+        "#,
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// What an operator does with a parked row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParkedAction {
+    /// Try it again in the relay's next round.
+    Retry,
+    /// Give up on it: it is never published, and the rows behind it go on.
+    Discard,
+}
+
+/// Carries out `action` on the parked row `id` and records who did it and why, in one
+/// transaction; false if no such parked row waits.
+pub async fn act_on_parked(
+    pool: &PgPool,
+    id: i64,
+    action: ParkedAction,
+    actor: &str,
+    reason: &str,
+) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let change = match action {
+        ParkedAction::Retry => "parked_at = NULL",
+        ParkedAction::Discard => "discarded_at = now()",
+    };
+    let changed = sqlx::query(&format!(
+        "UPDATE outbox SET {change} WHERE id = $1 AND parked_at IS NOT NULL \
+         AND published_at IS NULL AND discarded_at IS NULL"
+    ))
+    .bind(id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if changed == 0 {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    let name = match action {
+        ParkedAction::Retry => "RETRY",
+        ParkedAction::Discard => "DISCARD",
+    };
+    sqlx::query(
+        "INSERT INTO outbox_actions (outbox_id, action, actor, reason) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(id)
+    .bind(name)
+    .bind(actor)
+    .bind(reason)
+    .execute(&mut *tx)
+    .await?;
+    // Wake the relay (the trigger only fires on INSERT into outbox).
+    sqlx::query("SELECT pg_notify('paystream_outbox', '')")
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(true)
 }

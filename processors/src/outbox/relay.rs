@@ -13,15 +13,23 @@
 //!   row lock, so their id order is their commit order. Each round runs in one transaction
 //!   holding a transaction-scoped advisory lock, so two relays never publish concurrently and
 //!   cannot interleave a key; if a relay dies its lock dies with its connection.
+//! - A row the broker refuses for good (larger than a message may be, a topic that does not
+//!   exist or may not be written) is parked, not retried forever at the head of the line:
+//!   only the later rows of its own topic and key wait behind it (per-key order), everything
+//!   else flows. A row larger than the producer's limit is parked before anything is sent.
+//!   A parked row is retried alone after `relay.park_retry_s`, or at once by
+//!   `paystream outbox retry`; `paystream outbox discard` gives up on it, on the record.
 //! - It wakes on `LISTEN paystream_outbox` (a trigger notifies on insert), polling only as a
 //!   fallback, and prunes published rows past the retention.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use futures::future::join_all;
 use futures::FutureExt;
+use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 use sqlx::postgres::PgListener;
 use sqlx::{PgConnection, PgPool};
@@ -46,6 +54,28 @@ type Row = (
     serde_json::Value,
 );
 
+/// How a round takes and settles rows beyond its row and byte budgets.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub rows: i64,
+    pub bytes: i64,
+    /// The most bytes one record may have (the producer's `message.max.bytes`).
+    pub record_bytes: usize,
+    /// A parked row is tried again this long after it was parked.
+    pub park_retry: Duration,
+}
+
+impl Limits {
+    pub fn new(settings: &Settings) -> Self {
+        Self {
+            rows: settings.relay.batch_max,
+            bytes: settings.relay.round_max_bytes,
+            record_bytes: crate::kafka::dead_letter_max_bytes(&settings.kafka),
+            park_retry: Duration::from_secs(settings.relay.park_retry_s),
+        }
+    }
+}
+
 pub async fn run(
     settings: Settings,
     pool: PgPool,
@@ -68,8 +98,7 @@ pub async fn run(
         if listener.is_none() {
             listener = listen(&pool).await;
         }
-        let (rows, bytes) = (settings.relay.batch_max, settings.relay.round_max_bytes);
-        match bounded_round(&pool, &producer, rows, bytes).await {
+        match bounded_round(&pool, &producer, Limits::new(&settings)).await {
             Ok(Round::Full(_)) => {
                 failures = 0;
                 continue; // a full round: there may be more, drain before waiting
@@ -186,7 +215,13 @@ pub async fn publish_round(
     producer: &FutureProducer,
     limit: i64,
 ) -> anyhow::Result<Round> {
-    bounded_round(pool, producer, limit, i64::MAX).await
+    let limits = Limits {
+        rows: limit,
+        bytes: i64::MAX,
+        record_bytes: usize::MAX,
+        park_retry: Duration::from_secs(60),
+    };
+    bounded_round(pool, producer, limits).await
 }
 
 /// One relay round: publishes up to `limit` unpublished rows, and up to `max_bytes` of their
@@ -195,8 +230,7 @@ pub async fn publish_round(
 pub async fn bounded_round(
     pool: &PgPool,
     producer: &FutureProducer,
-    limit: i64,
-    max_bytes: i64,
+    limits: Limits,
 ) -> anyhow::Result<Round> {
     let mut tx = pool.begin().await?;
     // Every way out ends the transaction explicitly, never by dropping `tx` (`db::release`):
@@ -204,7 +238,7 @@ pub async fn bounded_round(
     // next round (on another pooled connection) would find itself "not the leader" and leave
     // the rows of the notification that woke it waiting for the next notification or the
     // fallback poll.
-    let delivered = match locked_round(&mut tx, producer, limit, max_bytes).await {
+    let delivered = match locked_round(&mut tx, producer, limits).await {
         Ok(Locked::Delivered(delivered)) => delivered,
         Ok(Locked::NotLeader) => {
             tx.rollback().await?;
@@ -242,10 +276,10 @@ enum Locked {
 }
 
 struct Delivered {
-    /// How many rows were marked published: the id-ordered prefix the broker acknowledged.
+    /// How many rows were marked published.
     published: usize,
     per_topic: HashMap<String, u64>,
-    /// The first failed delivery; the rows from it on stay unpublished.
+    /// The first delivery that failed for a reason that may pass (the round is retried).
     first_error: Option<String>,
     /// Whether the round took as many rows or bytes as a round may: more may be waiting.
     full: bool,
@@ -254,9 +288,9 @@ struct Delivered {
 async fn locked_round(
     tx: &mut PgConnection,
     producer: &FutureProducer,
-    limit: i64,
-    max_bytes: i64,
+    limits: Limits,
 ) -> Result<Locked, sqlx::Error> {
+    let (limit, max_bytes) = (limits.rows, limits.bytes);
     // The marks need not wait for the WAL flush: a mark lost in a crash only means the row
     // is published again, a duplicate the consumers drop by event id.
     let (leader, _): (bool, String) = sqlx::query_as(
@@ -270,19 +304,32 @@ async fn locked_round(
     }
     // The rows in id order while the payloads before each one stay under `max_bytes` (the
     // running sum streams with the index scan, so the limit stops it); the last one read may
-    // cross the budget and is kept for the next round unless it is the first.
+    // cross the budget and is kept for the next round unless it is the first. Not taken: a
+    // discarded row, a parked one not yet due for its retry, and any row behind a parked
+    // row of its own topic and key (a keyless row has no order to keep).
     let mut rows: Vec<Row> = sqlx::query_as(
         r#"
         SELECT id, topic, message_key, message_key_raw, payload, headers FROM (
             SELECT id, topic, message_key, message_key_raw, payload, headers,
                    sum(octet_length(payload)) OVER (ORDER BY id) - octet_length(payload) AS before
-            FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1
+            FROM outbox o
+            WHERE published_at IS NULL AND discarded_at IS NULL
+              AND (parked_at IS NULL OR parked_at < now() - make_interval(secs => $3))
+              AND NOT EXISTS (
+                  SELECT 1 FROM outbox p
+                  WHERE p.parked_at IS NOT NULL AND p.published_at IS NULL AND p.discarded_at IS NULL
+                    AND p.topic = o.topic AND p.id < o.id
+                    AND (o.message_key IS NOT NULL OR o.message_key_raw IS NOT NULL)
+                    AND p.message_key IS NOT DISTINCT FROM o.message_key
+                    AND p.message_key_raw IS NOT DISTINCT FROM o.message_key_raw)
+            ORDER BY id LIMIT $1
         ) r
         WHERE before < $2 ORDER BY id
         "#,
     )
     .bind(limit)
     .bind(max_bytes)
+    .bind(limits.park_retry.as_secs_f64())
     .fetch_all(&mut *tx)
     .await?;
     if rows.is_empty() {
@@ -293,35 +340,189 @@ async fn locked_round(
     // Full when the round stopped at its row or byte budget: more may be waiting.
     let full = read as i64 >= limit || rows.len() < read;
 
+    // A row larger than a record may be is parked before anything is sent, and the later
+    // rows of its key are not sent either (they would overtake it).
+    let mut oversized: Vec<Option<Refusal>> = Vec::with_capacity(rows.len());
+    let mut blocked: HashSet<(&str, &[u8])> = HashSet::new();
+    for (_, topic, key, raw_key, payload, headers) in &rows {
+        let key = raw_key.as_deref().or(key.as_ref().map(String::as_bytes));
+        let size = payload.len() + key.map_or(0, <[u8]>::len) + headers.to_string().len();
+        let lane = key.map(|k| (topic.as_str(), k));
+        let refusal = if size > limits.record_bytes {
+            Some(Refusal::Permanent(format!(
+                "the record is about {size} bytes, more than a message may be ({})",
+                limits.record_bytes
+            )))
+        } else if lane.is_some_and(|l| blocked.contains(&l)) {
+            Some(Refusal::Held)
+        } else {
+            None
+        };
+        if let (Some(Refusal::Permanent(_)), Some(lane)) = (&refusal, lane) {
+            blocked.insert(lane);
+        }
+        oversized.push(refusal);
+    }
+
     // Enqueue in id order; the idempotent producer keeps that order per partition.
-    let deliveries = rows
-        .iter()
-        .map(|(id, topic, key, raw_key, payload, headers)| {
-            let mut record = FutureRecord::<[u8], [u8]>::to(topic)
-                .payload(payload)
-                .headers(record_headers(&headers_from_json(headers)));
-            if let Some(key) = raw_key.as_deref().or(key.as_ref().map(String::as_bytes)) {
-                record = record.key(key);
-            }
-            let send = producer.send(record, Timeout::Never);
-            async move { (*id, topic.as_str(), send.await) }
-        });
+    let deliveries =
+        rows.iter()
+            .zip(oversized)
+            .map(|((id, topic, key, raw_key, payload, headers), refusal)| {
+                let key = raw_key.as_deref().or(key.as_ref().map(String::as_bytes));
+                let send = refusal.is_none().then(|| {
+                    let mut record = FutureRecord::<[u8], [u8]>::to(topic)
+                        .payload(payload)
+                        .headers(record_headers(&headers_from_json(headers)));
+                    if let Some(key) = key {
+                        record = record.key(key);
+                    }
+                    producer.send(record, Timeout::Never)
+                });
+                async move {
+                    let outcome = match (refusal, send) {
+                        (Some(refusal), _) => Err(refusal),
+                        (None, Some(send)) => {
+                            send.await.map(drop).map_err(|(e, _)| Refusal::of(&e))
+                        }
+                        (None, None) => Err(Refusal::Held),
+                    };
+                    Sent {
+                        id: *id,
+                        topic: topic.as_str(),
+                        key,
+                        outcome,
+                    }
+                }
+            });
     let results = join_all(deliveries).await;
 
-    let delivered = delivered_prefix(results.into_iter().map(|(id, topic, result)| {
-        let error = result.err().map(|(e, _)| e.to_string());
-        (id, topic, error)
-    }));
+    let settled = settle(results.into_iter());
     // clock_timestamp(), not now(): the time the acknowledgements were in, not when this
     // round's transaction began (before its rows were even read).
     sqlx::query("UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY($1)")
-        .bind(&delivered.ids)
+        .bind(&settled.published)
         .execute(&mut *tx)
         .await?;
+    if !settled.parked.is_empty() {
+        let (ids, reasons): (Vec<i64>, Vec<String>) = settled.parked.iter().cloned().unzip();
+        for (id, reason) in &settled.parked {
+            tracing::error!(outbox_id = id, %reason, "outbox row parked: only later rows of its topic and key wait for it; see `paystream outbox parked`");
+        }
+        sqlx::query(
+            r#"
+            UPDATE outbox o SET parked_at = clock_timestamp(), park_reason = p.reason
+            FROM unnest($1::bigint[], $2::text[]) AS p(id, reason) WHERE o.id = p.id
+            "#,
+        )
+        .bind(&ids)
+        .bind(&reasons)
+        .execute(&mut *tx)
+        .await?;
+    }
     Ok(Locked::Delivered(Delivered {
         full,
-        ..delivered.report
+        ..settled.report()
     }))
+}
+
+/// Why a row was not delivered this round.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Refusal {
+    /// May pass (the broker is away, a timeout): the round fails and is retried.
+    Transient(String),
+    /// Will not pass by retrying now: the row is parked.
+    Permanent(String),
+    /// Not sent: an earlier row of its key was refused in this round.
+    Held,
+}
+
+impl Refusal {
+    fn of(e: &KafkaError) -> Self {
+        use RDKafkaErrorCode::*;
+        match e.rdkafka_error_code() {
+            Some(
+                MessageSizeTooLarge
+                | InvalidMessageSize
+                | MessageBatchTooLarge
+                | InvalidMessage
+                | InvalidRecord
+                | InvalidTopic
+                | UnknownTopic
+                | UnknownTopicOrPartition
+                | TopicAuthorizationFailed
+                | ClusterAuthorizationFailed
+                | PolicyViolation,
+            ) => Self::Permanent(e.to_string()),
+            _ => Self::Transient(e.to_string()),
+        }
+    }
+}
+
+/// One row's delivery in a round.
+struct Sent<'a> {
+    id: i64,
+    topic: &'a str,
+    key: Option<&'a [u8]>,
+    outcome: Result<(), Refusal>,
+}
+
+/// What a round's deliveries come to.
+#[derive(Debug, Default, PartialEq)]
+struct Settlement {
+    published: Vec<i64>,
+    parked: Vec<(i64, String)>,
+    per_topic: HashMap<String, u64>,
+    first_error: Option<String>,
+}
+
+impl Settlement {
+    fn report(&self) -> Delivered {
+        Delivered {
+            published: self.published.len(),
+            per_topic: self.per_topic.clone(),
+            first_error: self.first_error.clone(),
+            full: false,
+        }
+    }
+}
+
+/// Settles a round's deliveries, in id order. A delivered row is marked published unless an
+/// earlier row of its topic and key failed in this round (it was sent, but is sent again
+/// after that row: a duplicate the consumers drop). A row refused for good is parked, which
+/// holds back the later rows of its key; one refused for a passing reason stays unpublished
+/// and fails the round. Rows of other keys are not held back by either.
+fn settle<'a>(results: impl Iterator<Item = Sent<'a>>) -> Settlement {
+    let mut settled = Settlement::default();
+    let mut failed_lanes: HashSet<(&str, &[u8])> = HashSet::new();
+    for sent in results {
+        let lane = sent.key.map(|k| (sent.topic, k));
+        let behind = lane.is_some_and(|l| failed_lanes.contains(&l));
+        match sent.outcome {
+            Ok(()) if !behind => {
+                settled.published.push(sent.id);
+                *settled.per_topic.entry(sent.topic.to_owned()).or_default() += 1;
+                continue;
+            }
+            // Behind a failed row of its key: it waits for that row whatever happened to it.
+            Ok(()) | Err(Refusal::Held) => {}
+            Err(Refusal::Permanent(_)) if behind => {}
+            Err(Refusal::Permanent(reason)) => {
+                METRICS.relay_errors.with_label_values(&["parked"]).inc();
+                settled.parked.push((sent.id, reason));
+            }
+            Err(Refusal::Transient(e)) => {
+                METRICS.relay_errors.with_label_values(&["publish"]).inc();
+                settled.first_error.get_or_insert_with(|| {
+                    format!("outbox row {} to {}: {e}", sent.id, sent.topic)
+                });
+            }
+        }
+        if let Some(lane) = lane {
+            failed_lanes.insert(lane);
+        }
+    }
+    settled
 }
 
 /// How many of the rows with these payload sizes fit `max_bytes` together (at least one).
@@ -336,44 +537,6 @@ fn within_budget(sizes: impl Iterator<Item = usize>, max_bytes: i64) -> usize {
         n += 1;
     }
     n
-}
-
-/// The rows to mark published, and what the round reports.
-struct Prefix {
-    ids: Vec<i64>,
-    report: Delivered,
-}
-
-/// The id-ordered prefix of a round's rows that was delivered: (row id, topic, error). After a
-/// failure, later rows are published again next round (duplicates the consumers dedupe),
-/// never marked out of order.
-fn delivered_prefix<'a>(results: impl Iterator<Item = (i64, &'a str, Option<String>)>) -> Prefix {
-    let mut ids = Vec::new();
-    let mut per_topic: HashMap<&str, u64> = HashMap::new();
-    let mut first_error = None;
-    for (id, topic, error) in results {
-        match error {
-            None if first_error.is_none() => {
-                ids.push(id);
-                *per_topic.entry(topic).or_default() += 1;
-            }
-            None => {}
-            Some(e) => {
-                METRICS.relay_errors.with_label_values(&["publish"]).inc();
-                first_error.get_or_insert_with(|| format!("outbox row {id} to {topic}: {e}"));
-            }
-        }
-    }
-    let report = Delivered {
-        published: ids.len(),
-        per_topic: per_topic
-            .into_iter()
-            .map(|(t, n)| (t.to_owned(), n))
-            .collect(),
-        first_error,
-        full: false,
-    };
-    Prefix { ids, report }
 }
 
 /// Deletes published rows past `relay.retention_hours` (see `db::Pruning`), never a
@@ -392,14 +555,6 @@ const PRUNE_SQL: &str = r#"
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A round's results, the ids marked published, how many topics, the row the error names.
-    type Case = (
-        Vec<(i64, &'static str, Option<String>)>,
-        Vec<i64>,
-        usize,
-        Option<i64>,
-    );
 
     #[test]
     fn a_round_takes_the_rows_whose_payloads_fit_its_byte_budget_and_at_least_one() {
@@ -421,44 +576,85 @@ mod tests {
     }
 
     #[test]
-    fn only_the_id_ordered_prefix_before_the_first_failure_is_marked_published() {
-        let failed = || Some("broker refused".to_owned());
-        let cases: [Case; 4] = [
-            (vec![], vec![], 0, None),
+    fn a_refused_row_holds_back_only_the_later_rows_of_its_topic_and_key() {
+        use Refusal::*;
+        let big = || Err(Permanent("too large".into()));
+        let away = || Err(Transient("broker away".into()));
+        // (rows in id order as (id, topic, key, outcome), published, parked, error row)
+        type Row = (
+            i64,
+            &'static str,
+            Option<&'static [u8]>,
+            Result<(), Refusal>,
+        );
+        type Case = (Vec<Row>, Vec<i64>, Vec<i64>, Option<i64>);
+        let cases: Vec<Case> = vec![
+            (vec![], vec![], vec![], None),
             (
-                vec![(1, "a", None), (2, "b", None), (3, "a", None)],
-                vec![1, 2, 3],
-                2,
+                vec![(1, "t", Some(b"a"), Ok(())), (2, "u", Some(b"b"), Ok(()))],
+                vec![1, 2],
+                vec![],
                 None,
             ),
+            // A's first row is refused for good: A's later rows wait, B flows.
             (
-                vec![(1, "a", None), (2, "b", failed()), (3, "a", None)],
+                vec![
+                    (1, "t", Some(b"a"), big()),
+                    (2, "t", Some(b"b"), Ok(())),
+                    (3, "t", Some(b"a"), Ok(())),
+                    (4, "t", Some(b"a"), Err(Held)),
+                    (5, "t", Some(b"b"), Ok(())),
+                ],
+                vec![2, 5],
                 vec![1],
-                1,
-                Some(2),
+                None,
             ),
+            // The same key on another topic is another line.
             (
-                vec![(1, "a", failed()), (2, "a", failed())],
+                vec![(1, "t", Some(b"a"), big()), (2, "u", Some(b"a"), Ok(()))],
+                vec![2],
+                vec![1],
+                None,
+            ),
+            // A passing failure fails the round, holds its key, not the others.
+            (
+                vec![
+                    (1, "t", Some(b"a"), away()),
+                    (2, "t", Some(b"a"), big()),
+                    (3, "t", Some(b"b"), Ok(())),
+                ],
+                vec![3],
                 vec![],
-                0,
                 Some(1),
             ),
+            // Keyless rows keep no order: each stands alone.
+            (
+                vec![(1, "t", None, big()), (2, "t", None, Ok(()))],
+                vec![2],
+                vec![1],
+                None,
+            ),
         ];
-        for (results, ids, topics, error_row) in cases {
-            let prefix = delivered_prefix(results.into_iter());
-            assert_eq!(prefix.ids, ids);
-            assert_eq!(prefix.report.published, ids.len());
-            assert_eq!(prefix.report.per_topic.len(), topics);
-            let error = prefix.report.first_error;
+        for (rows, published, parked, error_row) in cases {
+            let label = format!("{rows:?}");
+            let settled = settle(rows.into_iter().map(|(id, topic, key, outcome)| Sent {
+                id,
+                topic,
+                key,
+                outcome,
+            }));
+            assert_eq!(settled.published, published, "{label}");
+            let parked_ids: Vec<i64> = settled.parked.iter().map(|p| p.0).collect();
+            assert_eq!(parked_ids, parked, "{label}");
             match error_row {
-                None => assert_eq!(error, None),
-                Some(row) => {
-                    let expected = format!("outbox row {row} to ");
-                    assert!(
-                        error.is_some_and(|e| e.starts_with(&expected)),
-                        "{expected}"
-                    );
-                }
+                None => assert_eq!(settled.first_error, None, "{label}"),
+                Some(row) => assert!(
+                    settled
+                        .first_error
+                        .as_deref()
+                        .is_some_and(|e| e.starts_with(&format!("outbox row {row} to "))),
+                    "{label}"
+                ),
             }
         }
     }
