@@ -2,9 +2,6 @@
 
 mod common;
 
-use std::net::TcpListener;
-use std::process::Stdio;
-
 use common::*;
 use paystream_processors::outbox::{self, OutboxRow};
 use uuid::Uuid;
@@ -71,54 +68,6 @@ async fn an_outbox_row_that_commits_late_is_published_not_skipped() {
     relay.stop().await;
     let values: Vec<&[u8]> = messages.iter().map(|m| m.value.as_slice()).collect();
     assert_eq!(values, [&b"early"[..], &b"late"[..]]);
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-struct Broker {
-    child: tokio::process::Child,
-}
-
-impl Broker {
-    /// Starts tansu with durable sqlite storage in `dir` (tansu resolves the sqlite URL's path
-    /// against its working directory, so it runs there with a relative one).
-    async fn start(port: u16, dir: &std::path::Path) -> Self {
-        let bin = std::env::var("PAYSTREAM_TANSU_BIN")
-            .expect("PAYSTREAM_TANSU_BIN (set by scripts/test.sh)");
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = tokio::process::Command::new(bin)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "sqlite://broker.db"])
-            .current_dir(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start tansu");
-        wait_until("the broker to listen", || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .ok()
-                .map(|_| ())
-        })
-        .await;
-        Self { child }
-    }
-
-    async fn kill(mut self) {
-        self.child.kill().await.expect("kill broker");
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

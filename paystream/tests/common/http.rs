@@ -143,17 +143,39 @@ impl Client {
         if let Some(body) = body {
             req = req.header("content-type", "application/json").body(body);
         }
-        let resp = req.send().await.expect("request");
+        Self::reply(req).await.expect("request")
+    }
+
+    /// Like `send`, with a transport error (API down, connection reset) returned, not a panic.
+    pub async fn try_post(
+        &self,
+        path: &str,
+        token: &str,
+        key: &str,
+        body: &Value,
+    ) -> Result<Reply, reqwest::Error> {
+        let req = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .header("Idempotency-Key", key)
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        Self::reply(req).await
+    }
+
+    async fn reply(req: reqwest::RequestBuilder) -> Result<Reply, reqwest::Error> {
+        let resp = req.send().await?;
         let status = resp.status();
         let replayed = resp.headers().get("idempotent-replayed").is_some();
-        let bytes = resp.bytes().await.expect("body");
+        let bytes = resp.bytes().await?;
         let body = serde_json::from_slice(&bytes)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
-        Reply {
+        Ok(Reply {
             status,
             body,
             replayed,
-        }
+        })
     }
 
     pub async fn post(&self, path: &str, token: &str, key: &str, body: &Value) -> Reply {

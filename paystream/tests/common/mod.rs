@@ -210,6 +210,25 @@ impl TestEnv {
             .expect("spawn paystream")
     }
 
+    /// Like `spawn_child`, with its log appended to `log` (many processes, long runs).
+    pub fn spawn_child_to_file(
+        &self,
+        args: &[&str],
+        extra_env: &[(&str, &str)],
+        log: &std::path::Path,
+    ) -> tokio::process::Child {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("open the log");
+        self.child_command(args, extra_env)
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .expect("spawn paystream")
+    }
+
     /// Like `spawn_child`, with stdout captured.
     pub fn spawn_child_piped(
         &self,
@@ -592,4 +611,57 @@ pub fn assert_valid(schemas: &std::path::Path, event_type: &str, event: &Value) 
 
 pub fn schemas_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas")
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; tests bind it soon after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+pub struct Broker {
+    child: tokio::process::Child,
+}
+
+impl Broker {
+    /// Starts tansu with durable sqlite storage in `dir` (tansu resolves the sqlite URL's path
+    /// against its working directory, so it runs there with a relative one).
+    pub async fn start(port: u16, dir: &std::path::Path) -> Self {
+        let bin = std::env::var("PAYSTREAM_TANSU_BIN")
+            .expect("PAYSTREAM_TANSU_BIN (set by scripts/test.sh)");
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = tokio::process::Command::new(bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "sqlite://broker.db"])
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start tansu");
+        wait_until("the broker to listen", || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+                .map(|_| ())
+        })
+        .await;
+        Self { child }
+    }
+
+    pub async fn kill(mut self) {
+        self.child.kill().await.expect("kill broker");
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
 }
