@@ -55,6 +55,8 @@ fn env_u64(name: &str, default: u64) -> u64 {
 struct Role {
     name: &'static str,
     args: &'static [&'static str],
+    /// Extra settings of this role.
+    env: &'static [(&'static str, &'static str)],
     child: Option<Child>,
 }
 
@@ -71,16 +73,14 @@ impl Cluster<'_> {
     fn spawn(&mut self, i: usize) {
         let role = &mut self.roles[i];
         let log = self.broker_dir.join(format!("{}.log", role.name));
-        let child = self.env.spawn_child_to_file(
-            role.args,
-            &[
-                ("PAYSTREAM__API__LISTEN", self.api_listen.as_str()),
-                ("PAYSTREAM__DATABASE__MAX_CONNECTIONS", "4"),
-                ("PAYSTREAM__LOG__FORMAT", "json"),
-                ("RUST_LOG", "info"),
-            ],
-            &log,
-        );
+        let mut settings = vec![
+            ("PAYSTREAM__API__LISTEN", self.api_listen.as_str()),
+            ("PAYSTREAM__DATABASE__MAX_CONNECTIONS", "4"),
+            ("PAYSTREAM__LOG__FORMAT", "json"),
+            ("RUST_LOG", "info"),
+        ];
+        settings.extend(role.env.iter().copied());
+        let child = self.env.spawn_child_to_file(role.args, &settings, &log);
         role.child = Some(child);
     }
 
@@ -113,15 +113,17 @@ enum Fault {
     KillAndRestart,
     KillAndRestartLater,
     Freeze,
+    FreezeMidBatch,
     BrokerRestart,
     TerminateBackends,
 }
 
 impl Fault {
-    const ALL: [Fault; 5] = [
+    const ALL: [Fault; 6] = [
         Fault::KillAndRestart,
         Fault::KillAndRestartLater,
         Fault::Freeze,
+        Fault::FreezeMidBatch,
         Fault::BrokerRestart,
         Fault::TerminateBackends,
     ];
@@ -131,6 +133,7 @@ impl Fault {
             Fault::KillAndRestart => "SIGKILL, restart at once",
             Fault::KillAndRestartLater => "SIGKILL, restart 2-10 s later",
             Fault::Freeze => "SIGSTOP past the session timeout, SIGCONT",
+            Fault::FreezeMidBatch => "SIGSTOP mid-batch (rows locked) past the session timeout",
             Fault::BrokerRestart => "broker SIGKILL and restart",
             Fault::TerminateBackends => "pg_terminate_backend of every session",
         }
@@ -216,46 +219,50 @@ async fn client(api: Client, seed: u64, stop: Arc<AtomicBool>) -> Acks {
     acks
 }
 
-/// (when, account group offsets, order group offsets, published outbox rows)
-type Sample = (Instant, i64, i64, i64);
+/// When, and the progress counters: the stored offset of each partition of both groups, and
+/// the published outbox rows.
+type Sample = (Instant, Vec<i64>);
 
 async fn sample(
     pool: &sqlx::PgPool,
     settings: &paystream_processors::settings::Settings,
 ) -> Option<Sample> {
-    let (account, order, published): (i64, i64, i64) = sqlx::query_as(
+    let counters: Vec<i64> = sqlx::query_scalar(
         r#"
-        SELECT coalesce((SELECT sum(next_offset) FROM consumer_offsets WHERE consumer_group = $1), 0)::bigint,
-               coalesce((SELECT sum(next_offset) FROM consumer_offsets WHERE consumer_group = $2), 0)::bigint,
-               (SELECT count(*) FROM outbox WHERE published_at IS NOT NULL)
+        SELECT coalesce(o.next_offset, 0)
+        FROM unnest(ARRAY[$1, $2]) WITH ORDINALITY AS g(name, n)
+        CROSS JOIN generate_series(0, $3 - 1) AS p(partition)
+        LEFT JOIN consumer_offsets o ON o.consumer_group = g.name AND o.partition = p.partition
+        UNION ALL
+        SELECT count(*) FROM outbox WHERE published_at IS NOT NULL
         "#,
     )
     .bind(&settings.processor.account_group)
     .bind(&settings.orders.group)
-    .fetch_one(pool)
+    .bind(PARTITIONS)
+    .fetch_all(pool)
     .await
     .ok()?;
-    Some((Instant::now(), account, order, published))
+    Some((Instant::now(), counters))
 }
 
-/// Seconds from `end` until every pipeline moved past where it stood at `end`.
+/// Seconds from `end` until every counter (each partition of each group, and the relay) moved
+/// past where it stood at `end`: a partition left without an owner counts, even while the
+/// others move. The load keeps every partition busy, so each has work waiting.
 fn recovery(samples: &[Sample], end: Instant) -> Option<f64> {
     let at_end = samples
         .iter()
         .rev()
         .find(|s| s.0 <= end)
         .or(samples.first())?;
-    let moved = |pick: fn(&Sample) -> i64| {
-        samples
+    let mut worst = Duration::ZERO;
+    for (k, &before) in at_end.1.iter().enumerate() {
+        let moved = samples
             .iter()
-            .find(|s| s.0 > end && pick(s) > pick(at_end))
-            .map(|s| s.0)
-    };
-    let times = [moved(|s| s.1)?, moved(|s| s.2)?, moved(|s| s.3)?];
-    times
-        .iter()
-        .max()
-        .map(|t| t.duration_since(end).as_secs_f64())
+            .find(|s| s.0 > end && s.1.get(k).is_some_and(|&v| v > before))?;
+        worst = worst.max(moved.0.duration_since(end));
+    }
+    Some(worst.as_secs_f64())
 }
 
 fn high_watermarks(brokers: &str, topic: &str) -> Vec<i64> {
@@ -286,21 +293,26 @@ async fn under_a_seeded_nemesis_nothing_is_lost_or_doubled_and_every_pipeline_re
     let env = TestEnv::with_brokers(PARTITIONS, &brokers).await;
     let api_listen = format!("127.0.0.1:{}", free_port());
     let api = Client::new(format!("http://{api_listen}"), &env.settings.api.jwt_secret);
+    // account-2 holds each batch open 200 ms before its commit, so a freeze of it lands in
+    // the middle of a batch, with its rows locked.
+    const MID_BATCH: usize = 2;
+    let stall: &[(&str, &str)] = &[("PAYSTREAM__PROCESSOR__STALL_BEFORE_COMMIT_MS", "200")];
     let roles = [
-        ("api", &["api"][..]),
-        ("account-1", &["process", "account"][..]),
-        ("account-2", &["process", "account"][..]),
-        ("order", &["process", "order"][..]),
-        ("relay", &["relay"][..]),
+        ("api", &["api"][..], &[][..]),
+        ("account-1", &["process", "account"][..], &[][..]),
+        ("account-2", &["process", "account"][..], stall),
+        ("order", &["process", "order"][..], &[][..]),
+        ("relay", &["relay"][..], &[][..]),
     ];
     let mut cluster = Cluster {
         env: &env,
         api_listen,
         roles: roles
             .iter()
-            .map(|&(name, args)| Role {
+            .map(|&(name, args, env)| Role {
                 name,
                 args,
+                env,
                 child: None,
             })
             .collect(),
@@ -366,7 +378,10 @@ async fn under_a_seeded_nemesis_nothing_is_lost_or_doubled_and_every_pipeline_re
     while started.elapsed() < Duration::from_secs(seconds * 8 / 10) {
         tokio::time::sleep(Duration::from_millis(2_000 + rng.below(4_000))).await;
         let fault = Fault::ALL[rng.below(Fault::ALL.len() as u64) as usize];
-        let i = rng.below(cluster.roles.len() as u64) as usize;
+        let i = match fault {
+            Fault::FreezeMidBatch => MID_BATCH,
+            _ => rng.below(cluster.roles.len() as u64) as usize,
+        };
         let target = match fault {
             Fault::BrokerRestart => "broker",
             Fault::TerminateBackends => "postgresql",
@@ -382,7 +397,7 @@ async fn under_a_seeded_nemesis_nothing_is_lost_or_doubled_and_every_pipeline_re
                 tokio::time::sleep(Duration::from_millis(2_000 + rng.below(8_000))).await;
                 cluster.spawn(i);
             }
-            Fault::Freeze => {
+            Fault::Freeze | Fault::FreezeMidBatch => {
                 cluster.signal(i, "-STOP");
                 tokio::time::sleep(session + Duration::from_secs(2)).await;
                 cluster.signal(i, "-CONT");
@@ -402,7 +417,15 @@ async fn under_a_seeded_nemesis_nothing_is_lost_or_doubled_and_every_pipeline_re
                 .expect("terminate backends");
             }
         }
-        injected.push((fault, target, Instant::now()));
+        let end = Instant::now();
+        injected.push((fault, target, end));
+        // The next fault waits until this one's recovery is measured (or 60 s passed), so
+        // that each recovery is this fault's alone.
+        while end.elapsed() < Duration::from_secs(60)
+            && recovery(&samples.lock().expect("samples"), end).is_none()
+        {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
     while started.elapsed() < Duration::from_secs(seconds) {
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -599,11 +622,21 @@ async fn under_a_seeded_nemesis_nothing_is_lost_or_doubled_and_every_pipeline_re
     for &(fault, target, end) in &injected {
         let entry = table.entry(fault).or_insert((0, 0.0, 0));
         entry.0 += 1;
+        let at = end.duration_since(started).as_secs_f64();
         match recovery(&samples, end) {
-            Some(secs) => entry.1 = entry.1.max(secs),
+            Some(secs) => {
+                entry.1 = entry.1.max(secs);
+                println!(
+                    "fault ended at {at:.1} s: {} of {target}; resumed {secs:.1} s later",
+                    fault.name()
+                );
+            }
             None => {
                 entry.2 += 1;
-                eprintln!("no progress measured after {} of {target}", fault.name());
+                println!(
+                    "fault ended at {at:.1} s: {} of {target}; no progress measured",
+                    fault.name()
+                );
             }
         }
     }
