@@ -4,6 +4,7 @@ mod common;
 
 use common::*;
 use paystream_processors::outbox::{self, OutboxRow};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use uuid::Uuid;
 
 fn row(env: &TestEnv, marker: &str) -> OutboxRow {
@@ -244,14 +245,13 @@ async fn a_relay_publishes_every_commit_on_its_notification_without_the_fallback
     );
 }
 
-/// A round that found nothing gives the relay lock back before it returns. Dropping its
-/// transaction instead only queues the rollback for when the connection is next used, so
-/// the relay's next round, on another pooled connection, found the lock held by its own
-/// relay, stood by, and left the rows that woke it for the next notification or the poll.
-/// A current-thread runtime runs the dropped connection's rollback only once the next round
-/// has sent its lock request, which makes the old behaviour fail here every time.
+/// A relay's consecutive rounds, on whichever pooled connections, never find the right to
+/// publish held by that same relay. (With the advisory lock this replaced, a dropped
+/// transaction kept it until its connection was next used, and the relay stood by itself.)
+/// A current-thread runtime runs a dropped connection's rollback only once the next round
+/// has started, which made that fail here every time.
 #[tokio::test]
-async fn an_empty_relay_round_releases_the_relay_lock_before_the_next_round() {
+async fn consecutive_relay_rounds_of_one_relay_never_stand_by_for_that_relay() {
     let env = TestEnv::new(1).await;
     let producer: rdkafka::producer::FutureProducer = paystream_processors::kafka::producer_config(
         &env.settings.kafka,
@@ -267,8 +267,9 @@ async fn an_empty_relay_round_releases_the_relay_lock_before_the_next_round() {
         (env.pool.num_idle() >= 2).then_some(())
     })
     .await;
+    let mut lease = outbox::relay::Lease::new(std::time::Duration::from_secs(15));
     for _ in 0..20 {
-        let round = outbox::relay::publish_round(&env.pool, &producer, 10)
+        let round = outbox::relay::publish_round(&env.pool, &producer, 10, &mut lease)
             .await
             .expect("round");
         assert_eq!(round, outbox::relay::Round::Published(0));
@@ -474,4 +475,114 @@ async fn an_outbox_row_the_broker_refuses_for_good_holds_back_only_its_own_key()
         )
     );
     assert!(outbox::parked(&env.pool).await.expect("parked").is_empty());
+}
+
+/// A relay frozen in the middle of a round (SIGSTOP while it waits for the broker's acks) used
+/// to hold its transaction and the relay lock: no other relay could publish until the
+/// server's idle-in-transaction timeout (60 s), or ever with that timeout off. Now a standby
+/// takes the lapsed lease after `relay.lease_ms` and publishes everything while the frozen one
+/// still sleeps; when that one wakes, its marks are refused and it stands by.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_frozen_mid_round_is_replaced_after_its_lease_and_cannot_mark_when_it_wakes() {
+    let env = TestEnv::new(1).await;
+    let wire = env.collect(&env.settings.topics.account_events);
+    // Relay A cannot reach a broker, so each of its rounds waits for acks until its delivery
+    // timeout (8 s); nothing ends its session for being idle in a transaction.
+    let nowhere = format!("127.0.0.1:{}", free_port());
+    let mut frozen = env.spawn_child_logged(
+        &["relay"],
+        &[
+            ("PAYSTREAM__KAFKA__BROKERS", &nowhere),
+            ("PAYSTREAM__RELAY__DELIVERY_TIMEOUT_MS", "8000"),
+            ("PAYSTREAM__DATABASE__IDLE_IN_TRANSACTION_TIMEOUT_MS", "0"),
+        ],
+    );
+    let pid = frozen.id().expect("pid").to_string();
+    let mut log = BufReader::new(frozen.stderr.take().expect("stderr")).lines();
+    wait_until("relay A to take the lease", || async {
+        let owner: String = sqlx::query_scalar("SELECT owner FROM relay_lease")
+            .fetch_one(&env.pool)
+            .await
+            .expect("lease");
+        owner.contains(&format!("-{pid}-")).then_some(())
+    })
+    .await;
+    let rows: Vec<OutboxRow> = (0..20).map(|i| row(&env, &format!("m{i}"))).collect();
+    let mut tx = env.pool.begin().await.expect("begin");
+    outbox::insert(&mut tx, &rows).await.expect("rows");
+    tx.commit().await.expect("commit");
+    let committed: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(&env.pool)
+        .await
+        .expect("clock");
+    // A read the rows (its last statement, after the commit, is the round's SELECT) and now
+    // waits for acks: freeze it there.
+    wait_until("relay A to take the rows into a round", || async {
+        let reading: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND query LIKE '%sum(octet_length(payload)) OVER%' AND state_change > $1",
+        )
+        .bind(committed)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap_or(0);
+        (reading > 0).then_some(())
+    })
+    .await;
+    let signal = |signal: &'static str| {
+        let pid = pid.clone();
+        async move {
+            let status = tokio::process::Command::new("kill")
+                .args([signal, &pid])
+                .status()
+                .await
+                .expect("kill");
+            assert!(status.success());
+        }
+    };
+    signal("-STOP").await;
+
+    let standby = env.spawn_relay();
+    wait_until(
+        "the standby to publish every row while A is frozen",
+        || async {
+            let unpublished = env
+                .scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+                .await;
+            (unpublished == 0).then_some(())
+        },
+    )
+    .await;
+    let marks = || async {
+        let marks: Vec<(i64, chrono::DateTime<chrono::Utc>)> =
+            sqlx::query_as("SELECT id, published_at FROM outbox ORDER BY id")
+                .fetch_all(&env.pool)
+                .await
+                .expect("marks");
+        marks
+    };
+    let marked = marks().await;
+
+    signal("-CONT").await;
+    tokio::time::timeout(DEADLINE, async {
+        while let Some(line) = log.next_line().await.expect("read the log") {
+            if line.contains("relay lease lapsed during the round") {
+                return;
+            }
+        }
+        panic!("relay A ended without saying its marks were refused");
+    })
+    .await
+    .expect("relay A woke and found its lease gone");
+    assert_eq!(
+        marks().await,
+        marked,
+        "relay A changed marks after losing the lease"
+    );
+    let received = wire.wait_for(20).await;
+    let markers: std::collections::BTreeSet<Vec<u8>> =
+        received.iter().map(|r| r.value.clone()).collect();
+    assert_eq!(markers.len(), 20);
+    standby.stop().await;
+    frozen.kill().await.expect("stop relay A");
 }

@@ -96,6 +96,9 @@ pub struct RelaySettings {
     pub round_max_bytes: i64,
     /// A parked outbox row (refused by the broker for good) is tried again this long after.
     pub park_retry_s: u64,
+    /// The relay lease's time to live: a relay that died or froze is replaced this long after
+    /// its last round.
+    pub lease_ms: u64,
     pub poll_interval_ms: u64,
     pub retention_hours: u64,
     pub prune_interval_s: u64,

@@ -111,6 +111,17 @@ pub struct Running {
     failed: Arc<AtomicBool>,
 }
 
+/// A name for this process, unique among the processes of a deployment: the host, the
+/// process id and a random suffix (owners of partition claims and of the relay lease).
+pub fn instance_id() -> String {
+    format!(
+        "{}-{}-{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into()),
+        std::process::id(),
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
 /// Starts `parts`. `http` is where the process serves HTTP: with `Part::Api` among the parts,
 /// the API (which includes the operations endpoints); without it, the operations endpoints
 /// (/metrics, /healthz, /readyz) alone; `None`, no HTTP at all.

@@ -126,6 +126,8 @@ impl TestEnv {
         settings.api.rate_limit_burst = 1_000_000.0;
         settings.processor.retry_max_ms = 1000;
         settings.relay.poll_interval_ms = 200;
+        // A killed relay's successor takes over this long after its last round.
+        settings.relay.lease_ms = 3000;
         // A key of the test's own, as a deployment has (the published one is refused).
         settings.api.jwt_secret = format!("test-key-{}", Uuid::new_v4());
 
@@ -181,6 +183,7 @@ impl TestEnv {
                 "PAYSTREAM__RELAY__POLL_INTERVAL_MS",
                 s.relay.poll_interval_ms.to_string(),
             ),
+            ("PAYSTREAM__RELAY__LEASE_MS", s.relay.lease_ms.to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))

@@ -17,7 +17,6 @@ use sqlx::PgPool;
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use super::batch::BatchRunner;
 use super::lanes::Lanes;
@@ -42,12 +41,7 @@ pub(super) fn consume<H: Handler>(
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let settings = &config.settings;
-    let owner = format!(
-        "{}-{}-{}",
-        std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into()),
-        std::process::id(),
-        &Uuid::new_v4().simple().to_string()[..8]
-    );
+    let owner = crate::startup::instance_id();
     let retry = Backoff {
         initial: Duration::from_millis(settings.processor.retry_initial_ms),
         max: Duration::from_millis(settings.processor.retry_max_ms),

@@ -10,9 +10,15 @@
 //!   order, so a row whose transaction commits after rows with larger ids (ids are taken
 //!   before commit) is simply found in a later round instead of being skipped.
 //! - Per-key order: rows that share an account were inserted while holding that account's
-//!   row lock, so their id order is their commit order. Each round runs in one transaction
-//!   holding a transaction-scoped advisory lock, so two relays never publish concurrently and
-//!   cannot interleave a key; if a relay dies its lock dies with its connection.
+//!   row lock, so their id order is their commit order. One relay publishes at a time: the
+//!   holder of the lease (`relay_lease`, migration 0009), which it renews every round and
+//!   gives back when it stops. No database transaction stays open while the broker is asked:
+//!   a round reads its rows, sends them, then marks them in a short transaction that first
+//!   renews the lease at the epoch the round started with. A relay that lost the lease (it
+//!   froze, another took over after `relay.lease_ms`) cannot mark anything; what it sent is
+//!   a copy of rows the new holder publishes (unmarked rows go again, in id order), so the
+//!   first copy of each event on the wire is still in order and the consumers drop the rest.
+//!   A relay that died loses the lease `relay.lease_ms` later.
 //! - A row the broker refuses for good (larger than a message may be, a topic that does not
 //!   exist or may not be written) is parked, not retried forever at the head of the line:
 //!   only the later rows of its own topic and key wait behind it (per-key order), everything
@@ -42,8 +48,84 @@ use crate::outbox::headers_from_json;
 use crate::settings::Settings;
 use crate::telemetry::METRICS;
 
-/// `pg_try_advisory_xact_lock` key of the relay ("paystrm" in ASCII).
-const RELAY_LOCK: i64 = 0x0070_6179_7374_726d;
+/// The relay's lease: which relay may publish, at which epoch (it rises whenever the holder
+/// changes or lapses), until when.
+pub struct Lease {
+    owner: String,
+    ttl: Duration,
+    epoch: Option<i64>,
+}
+
+impl Lease {
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            owner: crate::startup::instance_id(),
+            ttl,
+            epoch: None,
+        }
+    }
+
+    /// Takes the lease if it is free or lapsed, or renews it; the epoch while this relay
+    /// holds it.
+    async fn acquire(&mut self, pool: &PgPool) -> Result<Option<i64>, sqlx::Error> {
+        let epoch: Option<i64> = sqlx::query_scalar(
+            r#"
+            UPDATE relay_lease
+            SET epoch = CASE WHEN owner = $1 AND expires_at > now() THEN epoch ELSE epoch + 1 END,
+                owner = $1,
+                expires_at = now() + make_interval(secs => $2)
+            WHERE id = 1 AND (owner = $1 OR expires_at <= now())
+            RETURNING epoch
+            "#,
+        )
+        .bind(&self.owner)
+        .bind(self.ttl.as_secs_f64())
+        .fetch_optional(pool)
+        .await?;
+        if epoch.is_some() && epoch != self.epoch {
+            tracing::info!(epoch, owner = %self.owner, "relay lease taken: this relay publishes");
+        } else if epoch.is_none() && self.epoch.is_some() {
+            tracing::warn!(owner = %self.owner, "relay lease lost to another relay");
+        }
+        self.epoch = epoch;
+        Ok(epoch)
+    }
+
+    /// Renews the lease inside `tx` if this relay still holds it at `epoch`; the row stays
+    /// locked until `tx` ends, so no other relay takes it while the marks commit.
+    async fn renew_in(&self, tx: &mut PgConnection, epoch: i64) -> Result<bool, sqlx::Error> {
+        let held: Option<i32> = sqlx::query_scalar(
+            r#"
+            UPDATE relay_lease SET expires_at = now() + make_interval(secs => $3)
+            WHERE id = 1 AND owner = $1 AND epoch = $2 AND expires_at > now()
+            RETURNING 1
+            "#,
+        )
+        .bind(&self.owner)
+        .bind(epoch)
+        .bind(self.ttl.as_secs_f64())
+        .fetch_optional(&mut *tx)
+        .await?;
+        Ok(held.is_some())
+    }
+
+    /// Gives the lease back (a clean stop), so a standby takes over at once.
+    pub async fn release(&mut self, pool: &PgPool) {
+        let Some(epoch) = self.epoch.take() else {
+            return;
+        };
+        let released = sqlx::query(
+            "UPDATE relay_lease SET expires_at = now() WHERE id = 1 AND owner = $1 AND epoch = $2",
+        )
+        .bind(&self.owner)
+        .bind(epoch)
+        .execute(pool)
+        .await;
+        if let Err(error) = released {
+            tracing::warn!(%error, "could not give the relay lease back; it lapses by itself");
+        }
+    }
+}
 
 type Row = (
     i64,
@@ -63,6 +145,11 @@ pub struct Limits {
     pub record_bytes: usize,
     /// A parked row is tried again this long after it was parked.
     pub park_retry: Duration,
+}
+
+/// The lease's time to live: a relay that died is replaced this long after its last round.
+pub fn lease_ttl(settings: &Settings) -> Duration {
+    Duration::from_millis(settings.relay.lease_ms)
 }
 
 impl Limits {
@@ -92,13 +179,14 @@ pub async fn run(
     // loop below drains without pausing while rows keep coming) and never delays a round.
     let _pruning = crate::db::spawn_pruning(&pool, pruning(&settings), &cancel);
     let mut failures = 0;
+    let mut lease = Lease::new(lease_ttl(&settings));
     tracing::info!("relay started");
 
     while !cancel.is_cancelled() {
         if listener.is_none() {
             listener = listen(&pool).await;
         }
-        match bounded_round(&pool, &producer, Limits::new(&settings)).await {
+        match bounded_round(&pool, &producer, Limits::new(&settings), &mut lease).await {
             Ok(Round::Full(_)) => {
                 failures = 0;
                 continue; // a full round: there may be more, drain before waiting
@@ -128,6 +216,7 @@ pub async fn run(
     }
     tracing::info!("relay stopping; flushing producer");
     let _ = producer.flush(Timeout::After(Duration::from_secs(5)));
+    lease.release(&pool).await;
     Ok(())
 }
 
@@ -214,6 +303,7 @@ pub async fn publish_round(
     pool: &PgPool,
     producer: &FutureProducer,
     limit: i64,
+    lease: &mut Lease,
 ) -> anyhow::Result<Round> {
     let limits = Limits {
         rows: limit,
@@ -221,39 +311,31 @@ pub async fn publish_round(
         record_bytes: usize::MAX,
         park_retry: Duration::from_secs(60),
     };
-    bounded_round(pool, producer, limits).await
+    bounded_round(pool, producer, limits, lease).await
 }
 
-/// One relay round: publishes up to `limit` unpublished rows, and up to `max_bytes` of their
-/// payloads (at least one row), in id order and marks them, all inside one transaction that
-/// holds the relay lock, which is released when this returns. `run` loops over it.
+/// One relay round, while this relay holds the lease: publishes up to `limits.rows`
+/// unpublished rows, and up to `limits.bytes` of their payloads (at least one row), in id
+/// order, then marks them (and parks what the broker refused for good) in one short
+/// transaction fenced by the lease. `run` loops over it.
 pub async fn bounded_round(
     pool: &PgPool,
     producer: &FutureProducer,
     limits: Limits,
+    lease: &mut Lease,
 ) -> anyhow::Result<Round> {
-    let mut tx = pool.begin().await?;
-    // Every way out ends the transaction explicitly, never by dropping `tx` (`db::release`):
-    // until a dropped transaction's rollback runs it holds the relay lock, so this relay's
-    // next round (on another pooled connection) would find itself "not the leader" and leave
-    // the rows of the notification that woke it waiting for the next notification or the
-    // fallback poll.
-    let delivered = match locked_round(&mut tx, producer, limits).await {
-        Ok(Locked::Delivered(delivered)) => delivered,
-        Ok(Locked::NotLeader) => {
-            tx.rollback().await?;
+    let Some(epoch) = lease.acquire(pool).await? else {
+        return Ok(Round::NotLeader);
+    };
+    let delivered = match leased_round(pool, producer, limits, lease, epoch).await? {
+        Leased::Delivered(delivered) => delivered,
+        Leased::Empty => return Ok(Round::Published(0)),
+        Leased::Lost => {
+            tracing::warn!(epoch, "the relay lease lapsed during the round; its marks were not written (the new holder publishes those rows again)");
+            lease.epoch = None;
             return Ok(Round::NotLeader);
         }
-        Ok(Locked::Empty) => {
-            tx.rollback().await?;
-            return Ok(Round::Published(0));
-        }
-        Err(e) => {
-            release(tx).await;
-            return Err(e.into());
-        }
     };
-    tx.commit().await?;
     METRICS.relay_round_rows.observe(delivered.published as f64);
     for (topic, n) in delivered.per_topic {
         METRICS
@@ -268,11 +350,12 @@ pub async fn bounded_round(
     }
 }
 
-/// What a round did while holding the relay lock, before its commit.
-enum Locked {
-    NotLeader,
+/// What a round under the lease came to.
+enum Leased {
     Empty,
     Delivered(Delivered),
+    /// The lease lapsed or was taken before the marks: nothing was marked.
+    Lost,
 }
 
 struct Delivered {
@@ -285,23 +368,14 @@ struct Delivered {
     full: bool,
 }
 
-async fn locked_round(
-    tx: &mut PgConnection,
+async fn leased_round(
+    pool: &PgPool,
     producer: &FutureProducer,
     limits: Limits,
-) -> Result<Locked, sqlx::Error> {
+    lease: &Lease,
+    epoch: i64,
+) -> Result<Leased, sqlx::Error> {
     let (limit, max_bytes) = (limits.rows, limits.bytes);
-    // The marks need not wait for the WAL flush: a mark lost in a crash only means the row
-    // is published again, a duplicate the consumers drop by event id.
-    let (leader, _): (bool, String) = sqlx::query_as(
-        "SELECT pg_try_advisory_xact_lock($1), set_config('synchronous_commit', 'off', true)",
-    )
-    .bind(RELAY_LOCK)
-    .fetch_one(&mut *tx)
-    .await?;
-    if !leader {
-        return Ok(Locked::NotLeader);
-    }
     // The rows in id order while the payloads before each one stay under `max_bytes` (the
     // running sum streams with the index scan, so the limit stops it); the last one read may
     // cross the budget and is kept for the next round unless it is the first. Not taken: a
@@ -330,10 +404,10 @@ async fn locked_round(
     .bind(limit)
     .bind(max_bytes)
     .bind(limits.park_retry.as_secs_f64())
-    .fetch_all(&mut *tx)
+    .fetch_all(pool)
     .await?;
     if rows.is_empty() {
-        return Ok(Locked::Empty);
+        return Ok(Leased::Empty);
     }
     let read = rows.len();
     rows.truncate(within_budget(rows.iter().map(|row| row.4.len()), max_bytes));
@@ -398,17 +472,52 @@ async fn locked_round(
     let results = join_all(deliveries).await;
 
     let settled = settle(results.into_iter());
-    // clock_timestamp(), not now(): the time the acknowledgements were in, not when this
-    // round's transaction began (before its rows were even read).
+    for (id, reason) in &settled.parked {
+        tracing::error!(outbox_id = id, %reason, "outbox row parked: only later rows of its topic and key wait for it; see `paystream outbox parked`");
+    }
+    // The marks, fenced by the lease. Every way out ends the transaction explicitly (a
+    // dropped one keeps the lease row locked until its connection is next used).
+    let mut tx = pool.begin().await?;
+    match mark(&mut tx, lease, epoch, &settled).await {
+        Ok(true) => tx.commit().await?,
+        Ok(false) => {
+            release(tx).await;
+            return Ok(Leased::Lost);
+        }
+        Err(e) => {
+            release(tx).await;
+            return Err(e);
+        }
+    }
+    Ok(Leased::Delivered(Delivered {
+        full,
+        ..settled.report()
+    }))
+}
+
+/// Marks the delivered rows published and parks the refused ones, if this relay still holds
+/// the lease at `epoch` (false, and nothing written, otherwise). The marks need not wait for
+/// the WAL flush: a mark lost in a crash only means the row is published again, a duplicate
+/// the consumers drop by event id.
+async fn mark(
+    tx: &mut PgConnection,
+    lease: &Lease,
+    epoch: i64,
+    settled: &Settlement,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query("SET LOCAL synchronous_commit = off")
+        .execute(&mut *tx)
+        .await?;
+    if !lease.renew_in(tx, epoch).await? {
+        return Ok(false);
+    }
+    // clock_timestamp(), not now(): the time the acknowledgements were in.
     sqlx::query("UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY($1)")
         .bind(&settled.published)
         .execute(&mut *tx)
         .await?;
     if !settled.parked.is_empty() {
         let (ids, reasons): (Vec<i64>, Vec<String>) = settled.parked.iter().cloned().unzip();
-        for (id, reason) in &settled.parked {
-            tracing::error!(outbox_id = id, %reason, "outbox row parked: only later rows of its topic and key wait for it; see `paystream outbox parked`");
-        }
         sqlx::query(
             r#"
             UPDATE outbox o SET parked_at = clock_timestamp(), park_reason = p.reason
@@ -420,10 +529,7 @@ async fn locked_round(
         .execute(&mut *tx)
         .await?;
     }
-    Ok(Locked::Delivered(Delivered {
-        full,
-        ..settled.report()
-    }))
+    Ok(true)
 }
 
 /// Why a row was not delivered this round.
