@@ -27,23 +27,6 @@ const USERS: i64 = 12;
 const CLIENTS: usize = 3;
 const PARTITIONS: i32 = 3;
 
-/// SplitMix64: the nemesis and the clients are reproducible from the seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -51,28 +34,88 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// Environment overrides: (name, value).
+type Overrides = &'static [(&'static str, &'static str)];
+
 /// One `paystream` process of the system under test.
 struct Role {
     name: &'static str,
     args: &'static [&'static str],
     /// Extra settings of this role.
-    env: &'static [(&'static str, &'static str)],
+    env: Overrides,
     child: Option<Child>,
 }
 
-struct Cluster<'a> {
-    env: &'a TestEnv,
+/// The system under test: its broker, its database, its processes.
+struct Cluster {
+    env: TestEnv,
+    brokers: String,
     api_listen: String,
     roles: Vec<Role>,
     broker: Option<Broker>,
     broker_port: u16,
-    broker_dir: std::path::PathBuf,
+    /// The broker's storage and every process's log.
+    dir: std::path::PathBuf,
 }
 
-impl Cluster<'_> {
+/// account-2 holds each batch open 200 ms before its commit, so a freeze of it lands in the
+/// middle of a batch, with its rows locked.
+const MID_BATCH: usize = 2;
+
+const ROLES: [(&str, &[&str], Overrides); 5] = [
+    ("api", &["api"], &[]),
+    ("account-1", &["process", "account"], &[]),
+    (
+        "account-2",
+        &["process", "account"],
+        &[("PAYSTREAM__PROCESSOR__STALL_BEFORE_COMMIT_MS", "200")],
+    ),
+    ("order", &["process", "order"], &[]),
+    ("relay", &["relay"], &[]),
+];
+
+impl Cluster {
+    /// A broker with durable storage, a database, and every role running.
+    async fn start() -> Self {
+        let broker_port = free_port();
+        let dir = std::env::temp_dir().join(format!("paystream-chaos-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("broker dir");
+        let broker = Broker::start(broker_port, &dir).await;
+        let brokers = format!("127.0.0.1:{broker_port}");
+        let env = TestEnv::with_brokers(PARTITIONS, &brokers).await;
+        let mut cluster = Cluster {
+            env,
+            brokers,
+            api_listen: format!("127.0.0.1:{}", free_port()),
+            roles: ROLES
+                .iter()
+                .map(|&(name, args, env)| Role {
+                    name,
+                    args,
+                    env,
+                    child: None,
+                })
+                .collect(),
+            broker: Some(broker),
+            broker_port,
+            dir,
+        };
+        for i in 0..cluster.roles.len() {
+            cluster.spawn(i);
+        }
+        cluster
+    }
+
+    fn api(&self) -> Client {
+        Client::new(
+            format!("http://{}", self.api_listen),
+            &self.env.settings.api.jwt_secret,
+        )
+    }
+
     fn spawn(&mut self, i: usize) {
         let role = &mut self.roles[i];
-        let log = self.broker_dir.join(format!("{}.log", role.name));
+        let log = self.dir.join(format!("{}.log", role.name));
         let mut settings = vec![
             ("PAYSTREAM__API__LISTEN", self.api_listen.as_str()),
             ("PAYSTREAM__DATABASE__MAX_CONNECTIONS", "4"),
@@ -104,7 +147,267 @@ impl Cluster<'_> {
             broker.kill().await;
         }
         tokio::time::sleep(down).await;
-        self.broker = Some(Broker::start(self.broker_port, &self.broker_dir).await);
+        self.broker = Some(Broker::start(self.broker_port, &self.dir).await);
+    }
+
+    /// Every user opens an account and gets money; a few little, so some debits fail.
+    async fn open_accounts(&self) {
+        let (api, never) = (self.api(), AtomicBool::new(false));
+        for user in 1..=USERS {
+            let (key, body) = (format!("open-{user}"), json!({"currency": "CNY"}));
+            let open = post(&api, "/v1/accounts", user, &key, &body, &never);
+            let account = open.await.expect("open").id();
+            let balance = if user % 4 == 0 { 20_000 } else { 100_000_000 };
+            let path = format!("/v1/accounts/{account}/deposits");
+            let body = json!({"amountFen": balance});
+            let reply = api
+                .try_post(&path, &api.admin_token(), &format!("fund-{user}"), &body)
+                .await
+                .expect("deposit");
+            assert_eq!(reply.status, 201, "{reply:?}");
+        }
+    }
+
+    /// Injects faults, one at a time with a pause between, until `until`; each waits for its
+    /// recovery (or 60 s) before the next. Returns what it injected: fault, target, end.
+    async fn nemesis(
+        &mut self,
+        seed: u64,
+        until: Instant,
+        samples: &Mutex<Vec<Sample>>,
+    ) -> Vec<(Fault, &'static str, Instant)> {
+        let mut rng = Rng(seed ^ 0xc4a0_5000);
+        let session = Duration::from_millis(self.env.settings.kafka.session_timeout_ms);
+        let mut injected = Vec::new();
+        while Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(2_000 + rng.below(4_000))).await;
+            let fault = Fault::ALL[rng.below(Fault::ALL.len() as u64) as usize];
+            let i = match fault {
+                Fault::FreezeMidBatch => MID_BATCH,
+                _ => rng.below(self.roles.len() as u64) as usize,
+            };
+            let target = match fault {
+                Fault::BrokerRestart => "broker",
+                Fault::TerminateBackends => "postgresql",
+                _ => self.roles[i].name,
+            };
+            match fault {
+                Fault::KillAndRestart => {
+                    self.kill(i).await;
+                    self.spawn(i);
+                }
+                Fault::KillAndRestartLater => {
+                    self.kill(i).await;
+                    tokio::time::sleep(Duration::from_millis(2_000 + rng.below(8_000))).await;
+                    self.spawn(i);
+                }
+                Fault::Freeze | Fault::FreezeMidBatch => {
+                    self.signal(i, "-STOP");
+                    tokio::time::sleep(session + Duration::from_secs(2)).await;
+                    self.signal(i, "-CONT");
+                }
+                Fault::BrokerRestart => {
+                    let down = Duration::from_millis(1_000 + rng.below(2_000));
+                    self.restart_broker(down).await;
+                }
+                Fault::TerminateBackends => {
+                    sqlx::query(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                    )
+                    .execute(&self.env.pool)
+                    .await
+                    .expect("terminate backends");
+                }
+            }
+            let end = Instant::now();
+            injected.push((fault, target, end));
+            while end.elapsed() < Duration::from_secs(60)
+                && recovery(&samples.lock().expect("samples"), end).is_none()
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        injected
+    }
+
+    /// Every role running again, then quiescence: every order settled, the outbox drained,
+    /// both groups at the end of their logs.
+    async fn heal(&mut self) {
+        for i in 0..self.roles.len() {
+            self.signal(i, "-CONT");
+            let alive = self.roles[i]
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
+            if !alive {
+                self.spawn(i);
+            }
+        }
+        let env = &self.env;
+        let explain = || async {
+            let state: Vec<(String, i32, i64, String, f64)> = sqlx::query_as(
+                "SELECT consumer_group, partition, next_offset, owner, \
+                        extract(epoch FROM now() - updated_at)::float8 FROM consumer_offsets ORDER BY 1, 2",
+            )
+            .fetch_all(&env.pool)
+            .await
+            .unwrap_or_default();
+            let orders: Vec<(String, i64)> =
+                sqlx::query_as("SELECT status, count(*) FROM orders GROUP BY status ORDER BY 1")
+                    .fetch_all(&env.pool)
+                    .await
+                    .unwrap_or_default();
+            let unpublished = env
+                .scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+                .await;
+            format!(
+                "\noffsets (group, partition, next, owner, idle s): {state:#?}\n\
+                 orders: {orders:?}\nunpublished outbox rows: {unpublished}\nlogs in {}",
+                self.dir.display()
+            )
+        };
+        wait_until_or_explain(
+            "every order settled and the outbox drained",
+            || async {
+                let unsettled = env
+                    .scalar(
+                        r#"
+                        SELECT (SELECT count(*) FROM orders o
+                                WHERE o.status = 'PENDING'
+                                   OR (o.status = 'PAID' AND o.refund_requested_at IS NOT NULL)
+                                   OR (o.status = 'CANCELLED' AND EXISTS
+                                        (SELECT 1 FROM transfers t WHERE t.order_id = o.id AND t.kind = 'DEBIT')
+                                       AND o.refunded_at IS NULL))
+                             + (SELECT count(*) FROM outbox WHERE published_at IS NULL)
+                        "#,
+                    )
+                    .await;
+                (unsettled == 0).then_some(())
+            },
+            explain,
+        )
+        .await;
+        // Stored offsets reach the end of each log (tansu may report a high watermark at the
+        // start of the last record batch, so "at least").
+        let topics = &env.settings.topics;
+        for (group, topic) in [
+            (&env.settings.processor.account_group, &topics.order_events),
+            (&env.settings.orders.group, &topics.account_events),
+        ] {
+            let ends = self.high_watermarks(topic).await;
+            wait_until(&format!("{group} to reach the end of {topic}"), || async {
+                let offsets: Vec<(i32, i64)> = sqlx::query_as(
+                    "SELECT partition, next_offset FROM consumer_offsets \
+                     WHERE consumer_group = $1 AND topic = $2",
+                )
+                .bind(group)
+                .bind(topic)
+                .fetch_all(&env.pool)
+                .await
+                .expect("offsets");
+                let reached = (0..PARTITIONS).all(|p| {
+                    let end = ends[p as usize];
+                    end == 0 || offsets.iter().any(|&(q, next)| q == p && next >= end)
+                });
+                reached.then_some(())
+            })
+            .await;
+        }
+    }
+
+    async fn high_watermarks(&self, topic: &str) -> Vec<i64> {
+        let (brokers, topic) = (self.brokers.clone(), topic.to_owned());
+        tokio::task::spawn_blocking(move || high_watermarks(&brokers, &topic))
+            .await
+            .expect("watermarks")
+    }
+
+    /// What does not hold after the heal, each named.
+    async fn anomalies(&self, acks: &Acks) -> Vec<String> {
+        let env = &self.env;
+        let mut anomalies: Vec<String> = Vec::new();
+        // Every acknowledged order and cancel is honoured.
+        let statuses: HashMap<i64, String> =
+            sqlx::query_as::<_, (i64, String)>("SELECT id, status FROM orders")
+                .fetch_all(&env.pool)
+                .await
+                .expect("orders")
+                .into_iter()
+                .collect();
+        for &(_, id) in &acks.orders {
+            match statuses.get(&id).map(String::as_str) {
+                Some("PAID" | "CANCELLED" | "REFUNDED") => {}
+                other => anomalies.push(format!("acknowledged order {id} is {other:?}")),
+            }
+        }
+        for &(_, id) in &acks.cancels {
+            match statuses.get(&id).map(String::as_str) {
+                Some("CANCELLED" | "REFUNDED") => {}
+                other => anomalies.push(format!(
+                    "acknowledged cancel of order {id}, which is {other:?}"
+                )),
+            }
+        }
+        // Every ledger debit and refund has its event on account.events, and every such
+        // event its ledger row.
+        let on_wire = self.money_events_on_the_wire().await;
+        let in_ledger: BTreeSet<(String, i64)> = sqlx::query_as::<_, (String, i64)>(
+            "SELECT CASE kind WHEN 'DEBIT' THEN 'AccountDebited' ELSE 'AccountRefunded' END, order_id \
+             FROM transfers WHERE kind IN ('DEBIT', 'REFUND')",
+        )
+        .fetch_all(&env.pool)
+        .await
+        .expect("transfers")
+        .into_iter()
+        .collect();
+        for missing in in_ledger.difference(&on_wire) {
+            anomalies.push(format!(
+                "{missing:?} is in the ledger but not on account.events"
+            ));
+        }
+        for missing in on_wire.difference(&in_ledger) {
+            anomalies.push(format!(
+                "{missing:?} is on account.events but not in the ledger"
+            ));
+        }
+        // SPEC §6.
+        let limits = paystream_processors::audit::Limits::quiescent(&env.settings);
+        let violations = paystream_processors::audit::check(&env.pool, &limits)
+            .await
+            .expect("audit");
+        anomalies.extend(
+            violations
+                .iter()
+                .map(|v| format!("{}: {}", v.invariant, v.detail)),
+        );
+        anomalies
+    }
+
+    /// (event type, order id) of every AccountDebited and AccountRefunded on account.events,
+    /// read to the end of the log.
+    async fn money_events_on_the_wire(&self) -> BTreeSet<(String, i64)> {
+        let topic = &self.env.settings.topics.account_events;
+        let ends = self.high_watermarks(topic).await;
+        let wire = self.env.collect(topic);
+        let received = wait_until("account.events read to its end", || async {
+            let got = wire.snapshot();
+            let reached = (0..PARTITIONS).all(|p| {
+                let end = ends[p as usize];
+                end == 0 || got.iter().any(|r| r.partition == p && r.offset + 1 >= end)
+            });
+            reached.then_some(got)
+        })
+        .await;
+        received
+            .iter()
+            .map(Received::json)
+            .filter(|e| e["eventType"] == "AccountDebited" || e["eventType"] == "AccountRefunded")
+            .map(|e| {
+                let order = e["payload"]["orderId"].as_i64().unwrap_or(0);
+                (e["eventType"].as_str().unwrap_or("").to_owned(), order)
+            })
+            .collect()
     }
 }
 
@@ -285,81 +588,19 @@ fn high_watermarks(brokers: &str, topic: &str) -> Vec<i64> {
 async fn under_a_seeded_nemesis_nothing_is_lost_or_doubled_and_every_pipeline_resumes() {
     let seed = env_u64("CHAOS_SEED", 1);
     let seconds = env_u64("CHAOS_SECONDS", 45);
-    let broker_port = free_port();
-    let broker_dir = std::env::temp_dir().join(format!("paystream-chaos-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&broker_dir).expect("broker dir");
-    let broker = Broker::start(broker_port, &broker_dir).await;
-    let brokers = format!("127.0.0.1:{broker_port}");
-    let env = TestEnv::with_brokers(PARTITIONS, &brokers).await;
-    let api_listen = format!("127.0.0.1:{}", free_port());
-    let api = Client::new(format!("http://{api_listen}"), &env.settings.api.jwt_secret);
-    // account-2 holds each batch open 200 ms before its commit, so a freeze of it lands in
-    // the middle of a batch, with its rows locked.
-    const MID_BATCH: usize = 2;
-    let stall: &[(&str, &str)] = &[("PAYSTREAM__PROCESSOR__STALL_BEFORE_COMMIT_MS", "200")];
-    let roles = [
-        ("api", &["api"][..], &[][..]),
-        ("account-1", &["process", "account"][..], &[][..]),
-        ("account-2", &["process", "account"][..], stall),
-        ("order", &["process", "order"][..], &[][..]),
-        ("relay", &["relay"][..], &[][..]),
-    ];
-    let mut cluster = Cluster {
-        env: &env,
-        api_listen,
-        roles: roles
-            .iter()
-            .map(|&(name, args, env)| Role {
-                name,
-                args,
-                env,
-                child: None,
-            })
-            .collect(),
-        broker: Some(broker),
-        broker_port,
-        broker_dir,
-    };
-    for i in 0..cluster.roles.len() {
-        cluster.spawn(i);
-    }
-    let never = AtomicBool::new(false);
-    for user in 1..=USERS {
-        let account = post(
-            &api,
-            "/v1/accounts",
-            user,
-            &format!("open-{user}"),
-            &json!({"currency": "CNY"}),
-            &never,
-        )
-        .await
-        .expect("open");
-        // A few users run dry, so some debits fail.
-        let balance = if user % 4 == 0 { 20_000 } else { 100_000_000 };
-        let path = format!("/v1/accounts/{}/deposits", account.id());
-        let admin = Client::new(api.base.clone(), &env.settings.api.jwt_secret);
-        let reply = admin
-            .try_post(
-                &path,
-                &admin.admin_token(),
-                &format!("fund-{user}"),
-                &json!({"amountFen": balance}),
-            )
-            .await
-            .expect("deposit");
-        assert_eq!(reply.status, 201, "{reply:?}");
-    }
+    let mut cluster = Cluster::start().await;
+    cluster.open_accounts().await;
 
-    // Load and the progress sampler run through the whole nemesis phase.
+    // Load and the progress sampler run through the nemesis (and the sampler through the
+    // heal: a recovery is measured until then).
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..CLIENTS)
-        .map(|c| tokio::spawn(client(api.clone(), seed * 1_000 + c as u64, stop.clone())))
+        .map(|c| tokio::spawn(client(cluster.api(), seed * 1_000 + c as u64, stop.clone())))
         .collect();
     let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
     let sampler = {
-        let (samples, pool, settings) = (samples.clone(), env.pool.clone(), env.settings.clone());
-        // It samples through the heal too: a recovery is measured until then.
+        let samples = samples.clone();
+        let (pool, settings) = (cluster.env.pool.clone(), cluster.env.settings.clone());
         tokio::spawn(async move {
             loop {
                 if let Some(s) = sample(&pool, &settings).await {
@@ -369,67 +610,11 @@ async fn under_a_seeded_nemesis_nothing_is_lost_or_doubled_and_every_pipeline_re
             }
         })
     };
-
-    // The nemesis: one fault at a time, a pause between, faults end by 80 % of the run.
-    let mut rng = Rng(seed ^ 0xc4a0_5000);
     let started = Instant::now();
-    let session = Duration::from_millis(env.settings.kafka.session_timeout_ms);
-    let mut injected: Vec<(Fault, &'static str, Instant)> = Vec::new();
-    while started.elapsed() < Duration::from_secs(seconds * 8 / 10) {
-        tokio::time::sleep(Duration::from_millis(2_000 + rng.below(4_000))).await;
-        let fault = Fault::ALL[rng.below(Fault::ALL.len() as u64) as usize];
-        let i = match fault {
-            Fault::FreezeMidBatch => MID_BATCH,
-            _ => rng.below(cluster.roles.len() as u64) as usize,
-        };
-        let target = match fault {
-            Fault::BrokerRestart => "broker",
-            Fault::TerminateBackends => "postgresql",
-            _ => cluster.roles[i].name,
-        };
-        match fault {
-            Fault::KillAndRestart => {
-                cluster.kill(i).await;
-                cluster.spawn(i);
-            }
-            Fault::KillAndRestartLater => {
-                cluster.kill(i).await;
-                tokio::time::sleep(Duration::from_millis(2_000 + rng.below(8_000))).await;
-                cluster.spawn(i);
-            }
-            Fault::Freeze | Fault::FreezeMidBatch => {
-                cluster.signal(i, "-STOP");
-                tokio::time::sleep(session + Duration::from_secs(2)).await;
-                cluster.signal(i, "-CONT");
-            }
-            Fault::BrokerRestart => {
-                cluster
-                    .restart_broker(Duration::from_millis(1_000 + rng.below(2_000)))
-                    .await;
-            }
-            Fault::TerminateBackends => {
-                sqlx::query(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                     WHERE datname = current_database() AND pid <> pg_backend_pid()",
-                )
-                .execute(&env.pool)
-                .await
-                .expect("terminate backends");
-            }
-        }
-        let end = Instant::now();
-        injected.push((fault, target, end));
-        // The next fault waits until this one's recovery is measured (or 60 s passed), so
-        // that each recovery is this fault's alone.
-        while end.elapsed() < Duration::from_secs(60)
-            && recovery(&samples.lock().expect("samples"), end).is_none()
-        {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-    while started.elapsed() < Duration::from_secs(seconds) {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    // Faults end by 80 % of the run; the load goes on to the end.
+    let until = started + Duration::from_secs(seconds * 8 / 10);
+    let injected = cluster.nemesis(seed, until, &samples).await;
+    tokio::time::sleep_until((started + Duration::from_secs(seconds)).into()).await;
     stop.store(true, Ordering::Relaxed);
     let mut acks = Acks::default();
     for c in clients {
@@ -438,210 +623,58 @@ async fn under_a_seeded_nemesis_nothing_is_lost_or_doubled_and_every_pipeline_re
         acks.cancels.extend(got.cancels);
     }
 
-    // Heal: every role running, then quiescence.
-    for i in 0..cluster.roles.len() {
-        cluster.signal(i, "-CONT");
-        let alive = cluster.roles[i]
-            .child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
-        if !alive {
-            cluster.spawn(i);
-        }
-    }
-    let explain = || async {
-        let state: Vec<(String, i32, i64, String, f64)> = sqlx::query_as(
-            "SELECT consumer_group, partition, next_offset, owner, \
-                    extract(epoch FROM now() - updated_at)::float8 FROM consumer_offsets ORDER BY 1, 2",
-        )
-        .fetch_all(&env.pool)
-        .await
-        .unwrap_or_default();
-        let orders: Vec<(String, i64)> =
-            sqlx::query_as("SELECT status, count(*) FROM orders GROUP BY status ORDER BY 1")
-                .fetch_all(&env.pool)
-                .await
-                .unwrap_or_default();
-        let unpublished = env
-            .scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
-            .await;
-        format!(
-            "\nfaults: {injected:?}\noffsets (group, partition, next, owner, idle s): {state:#?}\n\
-             orders: {orders:?}\nunpublished outbox rows: {unpublished}\nlogs in {}",
-            cluster.broker_dir.display()
-        )
-    };
-    wait_until_or_explain("every order settled and the outbox drained", || async {
-        let unsettled = env
-            .scalar(
-                r#"
-                SELECT (SELECT count(*) FROM orders o
-                        WHERE o.status = 'PENDING'
-                           OR (o.status = 'PAID' AND o.refund_requested_at IS NOT NULL)
-                           OR (o.status = 'CANCELLED' AND EXISTS
-                                (SELECT 1 FROM transfers t WHERE t.order_id = o.id AND t.kind = 'DEBIT')
-                               AND o.refunded_at IS NULL))
-                     + (SELECT count(*) FROM outbox WHERE published_at IS NULL)
-                "#,
-            )
-            .await;
-        (unsettled == 0).then_some(())
-    }, explain)
-    .await;
-    let account_events = env.settings.topics.account_events.clone();
-    let order_events = env.settings.topics.order_events.clone();
-    let stored = |group: String, topic: String| {
-        let env = &env;
-        async move {
-            let rows: Vec<(i32, i64)> = sqlx::query_as(
-                "SELECT partition, next_offset FROM consumer_offsets WHERE consumer_group = $1 AND topic = $2 ORDER BY partition",
-            )
-            .bind(group)
-            .bind(topic)
-            .fetch_all(&env.pool)
-            .await
-            .expect("offsets");
-            rows
-        }
-    };
-    // Stored offsets reach the end of each log (tansu may report a high watermark at the
-    // start of the last record batch, so "at least").
-    for (group, topic) in [
-        (
-            env.settings.processor.account_group.clone(),
-            order_events.clone(),
-        ),
-        (env.settings.orders.group.clone(), account_events.clone()),
-    ] {
-        let brokers = brokers.clone();
-        let t = topic.clone();
-        let ends = tokio::task::spawn_blocking(move || high_watermarks(&brokers, &t))
-            .await
-            .expect("watermarks");
-        wait_until(&format!("{group} to reach the end of {topic}"), || async {
-            let offsets = stored(group.clone(), topic.clone()).await;
-            let reached = (0..PARTITIONS).all(|p| {
-                let end = ends[p as usize];
-                end == 0 || offsets.iter().any(|&(q, next)| q == p && next >= end)
-            });
-            reached.then_some(())
-        })
-        .await;
-    }
+    cluster.heal().await;
     sampler.abort();
     let samples = samples.lock().expect("samples").clone();
-
-    // Every ledger debit and refund has its event on account.events, and every such event its
-    // ledger row.
-    let ends = {
-        let (brokers, t) = (brokers.clone(), account_events.clone());
-        tokio::task::spawn_blocking(move || high_watermarks(&brokers, &t))
-            .await
-            .expect("watermarks")
-    };
-    let wire = env.collect(&account_events);
-    let received = wait_until("account.events read to its end", || async {
-        let got = wire.snapshot();
-        let reached = (0..PARTITIONS).all(|p| {
-            ends[p as usize] == 0
-                || got
-                    .iter()
-                    .any(|r| r.partition == p && r.offset + 1 >= ends[p as usize])
-        });
-        reached.then_some(got)
-    })
-    .await;
-    let on_wire: BTreeSet<(String, i64)> = received
-        .iter()
-        .map(Received::json)
-        .filter(|e| e["eventType"] == "AccountDebited" || e["eventType"] == "AccountRefunded")
-        .map(|e| {
-            (
-                e["eventType"].as_str().unwrap_or("").to_owned(),
-                e["payload"]["orderId"].as_i64().unwrap_or(0),
-            )
-        })
-        .collect();
-    let in_ledger: BTreeSet<(String, i64)> = sqlx::query_as::<_, (String, i64)>(
-        "SELECT CASE kind WHEN 'DEBIT' THEN 'AccountDebited' ELSE 'AccountRefunded' END, order_id \
-         FROM transfers WHERE kind IN ('DEBIT', 'REFUND')",
-    )
-    .fetch_all(&env.pool)
-    .await
-    .expect("transfers")
-    .into_iter()
-    .collect();
-
-    // Every acknowledged order and cancel is honoured.
-    let statuses: HashMap<i64, String> =
-        sqlx::query_as::<_, (i64, String)>("SELECT id, status FROM orders")
-            .fetch_all(&env.pool)
-            .await
-            .expect("orders")
-            .into_iter()
-            .collect();
-    let mut anomalies: Vec<String> = Vec::new();
-    for &(_, id) in &acks.orders {
-        match statuses.get(&id).map(String::as_str) {
-            Some("PAID" | "CANCELLED" | "REFUNDED") => {}
-            other => anomalies.push(format!("acknowledged order {id} is {other:?}")),
-        }
-    }
-    for &(_, id) in &acks.cancels {
-        match statuses.get(&id).map(String::as_str) {
-            Some("CANCELLED" | "REFUNDED") => {}
-            other => anomalies.push(format!(
-                "acknowledged cancel of order {id}, which is {other:?}"
-            )),
-        }
-    }
-    for missing in in_ledger.difference(&on_wire) {
-        anomalies.push(format!(
-            "{missing:?} is in the ledger but not on account.events"
-        ));
-    }
-    for missing in on_wire.difference(&in_ledger) {
-        anomalies.push(format!(
-            "{missing:?} is on account.events but not in the ledger"
-        ));
-    }
-    let violations = paystream_processors::audit::check(
-        &env.pool,
-        &paystream_processors::audit::Limits::quiescent(&env.settings),
-    )
-    .await
-    .expect("audit");
-    anomalies.extend(
-        violations
-            .iter()
-            .map(|v| format!("{}: {}", v.invariant, v.detail)),
+    let anomalies = cluster.anomalies(&acks).await;
+    report(
+        seed,
+        seconds,
+        &acks,
+        &injected,
+        &samples,
+        started,
+        anomalies.len(),
     );
+    assert!(
+        !acks.orders.is_empty(),
+        "no order was acknowledged: the soak tested nothing"
+    );
+    assert!(anomalies.is_empty(), "anomalies: {anomalies:#?}");
+    for i in 0..cluster.roles.len() {
+        cluster.kill(i).await;
+    }
+}
 
-    // The report: per fault class, injections and the worst recovery.
+/// Prints each fault's recovery, a table per fault class and one JSON line.
+fn report(
+    seed: u64,
+    seconds: u64,
+    acks: &Acks,
+    injected: &[(Fault, &str, Instant)],
+    samples: &[Sample],
+    started: Instant,
+    anomalies: usize,
+) {
     let mut table: BTreeMap<Fault, (usize, f64, usize)> = BTreeMap::new();
-    for &(fault, target, end) in &injected {
+    for &(fault, target, end) in injected {
         let entry = table.entry(fault).or_insert((0, 0.0, 0));
         entry.0 += 1;
         let at = end.duration_since(started).as_secs_f64();
-        match recovery(&samples, end) {
+        let what = format!("fault ended at {at:.1} s: {} of {target}", fault.name());
+        match recovery(samples, end) {
             Some(secs) => {
                 entry.1 = entry.1.max(secs);
-                println!(
-                    "fault ended at {at:.1} s: {} of {target}; resumed {secs:.1} s later",
-                    fault.name()
-                );
+                println!("{what}; resumed {secs:.1} s later");
             }
             None => {
                 entry.2 += 1;
-                println!(
-                    "fault ended at {at:.1} s: {} of {target}; no progress measured",
-                    fault.name()
-                );
+                println!("{what}; no progress measured");
             }
         }
     }
     println!(
-        "chaos seed {seed}, {seconds} s: {} orders and {} cancels acknowledged, {} faults",
+        "chaos seed {seed}, {seconds} s: {} orders and {} cancels acknowledged, {} faults, {anomalies} anomalies",
         acks.orders.len(),
         acks.cancels.len(),
         injected.len()
@@ -651,23 +684,20 @@ async fn under_a_seeded_nemesis_nothing_is_lost_or_doubled_and_every_pipeline_re
     for (fault, (n, worst, unmeasured)) in &table {
         println!("| {} | {n} | {worst:.1} | {unmeasured} |", fault.name());
     }
-    let report = json!({
+    let faults: Vec<Value> = table
+        .iter()
+        .map(|(f, (n, worst, unmeasured))| {
+            json!({"fault": f.name(), "injected": n, "worstRecoverySeconds": worst,
+                   "unmeasured": unmeasured})
+        })
+        .collect();
+    let line = json!({
         "seed": seed,
         "seconds": seconds,
         "ordersAcknowledged": acks.orders.len(),
         "cancelsAcknowledged": acks.cancels.len(),
-        "anomalies": anomalies.len(),
-        "faults": table.iter().map(|(f, (n, worst, unmeasured))| json!({
-            "fault": f.name(), "injected": n, "worstRecoverySeconds": worst, "unmeasured": unmeasured
-        })).collect::<Vec<_>>(),
+        "anomalies": anomalies,
+        "faults": faults,
     });
-    println!("{report}");
-    assert!(
-        !acks.orders.is_empty(),
-        "no order was acknowledged: the soak tested nothing"
-    );
-    assert!(anomalies.is_empty(), "anomalies: {anomalies:#?}");
-    for i in 0..cluster.roles.len() {
-        cluster.kill(i).await;
-    }
+    println!("{line}");
 }

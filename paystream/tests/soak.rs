@@ -13,22 +13,6 @@ const ORDERS: usize = 2_000;
 const CLIENTS: usize = 16;
 const USERS: i64 = 40;
 
-/// xorshift64*: reproducible "random" choices without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 async fn cancel(api: &common::http::Client, user: i64, id: i64) {
     let reply = api
         .post(
