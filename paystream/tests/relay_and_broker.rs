@@ -343,7 +343,8 @@ async fn published_outbox_rows_past_the_retention_are_pruned_and_the_rest_stay()
 /// `topics create` accepted existing topics whatever they were. A topic that cannot take the
 /// records paystream sends to it (its max.message.bytes is smaller) would stall the relay, so
 /// the command now fails and says exactly what differs; a different partition count is only
-/// a warning.
+/// a warning. The event topics it creates take no record larger than the processors read
+/// (`processor.max_event_bytes`), not the 10 MiB they used to.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topics_create_refuses_existing_topics_too_small_for_what_paystream_sends() {
     let env = TestEnv::new(1).await;
@@ -355,6 +356,7 @@ async fn topics_create_refuses_existing_topics_too_small_for_what_paystream_send
 
     let mut larger = env.settings.clone();
     larger.kafka.message_max_bytes = env.settings.kafka.message_max_bytes * 2;
+    larger.processor.max_event_bytes = env.settings.kafka.message_max_bytes * 2;
     let error = paystream_processors::kafka::create_topics(&larger)
         .await
         .expect_err("the existing topics are too small")
@@ -362,8 +364,8 @@ async fn topics_create_refuses_existing_topics_too_small_for_what_paystream_send
     let expected = format!(
         "{}: max.message.bytes is {}, paystream sends records of up to {} bytes",
         env.settings.topics.order_events,
-        env.settings.kafka.message_max_bytes,
-        larger.kafka.message_max_bytes
+        env.settings.processor.max_event_bytes,
+        larger.processor.max_event_bytes
     );
     assert!(error.contains(&expected), "{error}");
     assert!(error.contains(&env.settings.topics.dead_letter), "{error}");

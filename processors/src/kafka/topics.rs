@@ -1,6 +1,11 @@
 //! `paystream topics create`: creates the three topics, and checks the ones that exist
 //! already against what paystream needs of them, saying exactly what differs.
 //!
+//! The event topics it creates take no record larger than the processors read
+//! (`processor.max_event_bytes`, or `kafka.message_max_bytes` if smaller): a larger one is
+//! refused to its producer instead of reaching a processor only to be dead-lettered. The
+//! dead-letter topic takes `kafka.message_max_bytes` plus the dead-letter allowance.
+//!
 //! A topic whose `max.message.bytes` is below what paystream sends to it refuses records the
 //! relay must publish (a dead letter of a large message, say), which would hold back every
 //! row behind it: that is an error. A partition count other than `kafka.partitions`, and a
@@ -43,8 +48,8 @@ struct Differences {
 /// Creates `topics.order_events`, `topics.account_events` and `topics.dead_letter`; checks
 /// those that exist already and fails when one cannot take what paystream sends to it.
 pub async fn create_topics(settings: &Settings) -> anyhow::Result<()> {
-    let (kafka, topics) = (&settings.kafka, &settings.topics);
-    let wanted = wanted(kafka, topics);
+    let kafka = &settings.kafka;
+    let wanted = wanted(settings);
     let admin: AdminClient<DefaultClientContext> = base_config(kafka).create()?;
     let max_bytes: Vec<String> = wanted
         .iter()
@@ -96,13 +101,12 @@ fn dedupe_window_ms(settings: &Settings) -> Option<i64> {
     (hours > 0).then(|| (hours.min(876_000) * 3_600_000) as i64)
 }
 
-fn wanted(
-    kafka: &crate::settings::KafkaSettings,
-    topics: &crate::settings::TopicSettings,
-) -> Vec<Wanted> {
+fn wanted(settings: &Settings) -> Vec<Wanted> {
+    let (kafka, topics) = (&settings.kafka, &settings.topics);
+    let event = settings.processor.max_event_bytes.min(kafka.message_max_bytes);
     [
-        (&topics.order_events, kafka.message_max_bytes),
-        (&topics.account_events, kafka.message_max_bytes),
+        (&topics.order_events, event),
+        (&topics.account_events, event),
         (&topics.dead_letter, dead_letter_max_bytes(kafka)),
     ]
     .into_iter()
