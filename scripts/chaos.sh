@@ -31,7 +31,7 @@ for seed in $list; do
   echo "== chaos seed $seed, $seconds s" >&2
   status=0
   CHAOS_SEED="$seed" CHAOS_SECONDS="$seconds" \
-    bash scripts/test.sh -E 'test(nemesis)' --no-capture >"$out" 2>&1 || status=$?
+    bash scripts/test.sh --profile chaos -E 'test(nemesis)' --no-capture >"$out" 2>&1 || status=$?
   grep -E '^(\||chaos seed|fault ended|\{"anomalies")|timed out|anomalies:|panicked' "$out" || true
   if [ "$status" != 0 ]; then
     echo "== seed $seed FAILED (rerun: scripts/chaos.sh --seed $seed --minutes $minutes)" >&2
