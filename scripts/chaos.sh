@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The chaos soak (paystream/tests/chaos.rs): every role as its own process, concurrent HTTP
 # clients, a seeded nemesis (SIGKILL with immediate and delayed restart, SIGSTOP past the
-# session timeout, broker SIGKILL and restart on durable storage, pg_terminate_backend), then
+# session timeout, broker SIGKILL and restart on durable storage, pg_terminate_backend, and
+# here only, a PostgreSQL crash and restart: the server is shared when all tests run), then
 # heal and check every invariant. Prints a table per fault class and one JSON line per seed.
 #   scripts/chaos.sh --seed N --minutes M     one seed
 #   scripts/chaos.sh --seeds 1-10 --minutes 5 several, one after the other
@@ -30,7 +31,7 @@ trap 'rm -f "$out"' EXIT
 for seed in $list; do
   echo "== chaos seed $seed, $seconds s" >&2
   status=0
-  CHAOS_SEED="$seed" CHAOS_SECONDS="$seconds" \
+  CHAOS_SEED="$seed" CHAOS_SECONDS="$seconds" CHAOS_PG_RESTART=1 \
     bash scripts/test.sh --profile chaos -E 'test(nemesis)' --no-capture >"$out" 2>&1 || status=$?
   grep -E '^(\||chaos seed|fault ended|\{"anomalies")|timed out|anomalies:|panicked' "$out" || true
   if [ "$status" != 0 ]; then

@@ -63,8 +63,18 @@ down() {
   fi
 }
 
+# A crash and restart (immediate shutdown: no checkpoint, recovery at start), for the chaos
+# soak. Every session is cut; what committed survives.
+crash_restart() {
+  local version name status
+  read -r version name status < <(cluster)
+  sudo_if_needed pg_ctlcluster --skip-systemctl-redirect "$version" "$name" stop -m immediate
+  sudo_if_needed pg_ctlcluster --skip-systemctl-redirect "$version" "$name" start
+}
+
 case "${1:-up}" in
   up) up ;;
   down) down ;;
-  *) echo "usage: $0 up|down" >&2; exit 2 ;;
+  crash-restart) crash_restart ;;
+  *) echo "usage: $0 up|down|crash-restart" >&2; exit 2 ;;
 esac

@@ -179,16 +179,20 @@ impl Cluster {
         let mut rng = Rng(seed ^ 0xc4a0_5000);
         let session = Duration::from_millis(self.env.settings.kafka.session_timeout_ms);
         let mut injected = Vec::new();
+        let mut faults = Fault::ALL.to_vec();
+        if std::env::var("CHAOS_PG_RESTART").is_ok_and(|v| v == "1") {
+            faults.push(Fault::PostgresRestart);
+        }
         while Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(2_000 + rng.below(4_000))).await;
-            let fault = Fault::ALL[rng.below(Fault::ALL.len() as u64) as usize];
+            let fault = faults[rng.below(faults.len() as u64) as usize];
             let i = match fault {
                 Fault::FreezeMidBatch => MID_BATCH,
                 _ => rng.below(self.roles.len() as u64) as usize,
             };
             let target = match fault {
                 Fault::BrokerRestart => "broker",
-                Fault::TerminateBackends => "postgresql",
+                Fault::TerminateBackends | Fault::PostgresRestart => "postgresql",
                 _ => self.roles[i].name,
             };
             match fault {
@@ -218,6 +222,15 @@ impl Cluster {
                     .execute(&self.env.pool)
                     .await
                     .expect("terminate backends");
+                }
+                Fault::PostgresRestart => {
+                    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/pg.sh");
+                    let status = tokio::process::Command::new("bash")
+                        .args([script, "crash-restart"])
+                        .status()
+                        .await
+                        .expect("pg.sh");
+                    assert!(status.success(), "PostgreSQL did not restart");
                 }
             }
             let end = Instant::now();
@@ -419,6 +432,9 @@ enum Fault {
     FreezeMidBatch,
     BrokerRestart,
     TerminateBackends,
+    /// Only with `CHAOS_PG_RESTART=1` (`scripts/chaos.sh`): the PostgreSQL server is shared
+    /// with the other tests when they run together.
+    PostgresRestart,
 }
 
 impl Fault {
@@ -439,6 +455,7 @@ impl Fault {
             Fault::FreezeMidBatch => "SIGSTOP mid-batch (rows locked) past the session timeout",
             Fault::BrokerRestart => "broker SIGKILL and restart",
             Fault::TerminateBackends => "pg_terminate_backend of every session",
+            Fault::PostgresRestart => "PostgreSQL crash (immediate stop) and restart",
         }
     }
 }

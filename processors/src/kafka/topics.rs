@@ -103,7 +103,10 @@ fn dedupe_window_ms(settings: &Settings) -> Option<i64> {
 
 fn wanted(settings: &Settings) -> Vec<Wanted> {
     let (kafka, topics) = (&settings.kafka, &settings.topics);
-    let event = settings.processor.max_event_bytes.min(kafka.message_max_bytes);
+    let event = settings
+        .processor
+        .max_event_bytes
+        .min(kafka.message_max_bytes);
     [
         (&topics.order_events, event),
         (&topics.account_events, event),
