@@ -91,13 +91,15 @@ impl Lease {
         Ok(epoch)
     }
 
-    /// Renews the lease inside `tx` if this relay still holds it at `epoch`; the row stays
-    /// locked until `tx` ends, so no other relay takes it while the marks commit.
+    /// Renews the lease inside `tx` if no other relay took it since the round began (every
+    /// take raises the epoch); the row stays locked until `tx` ends, so no other relay takes
+    /// it while the marks commit. A round that outlived the lease (a slow broker) but was not
+    /// replaced still marks: nobody else published meanwhile.
     async fn renew_in(&self, tx: &mut PgConnection, epoch: i64) -> Result<bool, sqlx::Error> {
         let held: Option<i32> = sqlx::query_scalar(
             r#"
             UPDATE relay_lease SET expires_at = now() + make_interval(secs => $3)
-            WHERE id = 1 AND owner = $1 AND epoch = $2 AND expires_at > now()
+            WHERE id = 1 AND owner = $1 AND epoch = $2
             RETURNING 1
             "#,
         )
@@ -289,7 +291,7 @@ async fn listen(pool: &PgPool) -> Option<PgListener> {
 /// What one relay round did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Round {
-    /// Another relay holds the lock this round.
+    /// Another relay holds the lease this round (or took it during the round).
     NotLeader,
     /// Published every row there was (so many).
     Published(usize),
@@ -331,7 +333,7 @@ pub async fn bounded_round(
         Leased::Delivered(delivered) => delivered,
         Leased::Empty => return Ok(Round::Published(0)),
         Leased::Lost => {
-            tracing::warn!(epoch, "the relay lease lapsed during the round; its marks were not written (the new holder publishes those rows again)");
+            tracing::warn!(epoch, "the relay lease lapsed during the round and another relay took it; this round's marks were not written (the new holder publishes those rows again)");
             lease.epoch = None;
             return Ok(Round::NotLeader);
         }
