@@ -570,19 +570,49 @@ async fn sample(
 /// past where it stood at `end`: a partition left without an owner counts, even while the
 /// others move. The load keeps every partition busy, so each has work waiting.
 fn recovery(samples: &[Sample], end: Instant) -> Option<f64> {
-    let at_end = samples
+    match progress_after(samples, end) {
+        Progress::Resumed(secs) => Some(secs),
+        Progress::Still(_) => None,
+    }
+}
+
+/// What the counters did after a fault's end.
+enum Progress {
+    /// Every counter moved; the slowest took this many seconds.
+    Resumed(f64),
+    /// These did not move: (counter, value at the fault's end, last value seen).
+    Still(Vec<(usize, i64, i64)>),
+}
+
+fn progress_after(samples: &[Sample], end: Instant) -> Progress {
+    let Some(at_end) = samples
         .iter()
         .rev()
         .find(|s| s.0 <= end)
-        .or(samples.first())?;
+        .or(samples.first())
+    else {
+        return Progress::Still(Vec::new());
+    };
+    let later: Vec<&Sample> = samples.iter().filter(|s| s.0 > end).collect();
     let mut worst = Duration::ZERO;
+    let mut still = Vec::new();
     for (k, &before) in at_end.1.iter().enumerate() {
-        let moved = samples
+        match later
             .iter()
-            .find(|s| s.0 > end && s.1.get(k).is_some_and(|&v| v > before))?;
-        worst = worst.max(moved.0.duration_since(end));
+            .find(|s| s.1.get(k).is_some_and(|&v| v > before))
+        {
+            Some(moved) => worst = worst.max(moved.0.duration_since(end)),
+            None => {
+                let last = later.last().and_then(|s| s.1.get(k).copied());
+                still.push((k, before, last.unwrap_or(before)));
+            }
+        }
     }
-    Some(worst.as_secs_f64())
+    if still.is_empty() {
+        Progress::Resumed(worst.as_secs_f64())
+    } else {
+        Progress::Still(still)
+    }
 }
 
 fn high_watermarks(brokers: &str, topic: &str) -> Vec<i64> {
@@ -679,14 +709,16 @@ fn report(
         entry.0 += 1;
         let at = end.duration_since(started).as_secs_f64();
         let what = format!("fault ended at {at:.1} s: {} of {target}", fault.name());
-        match recovery(samples, end) {
-            Some(secs) => {
+        match progress_after(samples, end) {
+            Progress::Resumed(secs) => {
                 entry.1 = entry.1.max(secs);
                 println!("{what}; resumed {secs:.1} s later");
             }
-            None => {
+            Progress::Still(still) => {
                 entry.2 += 1;
-                println!("{what}; no progress measured");
+                // Counters 0-2: the account group's partitions, 3-5: the order group's, 6: the
+                // relay's published rows.
+                println!("{what}; no progress measured (counter, at the fault's end, last seen): {still:?}");
             }
         }
     }
