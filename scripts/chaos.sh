@@ -35,7 +35,9 @@ for seed in $list; do
     bash scripts/test.sh --profile chaos -E 'test(nemesis)' --no-capture >"$out" 2>&1 || status=$?
   grep -E '^(\||chaos seed|fault ended|\{"anomalies")|timed out|anomalies:|panicked' "$out" || true
   if [ "$status" != 0 ]; then
-    echo "== seed $seed FAILED (rerun: scripts/chaos.sh --seed $seed --minutes $minutes)" >&2
+    kept="${TMPDIR:-/tmp}/paystream-chaos-seed-$seed.log"
+    cp "$out" "$kept"
+    echo "== seed $seed FAILED (whole output: $kept; rerun: scripts/chaos.sh --seed $seed --minutes $minutes)" >&2
     failed=1
   fi
 done

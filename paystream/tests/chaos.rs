@@ -549,12 +549,16 @@ async fn sample(
 ) -> Option<Sample> {
     let counters: Vec<i64> = sqlx::query_scalar(
         r#"
-        SELECT coalesce(o.next_offset, 0)
-        FROM unnest(ARRAY[$1, $2]) WITH ORDINALITY AS g(name, n)
-        CROSS JOIN generate_series(0, $3 - 1) AS p(partition)
-        LEFT JOIN consumer_offsets o ON o.consumer_group = g.name AND o.partition = p.partition
-        UNION ALL
-        SELECT count(*) FROM outbox WHERE published_at IS NOT NULL
+        SELECT value FROM (
+            SELECT g.n AS counter, p.partition, coalesce(o.next_offset, 0) AS value
+            FROM unnest(ARRAY[$1, $2]) WITH ORDINALITY AS g(name, n)
+            CROSS JOIN generate_series(0, $3 - 1) AS p(partition)
+            LEFT JOIN consumer_offsets o ON o.consumer_group = g.name AND o.partition = p.partition
+            UNION ALL
+            SELECT 3, 0, count(*) FROM outbox WHERE published_at IS NOT NULL
+        ) c
+        -- The same counter at the same index in every sample.
+        ORDER BY counter, partition
         "#,
     )
     .bind(&settings.processor.account_group)
