@@ -32,6 +32,7 @@ pub struct Metrics {
     pub consume_delay: HistogramVec,
     pub retries: IntCounterVec,
     pub fenced_commits: IntCounterVec,
+    pub consumer_rejoins: IntCounterVec,
     pub offset_jumps: IntCounterVec,
     pub dedupe_pruned: IntCounterVec,
     pub relay_published: IntCounterVec,
@@ -134,6 +135,12 @@ impl Metrics {
                 "paystream_retries_total",
                 "Retried batch transactions, by processor and error class.",
                 &["processor", "error_class"],
+            ),
+            consumer_rejoins: counter(
+                "paystream_consumer_rejoins_total",
+                "Times a worker left and rejoined its consumer group because a partition was held \
+                 by no live worker for a session timeout (the group coordinator left it unassigned).",
+                &["processor"],
             ),
             fenced_commits: counter(
                 "paystream_fenced_commits_total",

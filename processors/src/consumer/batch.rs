@@ -11,7 +11,7 @@ use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use super::dedupe::ProcessedRows;
-use super::offsets::{Close, Position};
+use super::offsets::{self, Close, Position};
 use super::{ApplyError, Fresh, Handler, Outcome, WorkerConfig};
 use crate::backoff::Backoff;
 use crate::db::ErrorClass;
@@ -40,7 +40,19 @@ fn readable(msg: &InboundMessage) -> Result<(), Poison> {
 pub(super) enum BatchError {
     /// This partition's commit was refused (the whole transaction rolled back).
     Fenced(i32),
+    /// This partition's stored offset is ahead of where its batch started, under this
+    /// worker's own claim: an earlier commit whose answer was lost (the connection died during
+    /// COMMIT) did land. The whole transaction rolled back; the partition resumes from `stored`.
+    Advanced(Advanced),
     Cancelled,
+}
+
+/// Where a partition's stored position stands after an earlier commit landed unseen.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Advanced {
+    pub partition: i32,
+    pub stored: i64,
+    pub last_fp: Option<i64>,
 }
 
 pub(super) struct BatchRunner<H> {
@@ -77,6 +89,9 @@ enum Attempt {
     /// The compare-and-set of this partition's offset was refused: this worker no longer owns
     /// it. Everything was rolled back, the other parts included.
     Fenced(i32),
+    /// The compare-and-set was refused because this worker's own earlier commit advanced the
+    /// offset (see `BatchError::Advanced`). Everything was rolled back.
+    Advanced(Advanced),
 }
 
 /// The outcomes of a batch's messages as they are decided: per part, per message.
@@ -102,6 +117,15 @@ impl<H: Handler> BatchRunner<H> {
                 Ok(Attempt::Fenced(partition)) => {
                     self.fenced(parts, partition);
                     return Err(BatchError::Fenced(partition));
+                }
+                Ok(Attempt::Advanced(advanced)) => {
+                    tracing::warn!(
+                        processor = self.handler.name(),
+                        partition = advanced.partition,
+                        stored = advanced.stored,
+                        "an earlier commit whose answer was lost had landed; resuming from the stored offset (nothing is applied twice)"
+                    );
+                    return Err(BatchError::Advanced(advanced));
                 }
                 Err(e) => {
                     let delay = self.retry.delay(attempt);
@@ -300,7 +324,7 @@ impl<H: Handler> BatchRunner<H> {
             .close(tx, parts, outbox::Columns::new(emitted), &unclaim)
             .await?
         {
-            Some(fenced) => Ok(Attempt::Fenced(fenced)),
+            Some(refused) => Ok(refused),
             None => Ok(Attempt::Committed(outcomes)),
         }
     }
@@ -335,7 +359,7 @@ impl<H: Handler> BatchRunner<H> {
         parts: &[PartBatch<'_>],
         outbox: outbox::Columns<'_>,
         unclaim: &[uuid::Uuid],
-    ) -> Result<Option<i32>, sqlx::Error> {
+    ) -> Result<Option<Attempt>, sqlx::Error> {
         let mut outbox = Some(outbox);
         for (k, part) in parts.iter().enumerate() {
             let close = Close {
@@ -349,9 +373,62 @@ impl<H: Handler> BatchRunner<H> {
                 unclaim: if k == 0 { unclaim } else { &[] },
             };
             if !close.execute(&mut *tx).await? {
-                return Ok(Some(part.partition));
+                let (group, topic) = (&self.config.group, &self.config.topic);
+                let now = offsets::stored(&mut *tx, group, topic, part.partition).await?;
+                return Ok(Some(refused(part.partition, part.at, now)));
             }
         }
         Ok(None)
+    }
+}
+/// Why a partition's compare-and-set was refused, from the row as it stands now (epoch, next
+/// offset, fingerprint). Only this worker advances the offset under its claim's epoch, one
+/// batch per partition at a time: the same epoch further on is its own commit that landed
+/// unseen; anything else (another epoch, no row) is a claim by someone else.
+fn refused(partition: i32, at: Position, now: Option<(i64, i64, Option<i64>)>) -> Attempt {
+    match now {
+        Some((epoch, stored, last_fp)) if epoch == at.epoch && stored > at.next_offset => {
+            Attempt::Advanced(Advanced {
+                partition,
+                stored,
+                last_fp,
+            })
+        }
+        _ => Attempt::Fenced(partition),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_commit_is_a_fence_unless_the_row_shows_this_claims_own_commit_landed() {
+        let at = Position {
+            epoch: 7,
+            next_offset: 100,
+        };
+        // (the row now, advanced to)
+        let cases = [
+            (Some((8, 100, None)), None),
+            (Some((8, 140, Some(3))), None),
+            (None, None),
+            (Some((7, 100, None)), None),
+            (Some((7, 140, Some(3))), Some((140, Some(3)))),
+        ];
+        for (now, expected) in cases {
+            let got = match refused(2, at, now) {
+                Attempt::Advanced(a) => {
+                    assert_eq!(a.partition, 2);
+                    Some((a.stored, a.last_fp))
+                }
+                Attempt::Fenced(partition) => {
+                    assert_eq!(partition, 2);
+                    None
+                }
+                Attempt::Committed(_) => panic!("a refusal is never a commit"),
+            };
+            assert_eq!(got, expected, "{now:?}");
+        }
     }
 }

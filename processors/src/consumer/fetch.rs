@@ -22,7 +22,7 @@ use super::batch::BatchRunner;
 use super::lanes::Lanes;
 use super::partition::{lock, Lane, Partitions, Phase};
 use super::rebalance::Context;
-use super::{Handler, WorkerConfig};
+use super::{offsets, Handler, WorkerConfig};
 use crate::backoff::Backoff;
 use crate::kafka::InboundMessage;
 use crate::settings::Settings;
@@ -67,6 +67,7 @@ pub(super) fn consume<H: Handler>(
     METRICS.partitions_held.with_label_values(&[name]).set(0);
 
     let (committed_tx, committed) = mpsc::channel();
+    let membership = Membership::new(&pool, owner.clone(), &settings.kafka);
     let runner = BatchRunner {
         pool,
         handler,
@@ -85,9 +86,39 @@ pub(super) fn consume<H: Handler>(
         committed,
         tasks: Vec::new(),
         name,
+        membership,
     };
     fetch.run(&cancel);
     Ok(())
+}
+
+/// What this worker says of the partitions it holds, and what it found of those nobody holds
+/// (see `check_membership`).
+struct Membership {
+    pool: PgPool,
+    owner: String,
+    /// How often this worker says what it holds.
+    every: Duration,
+    /// A worker that said nothing for this long holds nothing (the session timeout).
+    live: Duration,
+    said_at: Option<Instant>,
+    orphaned_since: Option<Instant>,
+    rejoined_at: Option<Instant>,
+}
+
+impl Membership {
+    fn new(pool: &PgPool, owner: String, kafka: &crate::settings::KafkaSettings) -> Self {
+        let session = Duration::from_millis(kafka.session_timeout_ms);
+        Self {
+            pool: pool.clone(),
+            owner,
+            every: (session / 5).max(Duration::from_millis(500)),
+            live: session,
+            said_at: None,
+            orphaned_since: None,
+            rejoined_at: None,
+        }
+    }
 }
 
 /// The Kafka thread's state; `prove` adds the proof of positions to it.
@@ -104,6 +135,7 @@ pub(super) struct Fetch<H> {
     /// poll loop must not wait for it.
     lag_client: Arc<BaseConsumer>,
     pub(super) name: &'static str,
+    membership: Membership,
 }
 
 impl<H: Handler> Fetch<H> {
@@ -121,6 +153,7 @@ impl<H: Handler> Fetch<H> {
                 lag_measured = Instant::now();
                 self.measure_lag();
             }
+            self.check_membership();
             let (assigned, queued, queued_bytes, stalled) = {
                 let states = lock(&self.partitions);
                 (
@@ -147,8 +180,64 @@ impl<H: Handler> Fetch<H> {
             }
         }
         tracing::info!(processor = self.name, "worker stopping");
+        let (group, topic) = (&self.config.group, &self.config.topic);
+        self.handle.block_on(offsets::leave(
+            &self.membership.pool,
+            group,
+            topic,
+            &self.membership.owner,
+        ));
         // Let the lanes finish or abandon their transaction (their retries stop on cancel).
         self.handle.block_on(join_all(self.tasks));
+    }
+
+    /// Says which partitions this worker holds, and rejoins the group when a partition has
+    /// been held by no live worker for a session timeout. Standard Kafka reassigns a dead
+    /// member's partitions by itself; the development broker's coordinator (tansu 0.6) can
+    /// leave one assigned to nobody after a worker dies and comes back, with no rebalance to
+    /// follow. Leaving and joining again makes it assign every partition anew; on Apache
+    /// Kafka this never fires, as nothing stays orphaned for a session timeout.
+    fn check_membership(&mut self) {
+        let m = &mut self.membership;
+        if m.said_at.is_some_and(|at| at.elapsed() < m.every) {
+            return;
+        }
+        m.said_at = Some(Instant::now());
+        let held: Vec<i32> = lock(&self.partitions).keys().copied().collect();
+        let (group, topic) = (&self.config.group, &self.config.topic);
+        let orphans = match self.handle.block_on(offsets::heartbeat(
+            &m.pool, group, topic, &m.owner, &held, m.live,
+        )) {
+            Ok(orphans) => orphans,
+            Err(error) => {
+                tracing::debug!(%error, "could not say which partitions this worker holds");
+                return;
+            }
+        };
+        if orphans.is_empty() {
+            m.orphaned_since = None;
+            return;
+        }
+        let since = *m.orphaned_since.get_or_insert_with(Instant::now);
+        let recently = m.rejoined_at.is_some_and(|at| at.elapsed() < m.live * 2);
+        if since.elapsed() < m.live || recently {
+            return;
+        }
+        tracing::warn!(
+            processor = self.name,
+            ?orphans,
+            "partitions held by no live worker for a session timeout (the broker's group coordinator left them unassigned); rejoining the group"
+        );
+        METRICS
+            .consumer_rejoins
+            .with_label_values(&[self.name])
+            .inc();
+        m.rejoined_at = Some(Instant::now());
+        m.orphaned_since = None;
+        self.consumer.unsubscribe();
+        if let Err(error) = self.consumer.subscribe(&[topic.as_str()]) {
+            tracing::error!(%error, "could not subscribe again; retrying at the next check");
+        }
     }
 
     /// Mirrors committed offsets to Kafka for lag tools; PostgreSQL stays the truth.

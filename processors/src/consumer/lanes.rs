@@ -161,6 +161,17 @@ impl<H: Handler> Lanes<H> {
                         return true;
                     }
                 }
+                Err(BatchError::Advanced(advanced)) => {
+                    let partition = advanced.partition;
+                    if let Some(state) = pending_state(&mut states, &pending, partition) {
+                        state.reposition(advanced.stored, advanced.last_fp);
+                    }
+                    pending.retain(|p| p.0 != partition);
+                    members.retain(|m| m.0 != partition);
+                    if pending.is_empty() {
+                        return true;
+                    }
+                }
                 Err(BatchError::Cancelled) => {
                     for (partition, at, _) in &pending {
                         if let Some(state) = claimed(&mut states, *partition, at.epoch) {

@@ -60,6 +60,92 @@ pub(super) async fn claim(
         .collect())
 }
 
+/// Says which partitions this worker (`owner`) holds, and returns the partitions of the
+/// group's topic that no live worker holds: none that said so within `live`. Stale rows of
+/// workers gone for a day are removed on the way.
+pub(super) async fn heartbeat(
+    pool: &PgPool,
+    group: &str,
+    topic: &str,
+    owner: &str,
+    held: &[i32],
+    live: std::time::Duration,
+) -> Result<Vec<i32>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        r#"
+        INSERT INTO consumer_members (consumer_group, topic, owner, partitions, seen_at)
+        VALUES ($1, $2, $3, $4, now())
+        ON CONFLICT (consumer_group, topic, owner)
+        DO UPDATE SET partitions = EXCLUDED.partitions, seen_at = now()
+        "#,
+    )
+    .bind(group)
+    .bind(topic)
+    .bind(owner)
+    .bind(held)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "DELETE FROM consumer_members WHERE consumer_group = $1 AND topic = $2 \
+         AND seen_at < now() - interval '1 day'",
+    )
+    .bind(group)
+    .bind(topic)
+    .execute(&mut *tx)
+    .await?;
+    let orphans: Vec<i32> = sqlx::query_scalar(
+        r#"
+        SELECT o.partition FROM consumer_offsets o
+        WHERE o.consumer_group = $1 AND o.topic = $2
+          AND NOT EXISTS (
+              SELECT 1 FROM consumer_members m
+              WHERE m.consumer_group = $1 AND m.topic = $2
+                AND m.seen_at > now() - make_interval(secs => $3)
+                AND o.partition = ANY(m.partitions))
+        ORDER BY o.partition
+        "#,
+    )
+    .bind(group)
+    .bind(topic)
+    .bind(live.as_secs_f64())
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(orphans)
+}
+
+/// Removes this worker's membership row (a clean stop).
+pub(super) async fn leave(pool: &PgPool, group: &str, topic: &str, owner: &str) {
+    let _ = sqlx::query(
+        "DELETE FROM consumer_members WHERE consumer_group = $1 AND topic = $2 AND owner = $3",
+    )
+    .bind(group)
+    .bind(topic)
+    .bind(owner)
+    .execute(pool)
+    .await;
+}
+
+/// The stored position of a partition: (epoch, next offset, fingerprint of the message
+/// before it), if the row exists.
+pub(super) async fn stored(
+    conn: &mut PgConnection,
+    group: &str,
+    topic: &str,
+    partition: i32,
+) -> Result<Option<(i64, i64, Option<i64>)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT epoch, next_offset, last_message_fp FROM consumer_offsets \
+         WHERE consumer_group = $1 AND topic = $2 AND partition = $3",
+    )
+    .bind(group)
+    .bind(topic)
+    .bind(partition)
+    .fetch_optional(conn)
+    .await
+}
+
 /// The closing statement of a batch transaction: the outbox rows, the removal of the dedupe
 /// rows of events that were dead-lettered by the handler, and the compare-and-set of the
 /// stored offset, in one round trip.

@@ -74,6 +74,15 @@ impl PartitionState {
         matches!(self.lane, Lane::Applying(since) if since.elapsed() >= limit)
     }
 
+    /// A commit of this partition whose answer was lost (the connection died during COMMIT)
+    /// did land: the stored offset is `stored`, ahead of what the lane knew. Drop what is
+    /// queued and prove the position from the stored offset again, as after a claim (same
+    /// epoch): the fetch rewinds to it and checks the message before it.
+    pub fn reposition(&mut self, stored: i64, last_fp: Option<i64>) {
+        let (resume, _) = Resume::claimed(stored, last_fp, Instant::now());
+        *self = Self::claimed(self.epoch, stored, resume);
+    }
+
     /// A commit was refused: drop what is queued and apply nothing more.
     pub fn fence(&mut self) {
         self.phase = Phase::Fenced;
