@@ -132,6 +132,20 @@ impl Client {
         key: Option<&str>,
         body: Option<String>,
     ) -> Reply {
+        Self::reply(self.request(method, path, token, key, body))
+            .await
+            .expect("request")
+    }
+
+    /// A request with the optional bearer token, idempotency key and JSON body.
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        key: Option<&str>,
+        body: Option<String>,
+    ) -> reqwest::RequestBuilder {
         let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
         let mut req = self.http.request(method, format!("{}{path}", self.base));
         if let Some(token) = token {
@@ -143,10 +157,10 @@ impl Client {
         if let Some(body) = body {
             req = req.header("content-type", "application/json").body(body);
         }
-        Self::reply(req).await.expect("request")
+        req
     }
 
-    /// Like `send`, with a transport error (API down, connection reset) returned, not a panic.
+    /// Like `post`, with a transport error (API down, connection reset) returned, not a panic.
     pub async fn try_post(
         &self,
         path: &str,
@@ -154,14 +168,8 @@ impl Client {
         key: &str,
         body: &Value,
     ) -> Result<Reply, reqwest::Error> {
-        let req = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(token)
-            .header("Idempotency-Key", key)
-            .header("content-type", "application/json")
-            .body(body.to_string());
-        Self::reply(req).await
+        Self::reply(self.request("POST", path, Some(token), Some(key), Some(body.to_string())))
+            .await
     }
 
     async fn reply(req: reqwest::RequestBuilder) -> Result<Reply, reqwest::Error> {

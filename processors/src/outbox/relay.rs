@@ -182,13 +182,14 @@ pub async fn run(
     let _pruning = crate::db::spawn_pruning(&pool, pruning(&settings), &cancel);
     let mut failures = 0;
     let mut lease = Lease::new(lease_ttl(&settings));
+    let limits = Limits::new(&settings);
     tracing::info!("relay started");
 
     while !cancel.is_cancelled() {
         if listener.is_none() {
             listener = listen(&pool).await;
         }
-        match bounded_round(&pool, &producer, Limits::new(&settings), &mut lease).await {
+        match bounded_round(&pool, &producer, limits, &mut lease).await {
             Ok(Round::Full(_)) => {
                 failures = 0;
                 continue; // a full round: there may be more, drain before waiting
@@ -416,61 +417,64 @@ async fn leased_round(
     // Full when the round stopped at its row or byte budget: more may be waiting.
     let full = read as i64 >= limit || rows.len() < read;
 
-    // A row larger than a record may be is parked before anything is sent, and the later
-    // rows of its key are not sent either (they would overtake it).
-    let mut oversized: Vec<Option<Refusal>> = Vec::with_capacity(rows.len());
+    // Each row's key and headers, read once. A row larger than a record may be is parked
+    // before anything is sent, and the later rows of its key are not sent either (they would
+    // overtake it).
     let mut blocked: HashSet<(&str, &[u8])> = HashSet::new();
-    for (_, topic, key, raw_key, payload, headers) in &rows {
-        let key = raw_key.as_deref().or(key.as_ref().map(String::as_bytes));
-        let size = payload.len() + key.map_or(0, <[u8]>::len) + headers.to_string().len();
-        let lane = key.map(|k| (topic.as_str(), k));
-        let refusal = if size > limits.record_bytes {
-            Some(Refusal::Permanent(format!(
-                "the record is about {size} bytes, more than a message may be ({})",
-                limits.record_bytes
-            )))
-        } else if lane.is_some_and(|l| blocked.contains(&l)) {
-            Some(Refusal::Held)
-        } else {
-            None
-        };
-        if let (Some(Refusal::Permanent(_)), Some(lane)) = (&refusal, lane) {
-            blocked.insert(lane);
-        }
-        oversized.push(refusal);
-    }
+    let prepared: Vec<_> = rows
+        .iter()
+        .map(|(id, topic, key, raw_key, payload, headers)| {
+            let key = raw_key.as_deref().or(key.as_ref().map(String::as_bytes));
+            let headers = headers_from_json(headers);
+            let header_bytes: usize = headers.iter().map(|(n, v)| n.len() + v.len()).sum();
+            let size = payload.len() + key.map_or(0, <[u8]>::len) + header_bytes;
+            let lane = key.map(|k| (topic.as_str(), k));
+            let refusal = if size > limits.record_bytes {
+                Some(Refusal::Permanent(format!(
+                    "the record is about {size} bytes, more than a message may be ({})",
+                    limits.record_bytes
+                )))
+            } else if lane.is_some_and(|l| blocked.contains(&l)) {
+                Some(Refusal::Held)
+            } else {
+                None
+            };
+            if let (Some(Refusal::Permanent(_)), Some(lane)) = (&refusal, lane) {
+                blocked.insert(lane);
+            }
+            (*id, topic.as_str(), key, payload, headers, refusal)
+        })
+        .collect();
 
     // Enqueue in id order; the idempotent producer keeps that order per partition.
-    let deliveries =
-        rows.iter()
-            .zip(oversized)
-            .map(|((id, topic, key, raw_key, payload, headers), refusal)| {
-                let key = raw_key.as_deref().or(key.as_ref().map(String::as_bytes));
-                let send = refusal.is_none().then(|| {
+    let deliveries = prepared
+        .into_iter()
+        .map(|(id, topic, key, payload, headers, refusal)| {
+            let send = match refusal {
+                Some(refusal) => Err(refusal),
+                None => {
                     let mut record = FutureRecord::<[u8], [u8]>::to(topic)
                         .payload(payload)
-                        .headers(record_headers(&headers_from_json(headers)));
+                        .headers(record_headers(&headers));
                     if let Some(key) = key {
                         record = record.key(key);
                     }
-                    producer.send(record, Timeout::Never)
-                });
-                async move {
-                    let outcome = match (refusal, send) {
-                        (Some(refusal), _) => Err(refusal),
-                        (None, Some(send)) => {
-                            send.await.map(drop).map_err(|(e, _)| Refusal::of(&e))
-                        }
-                        (None, None) => Err(Refusal::Held),
-                    };
-                    Sent {
-                        id: *id,
-                        topic: topic.as_str(),
-                        key,
-                        outcome,
-                    }
+                    Ok(producer.send(record, Timeout::Never))
                 }
-            });
+            };
+            async move {
+                let outcome = match send {
+                    Ok(delivery) => delivery.await.map(drop).map_err(|(e, _)| Refusal::of(&e)),
+                    Err(refusal) => Err(refusal),
+                };
+                Sent {
+                    id,
+                    topic,
+                    key,
+                    outcome,
+                }
+            }
+        });
     let results = join_all(deliveries).await;
 
     let settled = settle(results.into_iter());
