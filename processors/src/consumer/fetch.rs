@@ -275,8 +275,9 @@ impl<H: Handler> Fetch<H> {
         for msg in messages {
             by_partition.entry(msg.partition).or_default().push(msg);
         }
+        let group_commit = self.config.settings.processor.group_commit;
         let mut states = lock(&self.partitions);
-        let mut starting = Vec::new();
+        let (mut group, mut singles) = (Vec::new(), Vec::new());
         for (partition, mut msgs) in by_partition {
             let Some(state) = states.get_mut(&partition) else {
                 continue;
@@ -297,21 +298,23 @@ impl<H: Handler> Fetch<H> {
             state.dispatched = msgs.last().map_or(state.dispatched, |m| m.offset + 1);
             state.enqueue(msgs);
             if state.lane == Lane::Idle {
-                state.lane = Lane::Ready;
-                starting.push((partition, state.epoch));
+                if !group_commit {
+                    state.lane = Lane::Ready;
+                    singles.push((partition, state.epoch));
+                } else if self.lanes.start_group() {
+                    state.lane = Lane::Ready;
+                    group.push((partition, state.epoch));
+                } // else the running group lane adopts it at its next batch
             }
         }
         drop(states);
-        if self.config.settings.processor.group_commit {
-            if !starting.is_empty() {
-                self.tasks
-                    .push(self.handle.spawn(self.lanes.clone().run(starting)));
-            }
-        } else {
-            for member in starting {
-                self.tasks
-                    .push(self.handle.spawn(self.lanes.clone().run(vec![member])));
-            }
+        if !group.is_empty() {
+            self.tasks
+                .push(self.handle.spawn(self.lanes.clone().run_group(group)));
+        }
+        for member in singles {
+            self.tasks
+                .push(self.handle.spawn(self.lanes.clone().run_one(member)));
         }
     }
 }

@@ -187,3 +187,52 @@ pub async fn run<H: Handler>(
         .await
         .map_err(|_| anyhow::anyhow!("the {name} consumer thread panicked"))?
 }
+
+/// Applies `batches` of `partition` in order, each as the transaction a worker commits for
+/// those messages (decode, dedupe, the handler, dead letters, outbox rows and the offset
+/// compare-and-set), with no broker. `paystream bench` measures with it what the database
+/// allows. Claims the partition first, which fences any worker holding it; the messages'
+/// offsets must continue the stored offset.
+pub async fn apply_batches<H: Handler>(
+    config: WorkerConfig,
+    pool: PgPool,
+    handler: H,
+    partition: i32,
+    batches: &[Vec<crate::kafka::InboundMessage>],
+) -> anyhow::Result<()> {
+    let owner = crate::startup::instance_id();
+    let claim = offsets::claim(&pool, &config.group, &config.topic, &[partition], &owner)
+        .await?
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("the claim of partition {partition} returned no row"))?;
+    let processor = &config.settings.processor;
+    let retry = crate::backoff::Backoff {
+        initial: std::time::Duration::from_millis(processor.retry_initial_ms),
+        max: std::time::Duration::from_millis(processor.retry_max_ms),
+    };
+    let runner = batch::BatchRunner {
+        pool,
+        handler,
+        config,
+        retry,
+        cancel: CancellationToken::new(),
+    };
+    let mut at = offsets::Position {
+        epoch: claim.epoch,
+        next_offset: claim.next_offset,
+    };
+    for msgs in batches {
+        let part = batch::PartBatch {
+            partition,
+            at,
+            msgs,
+        };
+        let next = runner
+            .run(std::slice::from_ref(&part))
+            .await
+            .map_err(|e| anyhow::anyhow!("partition {partition}: {e:?}"))?;
+        at.next_offset = next[0];
+    }
+    Ok(())
+}
