@@ -94,6 +94,60 @@ impl StealWindows {
     }
 }
 
+/// The CPU time PostgreSQL's processes used, as the kernel accounts it (`/proc/<pid>/stat` of
+/// every process named `postgres`, plus the time of the backends that exited, which the
+/// postmaster collected as its children's). On the same host only, Linux only.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PgCpu {
+    ticks: u64,
+}
+
+impl PgCpu {
+    /// Linux's `USER_HZ`, the unit of `/proc/<pid>/stat` times (100 on every architecture it
+    /// supports for user space).
+    const TICKS_PER_SEC: u64 = 100;
+
+    /// `None` where there is no `/proc` or no PostgreSQL process on this host.
+    pub(crate) fn now() -> Option<Self> {
+        let mut ticks = 0;
+        let mut seen = false;
+        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+            let name = entry.file_name();
+            if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue; // exited meanwhile
+            };
+            if let Some(t) = Self::postgres_ticks(&stat) {
+                ticks += t;
+                seen = true;
+            }
+        }
+        seen.then_some(Self { ticks })
+    }
+
+    /// utime + stime + cutime + cstime of a `postgres` process's stat line. Only the
+    /// postmaster has children's time (its exited backends); counting it once per process is
+    /// right because a child's time moves to its parent only when it exits.
+    fn postgres_ticks(stat: &str) -> Option<u64> {
+        let open = stat.find('(')?;
+        let close = stat.rfind(')')?;
+        if &stat[open + 1..close] != "postgres" {
+            return None;
+        }
+        // Fields after the command: state is field 3; utime..cstime are fields 14..17.
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        (11..15).map(|i| fields.get(i)?.parse::<u64>().ok()).sum()
+    }
+
+    /// Microseconds of PostgreSQL CPU per unit of work since `before`.
+    pub(crate) fn us_per(self, before: Self, units: u64) -> Option<f64> {
+        let ticks = self.ticks.checked_sub(before.ticks)?;
+        (units > 0).then(|| ticks as f64 * 1e6 / Self::TICKS_PER_SEC as f64 / units as f64)
+    }
+}
+
 pub(crate) fn wall_us() -> i64 {
     chrono::Utc::now().timestamp_micros()
 }
@@ -121,6 +175,26 @@ mod tests {
             assert_eq!(windows.touches(from, to), touched, "[{from}, {to}]");
         }
         assert!(!StealWindows::default().touches(0, i64::MAX));
+    }
+
+    #[test]
+    fn postgres_cpu_comes_from_the_stat_lines_of_postgres_processes_only() {
+        let line = |comm: &str| {
+            format!("123 ({comm}) S 1 123 123 0 -1 4194560 500 0 0 0 70 30 5 2 20 0 1 0 100 0 0")
+        };
+        assert_eq!(PgCpu::postgres_ticks(&line("postgres")), Some(107));
+        assert_eq!(PgCpu::postgres_ticks(&line("paystream")), None);
+        assert_eq!(PgCpu::postgres_ticks(&line("postgres) (x")), None);
+        assert_eq!(
+            PgCpu::postgres_ticks("123 (postgres) S 1"),
+            None,
+            "truncated"
+        );
+        let (before, after) = (PgCpu { ticks: 1_000 }, PgCpu { ticks: 1_450 });
+        // 450 ticks = 4.5 s of CPU over 50,000 debits = 90 us each.
+        assert_eq!(after.us_per(before, 50_000), Some(90.0));
+        assert_eq!(after.us_per(before, 0), None);
+        assert_eq!(before.us_per(after, 10), None, "counters never go back");
     }
 
     #[test]

@@ -8,19 +8,24 @@
 //!
 //! It works in a database of its own (`paystream_bench_<id>`, created and dropped) and on
 //! topics of its own, against the configured PostgreSQL and broker, with the processor and
-//! relay running in this process. Three phases:
-//! 1. throughput: `--events` orders produced as fast as possible, batched transactions;
-//! 2. latency: orders at a steady `--rate` for `--seconds`, batched transactions;
-//! 3. naive: the same work with one event per transaction (batch size 1), the
-//!    `SELECT ... FOR UPDATE`-per-order approach of the original request, over
-//!    `--naive-events` orders (its rate is steady from the start, and at a few hundred a
-//!    second the full count would take minutes).
+//! relay running in this process. Its users (100,000 by default) are funded once and chosen
+//! per order by `--skew`. Phases:
+//! 1. throughput: `--events` orders produced as fast as possible, end to end;
+//! 2. latency: orders at a steady `--rate` for `--seconds`, end to end;
+//! 3. the database limit: the processor's own batch transactions fed from memory, no broker;
+//! 4. the seed design at its best: one debit per transaction with row locks, from memory,
+//!    over `--seed-events` orders (its rate is steady from the start).
+//!
+//! Each ceiling is measured in the same run as the figure it is compared with, because this
+//! machine's speed varies from run to run by more than the differences that matter.
 
 mod broker;
+mod ceilings;
 mod cpu;
 mod load;
 mod phase;
 mod stats;
+mod users;
 
 use anyhow::Context as _;
 use paystream_processors::db;
@@ -30,8 +35,12 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use broker::broker_floor;
+use ceilings::{Ceiling, Design};
+use cpu::PgCpu;
 use phase::run_phase;
 use stats::round1;
+pub use users::Skew;
+use users::Users;
 
 #[derive(Debug, Clone, clap::Args)]
 
@@ -40,12 +49,16 @@ pub struct BenchArgs {
     /// draining the pipeline, and a short burst of host CPU steal, do not decide the rate.
     #[arg(long, default_value_t = 100_000)]
     pub events: u64,
-    /// Orders in the one-per-transaction phase (at most `--events`).
+    /// Orders in the seed-design phase (one debit per transaction, at most `--events`).
     #[arg(long, default_value_t = 20_000)]
-    pub naive_events: u64,
+    pub seed_events: u64,
     /// Distinct users (accounts) the orders are spread over.
-    #[arg(long, default_value_t = 1_000)]
+    #[arg(long, default_value_t = 100_000)]
     pub users: i64,
+    /// How orders pick their user: `uniform` (each user equally often), or `zipf:<s>` over the
+    /// users' ranks as softwaremill/tb-perf draws accounts (`zipf:1.0`, `zipf:2.0`).
+    #[arg(long, default_value = "uniform")]
+    pub skew: Skew,
     /// Events per second in the latency phase.
     #[arg(long, default_value_t = 1_000)]
     pub rate: u64,
@@ -58,13 +71,14 @@ pub struct BenchArgs {
     /// scale out to more workers.
     #[arg(long, default_value_t = 3)]
     pub partitions: i32,
-    /// Skip the one-event-per-transaction comparison.
+    /// Skip the two ceilings (the database limit and the seed design).
     #[arg(long)]
-    pub skip_naive: bool,
+    pub skip_ceilings: bool,
 }
 
 #[derive(Debug, Serialize)]
 pub struct Report {
+    /// End to end: produced -> debited -> `AccountDebited` published, under a backlog.
     pub debits_per_sec: f64,
     /// Produced -> `AccountDebited` published, in the latency phase.
     pub p50_ms: f64,
@@ -72,10 +86,22 @@ pub struct Report {
     /// Produced -> `AccountDebited` received by a downstream consumer, in the latency phase.
     pub received_p50_ms: f64,
     pub received_p99_ms: f64,
-    pub naive_debits_per_sec: Option<f64>,
+    /// The processor's batch transactions fed from memory: what the database allows.
+    pub db_limit_debits_per_sec: Option<f64>,
+    /// One debit per transaction with row locks, from memory: the original request's design.
+    pub seed_design_debits_per_sec: Option<f64>,
+    pub vs_db_limit: Option<f64>,
+    pub vs_seed_design: Option<f64>,
+    /// PostgreSQL's CPU time per debit in the end-to-end throughput phase, from the kernel's
+    /// accounting of the server's processes (same host only).
+    pub pg_cpu_us_per_debit: Option<f64>,
+    /// The same in the database-limit and seed-design phases.
+    pub db_limit_pg_cpu_us_per_debit: Option<f64>,
+    pub seed_design_pg_cpu_us_per_debit: Option<f64>,
+    pub skew: String,
+    pub users: i64,
     pub events: u64,
-    pub naive_events: Option<u64>,
-    pub batched_vs_naive: Option<f64>,
+    pub seed_events: Option<u64>,
     pub latency_rate_per_sec: u64,
     pub throughput_p99_ms: f64,
     pub partitions: i32,
@@ -87,6 +113,9 @@ pub struct Report {
     /// there shows in `debits_per_sec`.
     pub throughput_cpu_busy_pct: Option<f64>,
     pub throughput_cpu_steal_pct: Option<f64>,
+    /// The same for the two ceilings.
+    pub db_limit_cpu_steal_pct: Option<f64>,
+    pub seed_design_cpu_steal_pct: Option<f64>,
     /// Latency-phase p99 over the orders no host steal touched (no 100 ms interval in which
     /// the machine's steal counter moved lies between their produce and publish), and how
     /// many of the orders those were. A diagnostic beside `p99_ms`, not instead of it.
@@ -142,14 +171,20 @@ async fn phases(
 ) -> anyhow::Result<Report> {
     db::migrate(pool).await?;
     println!(
-        "bench: {} partitions, batch_max {}, {} users, synchronous_commit={}",
+        "bench: {} partitions, batch_max {}, {} users ({}), synchronous_commit={}",
         settings.kafka.partitions,
         settings.processor.batch_max,
         args.users,
+        args.skew,
         sqlx::query_scalar::<_, String>("SHOW synchronous_commit")
             .fetch_one(pool)
             .await?
     );
+    if PgCpu::now().is_none() {
+        println!("  PostgreSQL's processes are not on this host: no PostgreSQL CPU figures");
+    }
+    let users = Users::new(1, args.users, args.skew);
+    users.fund(pool, 1_000_000_000).await?;
 
     broker_floor(settings, id, args).await?;
     let throughput = run_phase(
@@ -157,7 +192,7 @@ async fn phases(
         pool,
         id,
         1,
-        args,
+        &users,
         args.events,
         None,
         settings.processor.batch_max,
@@ -171,19 +206,18 @@ async fn phases(
         throughput.percentile_ms(0.50),
         throughput.percentile_ms(0.99)
     );
-    if let Some(cpu) = throughput.cpu {
-        println!(
-            "  machine CPU during the throughput phase: {:.0} % busy, {:.0} % stolen by the host",
-            cpu.busy_pct, cpu.steal_pct
-        );
-    }
+    print_cpu(
+        "the throughput phase",
+        throughput.cpu,
+        throughput.pg_cpu_us_per_debit,
+    );
     let steady_events = args.rate * args.seconds;
     let latency = run_phase(
         settings,
         pool,
         id,
         2,
-        args,
+        &users,
         steady_events,
         Some(args.rate),
         settings.processor.batch_max,
@@ -198,14 +232,13 @@ async fn phases(
         latency.received_percentile_ms(0.50),
         latency.received_percentile_ms(0.99)
     );
-    if let Some(cpu) = latency.cpu {
-        // On a shared virtual machine, time stolen by the host is the usual cause of a
-        // run whose tail is far above the others.
-        println!(
-            "  machine CPU during the latency phase: {:.0} % busy, {:.0} % stolen by the host",
-            cpu.busy_pct, cpu.steal_pct
-        );
-    }
+    // On a shared virtual machine, time stolen by the host is the usual cause of a run whose
+    // tail is far above the others.
+    print_cpu(
+        "the latency phase",
+        latency.cpu,
+        latency.pg_cpu_us_per_debit,
+    );
     if let (Some(p50), Some(p99), Some(pct)) = (
         latency.unstolen_percentile_ms(0.50),
         latency.unstolen_percentile_ms(0.99),
@@ -215,30 +248,53 @@ async fn phases(
             "  orders no host steal touched (no 100 ms interval with steal between produced and published): {pct:.1} %, p50 {p50:.1} ms, p99 {p99:.1} ms"
         );
     }
-    let naive = if args.skip_naive {
-        None
+    let (db_limit, seed) = if args.skip_ceilings {
+        (None, None)
     } else {
-        let events = args.naive_events.clamp(1, args.events);
-        let naive = run_phase(settings, pool, id, 3, args, events, None, 1).await?;
-        println!(
-            "one event per transaction: {} debits in {:.2} s = {:.0} debits/s; batched is {:.1}x faster",
-            naive.events,
-            naive.elapsed.as_secs_f64(),
-            naive.rate(),
-            throughput.rate() / naive.rate()
+        let db_limit = ceilings::measure(
+            settings,
+            pool,
+            id,
+            3,
+            &users,
+            args.events,
+            Design::Processor,
+        )
+        .await?;
+        print_ceiling(
+            "database limit (the processor's batch transactions, from memory)",
+            &db_limit,
+            throughput.rate(),
         );
-        Some((naive.rate(), events))
+        let seed_events = args.seed_events.clamp(1, args.events);
+        let seed =
+            ceilings::measure(settings, pool, id, 4, &users, seed_events, Design::Seed).await?;
+        print_ceiling(
+            "seed design (one debit per transaction, SELECT ... FOR UPDATE, from memory)",
+            &seed,
+            throughput.rate(),
+        );
+        (Some(db_limit), Some(seed))
     };
+    let rate = |c: &Option<Ceiling>| c.as_ref().map(|c| c.rate().round());
+    let ratio = |c: &Option<Ceiling>| c.as_ref().map(|c| round2(throughput.rate() / c.rate()));
     Ok(Report {
         debits_per_sec: throughput.rate().round(),
         p50_ms: round1(latency.percentile_ms(0.50)),
         p99_ms: round1(latency.percentile_ms(0.99)),
         received_p50_ms: round1(latency.received_percentile_ms(0.50)),
         received_p99_ms: round1(latency.received_percentile_ms(0.99)),
-        naive_debits_per_sec: naive.map(|(rate, _)| rate.round()),
+        db_limit_debits_per_sec: rate(&db_limit),
+        seed_design_debits_per_sec: rate(&seed),
+        vs_db_limit: ratio(&db_limit),
+        vs_seed_design: ratio(&seed),
+        pg_cpu_us_per_debit: throughput.pg_cpu_us_per_debit.map(round1),
+        db_limit_pg_cpu_us_per_debit: db_limit.and_then(|c| c.pg_cpu_us_per_debit).map(round1),
+        seed_design_pg_cpu_us_per_debit: seed.and_then(|c| c.pg_cpu_us_per_debit).map(round1),
+        skew: args.skew.to_string(),
+        users: args.users,
         events: args.events,
-        naive_events: naive.map(|(_, events)| events),
-        batched_vs_naive: naive.map(|(rate, _)| round1(throughput.rate() / rate)),
+        seed_events: seed.map(|c| c.debits),
         latency_rate_per_sec: args.rate,
         throughput_p99_ms: round1(throughput.percentile_ms(0.99)),
         partitions: settings.kafka.partitions,
@@ -246,7 +302,38 @@ async fn phases(
         latency_cpu_steal_pct: latency.cpu.map(|c| round1(c.steal_pct)),
         throughput_cpu_busy_pct: throughput.cpu.map(|c| round1(c.busy_pct)),
         throughput_cpu_steal_pct: throughput.cpu.map(|c| round1(c.steal_pct)),
+        db_limit_cpu_steal_pct: db_limit.and_then(|c| c.cpu).map(|c| round1(c.steal_pct)),
+        seed_design_cpu_steal_pct: seed.and_then(|c| c.cpu).map(|c| round1(c.steal_pct)),
         unstolen_p99_ms: latency.unstolen_percentile_ms(0.99).map(round1),
         unstolen_events_pct: latency.unstolen_pct().map(round1),
     })
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn print_cpu(phase: &str, cpu: Option<cpu::CpuShare>, pg_us: Option<f64>) {
+    if let Some(cpu) = cpu {
+        print!(
+            "  machine CPU during {phase}: {:.0} % busy, {:.1} % stolen by the host",
+            cpu.busy_pct, cpu.steal_pct
+        );
+        match pg_us {
+            Some(us) => println!("; PostgreSQL {us:.0} us of CPU per debit"),
+            None => println!(),
+        }
+    }
+}
+
+fn print_ceiling(what: &str, ceiling: &Ceiling, end_to_end: f64) {
+    println!(
+        "{what}: {} debits in {:.2} s = {:.0} debits/s; end to end is {:.0} % of it ({:.1}x)",
+        ceiling.debits,
+        ceiling.elapsed.as_secs_f64(),
+        ceiling.rate(),
+        end_to_end * 100.0 / ceiling.rate(),
+        end_to_end / ceiling.rate(),
+    );
+    print_cpu("it", ceiling.cpu, ceiling.pg_cpu_us_per_debit);
 }

@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 use crate::cpu::wall_us;
 use crate::stats::nearest_rank;
+use crate::users::Users;
 
 /// How the work was cut: batch transactions of the account processor and relay rounds, with
 /// what they carried, as counted by their metrics.
@@ -75,13 +76,12 @@ pub(crate) struct Sent {
     pub(crate) wall_us: HashMap<i64, i64>,
 }
 
-/// The orders of one phase: order `i` is `first_order + i`, of user `first_user + i % users`.
+/// The orders of one phase: order `i` is `first_order + i`, of user `users.of(i)`.
 pub(crate) struct Orders<'a> {
     pub(crate) producer: &'a FutureProducer,
     pub(crate) topic: &'a str,
     pub(crate) first_order: i64,
-    pub(crate) first_user: i64,
-    pub(crate) users: i64,
+    pub(crate) users: &'a Users,
 }
 
 impl Orders<'_> {
@@ -92,22 +92,7 @@ impl Orders<'_> {
         pool: &PgPool,
         range: std::ops::Range<u64>,
     ) -> anyhow::Result<()> {
-        sqlx::query(
-            r#"
-            INSERT INTO orders (id, order_no, user_id, amount_fen, currency)
-            SELECT $1 + i, 'BENCH-' || ($1 + i), $2 + i % $3, 1, 'CNY'
-            FROM generate_series($4::bigint, $5::bigint - 1) AS i
-            "#,
-        )
-        .bind(self.first_order)
-        .bind(self.first_user)
-        .bind(self.users)
-        .bind(range.start as i64)
-        .bind(range.end as i64)
-        .execute(pool)
-        .await
-        .context("Failed to record the bench orders")?;
-        Ok(())
+        record_orders(pool, self.first_order, self.users, range).await
     }
 
     /// Produces orders `range`, at `rate` per second or as fast as the producer takes them,
@@ -137,7 +122,7 @@ impl Orders<'_> {
             };
             for _ in 0..burst.min(range.end - i) {
                 let order_id = self.first_order + i as i64;
-                let user_id = self.first_user + (i as i64 % self.users);
+                let user_id = self.users.of(i);
                 let value = order_created(order_id, user_id)?;
                 let key = user_id.to_string();
                 sent.at.insert(order_id, Instant::now());
@@ -164,6 +149,31 @@ impl Orders<'_> {
         anyhow::ensure!(failed == 0, "{failed} orders could not be produced");
         Ok(())
     }
+}
+
+/// Records orders `first_order + i` for `i` in `range` (of user `users.of(i)`) as the API
+/// would have taken them: the account processor moves money only for an order that exists
+/// with the event's terms.
+pub(crate) async fn record_orders(
+    pool: &PgPool,
+    first_order: i64,
+    users: &Users,
+    range: std::ops::Range<u64>,
+) -> anyhow::Result<()> {
+    let ids: Vec<i64> = range.clone().map(|i| first_order + i as i64).collect();
+    let user_ids: Vec<i64> = range.map(|i| users.of(i)).collect();
+    sqlx::query(
+        r#"
+        INSERT INTO orders (id, order_no, user_id, amount_fen, currency)
+        SELECT id, 'BENCH-' || id, user_id, 1, 'CNY' FROM unnest($1::bigint[], $2::bigint[]) AS t(id, user_id)
+        "#,
+    )
+    .bind(&ids)
+    .bind(&user_ids)
+    .execute(pool)
+    .await
+    .context("Failed to record the bench orders")?;
+    Ok(())
 }
 
 pub(crate) fn order_created(order_id: i64, user_id: i64) -> anyhow::Result<Vec<u8>> {

@@ -5,9 +5,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
-use paystream_processors::accounts::store;
-use paystream_processors::domain::{Amount, Currency};
 use paystream_processors::kafka;
 use paystream_processors::settings::Settings;
 use paystream_processors::startup::{self, Part};
@@ -17,10 +14,10 @@ use rdkafka::util::Timeout;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::cpu::{CpuShare, CpuTicks, StealWindows};
+use crate::cpu::{CpuShare, CpuTicks, PgCpu, StealWindows};
 use crate::load::{results_consumer, wait_for, Orders, Received, Sent, Timeline, Work};
 use crate::stats::{flight_times, ms, nearest_rank};
-use crate::BenchArgs;
+use crate::users::Users;
 
 pub(crate) struct Phase {
     pub(crate) events: u64,
@@ -30,6 +27,8 @@ pub(crate) struct Phase {
     /// Produced -> `AccountDebited` received by the bench's consumer, in ascending order.
     pub(crate) received: Vec<Duration>,
     pub(crate) cpu: Option<CpuShare>,
+    /// PostgreSQL's CPU per debit over the phase (see `PgCpu`).
+    pub(crate) pg_cpu_us_per_debit: Option<f64>,
     /// Produced -> published for the orders that no host steal touched (see `StealWindows`),
     /// in ascending order; `None` where steal cannot be read.
     pub(crate) unstolen: Option<Vec<Duration>>,
@@ -65,7 +64,7 @@ pub(crate) async fn run_phase(
     pool: &PgPool,
     id: &str,
     number: i64,
-    args: &BenchArgs,
+    users: &Users,
     events: u64,
     rate: Option<u64>,
     batch_max: usize,
@@ -78,8 +77,6 @@ pub(crate) async fn run_phase(
     settings.processor.account_group = name.clone();
     settings.processor.batch_max = batch_max;
     kafka::create_topics(&settings).await?;
-    let first_user = number * 10_000_000;
-    fund_users(pool, &settings, first_user..first_user + args.users).await?;
 
     // Results: AccountDebited as received from the topic.
     let received: Arc<Mutex<HashMap<i64, Received>>> = Arc::default();
@@ -100,8 +97,7 @@ pub(crate) async fn run_phase(
         producer: &producer,
         topic: &settings.topics.order_events,
         first_order: number * 100_000_000,
-        first_user,
-        users: args.users,
+        users,
     };
     // The latency phase measures the steady state: a second of orders at the rate first, not
     // measured, so that connection set-up and first fetches are not counted as latency.
@@ -127,6 +123,7 @@ pub(crate) async fn run_phase(
     let batches_before = Work::now();
     let mut sent = Sent::default();
     let cpu_before = CpuTicks::now();
+    let pg_before = PgCpu::now();
     let stop_sampling = CancellationToken::new();
     let steal_sampler = tokio::spawn(StealWindows::sample(stop_sampling.clone()));
     let started = Instant::now();
@@ -143,6 +140,9 @@ pub(crate) async fn run_phase(
     let cpu = cpu_before
         .zip(CpuTicks::now())
         .and_then(|(before, after)| after.share_since(before));
+    let pg_cpu_us_per_debit = pg_before
+        .zip(PgCpu::now())
+        .and_then(|(before, after)| after.us_per(before, events));
     stop_sampling.cancel();
     let steal_windows = steal_sampler.await?;
     results.abort();
@@ -186,32 +186,9 @@ pub(crate) async fn run_phase(
         latencies,
         received: received_latencies,
         cpu,
+        pg_cpu_us_per_debit,
         unstolen,
     })
-}
-
-/// Opens and funds (through the ledger) the accounts of `users`.
-async fn fund_users(
-    pool: &PgPool,
-    settings: &Settings,
-    users: std::ops::Range<i64>,
-) -> anyhow::Result<()> {
-    let mut tx = pool.begin().await?;
-    for user in users {
-        let account = store::open_account(&mut tx, user, Currency::CNY).await?;
-        let amount = Amount::new(1_000_000_000).context("amount")?;
-        store::deposit(
-            &mut tx,
-            account,
-            amount,
-            "bench",
-            &settings.topics.account_events,
-        )
-        .await?
-        .map_err(|e| anyhow::anyhow!("bench deposit failed: {e:?}"))?;
-    }
-    tx.commit().await?;
-    Ok(())
 }
 
 /// Waits until the processor of `group` claimed all its partitions.

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use common::*;
+use paystream_processors::telemetry::METRICS;
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -396,5 +397,64 @@ async fn processed_event_ids_past_their_retention_are_pruned_and_newer_ones_stil
         25_000,
         "paystream_dedupe_pruned_total counts what was deleted"
     );
+    env.assert_invariants().await;
+}
+
+/// A hot account: one user's orders arrive together and are applied in one batch
+/// transaction, each against the balance the one before it left. The user can afford only
+/// some of them, so each order's outcome depends on every earlier one in the batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debits_of_one_user_in_one_batch_each_see_the_balance_left_by_the_one_before() {
+    let env = TestEnv::new(1).await;
+    let account = env.funded_account(5, 1_000).await;
+    let producer = env.producer();
+    // (order, fen) -> balance after, or None for insufficient balance.
+    let orders = [
+        (50, 300, Some(700)),
+        (51, 500, Some(200)),
+        (52, 300, None),
+        (53, 200, Some(0)),
+        (54, 1, None),
+        (55, 100, None),
+    ];
+    // Produced before the worker starts: its first fetch holds them all.
+    for (order, fen, _) in orders {
+        let value = env.new_order(Uuid::new_v4(), order, 5, fen).await;
+        env.produce(&producer, "5", &value).await;
+    }
+    let worker = env.spawn_account_processor(env.settings.clone());
+    env.wait_consumed(orders.len() as i64).await;
+    worker.stop().await;
+
+    let batches = METRICS.batch_size.with_label_values(&["account"]);
+    assert!(
+        batches.get_sample_sum() > batches.get_sample_count() as f64,
+        "the orders were not applied together ({} transactions for {} orders)",
+        batches.get_sample_count(),
+        batches.get_sample_sum()
+    );
+    let debited: HashMap<i64, i64> = sqlx::query_as(
+        "SELECT t.order_id, e.balance_after_fen FROM transfers t \
+         JOIN ledger_entries e ON e.transfer_id = t.id AND e.account_id = $1 \
+         WHERE t.kind = 'DEBIT'",
+    )
+    .bind(account)
+    .fetch_all(&env.pool)
+    .await
+    .expect("debits")
+    .into_iter()
+    .collect();
+    for (order, _, after) in orders {
+        assert_eq!(debited.get(&order).copied(), after, "order {order}");
+    }
+    let failed: Vec<(i64,)> = sqlx::query_as(
+        "SELECT (convert_from(payload, 'UTF8')::jsonb #>> '{payload,orderId}')::bigint FROM outbox \
+         WHERE headers @> '[[\"eventType\", \"AccountDebitFailed\"]]' ORDER BY 1",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .expect("failures");
+    assert_eq!(failed, [(52,), (54,), (55,)]);
+    assert_eq!(env.balance(account).await, 0);
     env.assert_invariants().await;
 }
