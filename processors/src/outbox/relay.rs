@@ -29,7 +29,7 @@
 //!   fallback, and prunes published rows past the retention.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use futures::FutureExt;
@@ -38,11 +38,11 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 use sqlx::postgres::PgListener;
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::db::{release, Pruning};
+use crate::db::Pruning;
 use crate::kafka::record_headers;
 use crate::outbox::headers_from_json;
 use crate::settings::Settings;
@@ -54,6 +54,8 @@ pub struct Lease {
     owner: String,
     ttl: Duration,
     epoch: Option<i64>,
+    /// When this relay last took or renewed the lease (its own clock).
+    renewed_at: Option<Instant>,
 }
 
 impl Lease {
@@ -62,7 +64,18 @@ impl Lease {
             owner: crate::startup::instance_id(),
             ttl,
             epoch: None,
+            renewed_at: None,
         }
+    }
+
+    /// The epoch, without asking the database, while the lease was renewed less than a third
+    /// of its time to live ago: the round's marks renew it again, fenced by the epoch, so
+    /// asking first would only cost a statement per round.
+    fn fresh_epoch(&self) -> Option<i64> {
+        self.epoch.filter(|_| {
+            self.renewed_at
+                .is_some_and(|at| at.elapsed() < self.ttl / 3)
+        })
     }
 
     /// Takes the lease if it is free or lapsed, or renews it; the epoch while this relay
@@ -88,31 +101,13 @@ impl Lease {
             tracing::warn!(owner = %self.owner, "relay lease lost to another relay");
         }
         self.epoch = epoch;
+        self.renewed_at = epoch.map(|_| Instant::now());
         Ok(epoch)
-    }
-
-    /// Renews the lease inside `tx` if no other relay took it since the round began (every
-    /// take raises the epoch); the row stays locked until `tx` ends, so no other relay takes
-    /// it while the marks commit. A round that outlived the lease (a slow broker) but was not
-    /// replaced still marks: nobody else published meanwhile.
-    async fn renew_in(&self, tx: &mut PgConnection, epoch: i64) -> Result<bool, sqlx::Error> {
-        let held: Option<i32> = sqlx::query_scalar(
-            r#"
-            UPDATE relay_lease SET expires_at = now() + make_interval(secs => $3)
-            WHERE id = 1 AND owner = $1 AND epoch = $2
-            RETURNING 1
-            "#,
-        )
-        .bind(&self.owner)
-        .bind(epoch)
-        .bind(self.ttl.as_secs_f64())
-        .fetch_optional(&mut *tx)
-        .await?;
-        Ok(held.is_some())
     }
 
     /// Gives the lease back (a clean stop), so a standby takes over at once.
     pub async fn release(&mut self, pool: &PgPool) {
+        self.renewed_at = None;
         let Some(epoch) = self.epoch.take() else {
             return;
         };
@@ -327,8 +322,12 @@ pub async fn bounded_round(
     limits: Limits,
     lease: &mut Lease,
 ) -> anyhow::Result<Round> {
-    let Some(epoch) = lease.acquire(pool).await? else {
-        return Ok(Round::NotLeader);
+    let epoch = match lease.fresh_epoch() {
+        Some(epoch) => epoch,
+        None => match lease.acquire(pool).await? {
+            Some(epoch) => epoch,
+            None => return Ok(Round::NotLeader),
+        },
     };
     let delivered = match leased_round(pool, producer, limits, lease, epoch).await? {
         Leased::Delivered(delivered) => delivered,
@@ -336,6 +335,7 @@ pub async fn bounded_round(
         Leased::Lost => {
             tracing::warn!(epoch, "the relay lease lapsed during the round and another relay took it; this round's marks were not written (the new holder publishes those rows again)");
             lease.epoch = None;
+            lease.renewed_at = None;
             return Ok(Round::NotLeader);
         }
     };
@@ -375,7 +375,7 @@ async fn leased_round(
     pool: &PgPool,
     producer: &FutureProducer,
     limits: Limits,
-    lease: &Lease,
+    lease: &mut Lease,
     epoch: i64,
 ) -> Result<Leased, sqlx::Error> {
     let (limit, max_bytes) = (limits.rows, limits.bytes);
@@ -481,19 +481,8 @@ async fn leased_round(
     for (id, reason) in &settled.parked {
         tracing::error!(outbox_id = id, %reason, "outbox row parked: only later rows of its topic and key wait for it; see `paystream outbox parked`");
     }
-    // The marks, fenced by the lease. Every way out ends the transaction explicitly (a
-    // dropped one keeps the lease row locked until its connection is next used).
-    let mut tx = pool.begin().await?;
-    match mark(&mut tx, lease, epoch, &settled).await {
-        Ok(true) => tx.commit().await?,
-        Ok(false) => {
-            release(tx).await;
-            return Ok(Leased::Lost);
-        }
-        Err(e) => {
-            release(tx).await;
-            return Err(e);
-        }
+    if !mark(pool, lease, epoch, &settled).await? {
+        return Ok(Leased::Lost);
     }
     Ok(Leased::Delivered(Delivered {
         full,
@@ -502,40 +491,51 @@ async fn leased_round(
 }
 
 /// Marks the delivered rows published and parks the refused ones, if this relay still holds
-/// the lease at `epoch` (false, and nothing written, otherwise). The marks need not wait for
-/// the WAL flush: a mark lost in a crash only means the row is published again, a duplicate
-/// the consumers drop by event id.
+/// the lease at `epoch` (false, and nothing written, otherwise), and renews the lease: one
+/// statement, its own transaction. Every take of the lease raises its epoch, so a relay
+/// replaced since the round began marks nothing; the lease row stays locked until the marks
+/// commit, so no other relay takes it meanwhile. A round that outlived the lease (a slow
+/// broker) but was not replaced still marks: nobody else published meanwhile.
+///
+/// The marks need not wait for the WAL flush: a mark lost in a crash only means the row is
+/// published again, a duplicate the consumers drop by event id.
 async fn mark(
-    tx: &mut PgConnection,
-    lease: &Lease,
+    pool: &PgPool,
+    lease: &mut Lease,
     epoch: i64,
     settled: &Settlement,
 ) -> Result<bool, sqlx::Error> {
-    sqlx::query("SET LOCAL synchronous_commit = off")
-        .execute(&mut *tx)
-        .await?;
-    if !lease.renew_in(tx, epoch).await? {
-        return Ok(false);
-    }
+    let (parked, reasons): (Vec<i64>, Vec<String>) = settled.parked.iter().cloned().unzip();
     // clock_timestamp(), not now(): the time the acknowledgements were in.
-    sqlx::query("UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY($1)")
-        .bind(&settled.published)
-        .execute(&mut *tx)
-        .await?;
-    if !settled.parked.is_empty() {
-        let (ids, reasons): (Vec<i64>, Vec<String>) = settled.parked.iter().cloned().unzip();
-        sqlx::query(
-            r#"
+    let (held, _): (bool, String) = sqlx::query_as(
+        r#"
+        WITH lease AS (
+            UPDATE relay_lease SET expires_at = now() + make_interval(secs => $3)
+            WHERE id = 1 AND owner = $1 AND epoch = $2
+            RETURNING 1
+        ), published AS (
+            UPDATE outbox SET published_at = clock_timestamp()
+            WHERE id = ANY($4) AND EXISTS (SELECT 1 FROM lease)
+        ), parked AS (
             UPDATE outbox o SET parked_at = clock_timestamp(), park_reason = p.reason
-            FROM unnest($1::bigint[], $2::text[]) AS p(id, reason) WHERE o.id = p.id
-            "#,
+            FROM unnest($5::bigint[], $6::text[]) AS p(id, reason)
+            WHERE o.id = p.id AND EXISTS (SELECT 1 FROM lease)
         )
-        .bind(&ids)
-        .bind(&reasons)
-        .execute(&mut *tx)
-        .await?;
+        SELECT EXISTS (SELECT 1 FROM lease), set_config('synchronous_commit', 'off', true)
+        "#,
+    )
+    .bind(&lease.owner)
+    .bind(epoch)
+    .bind(lease.ttl.as_secs_f64())
+    .bind(&settled.published)
+    .bind(&parked)
+    .bind(&reasons)
+    .fetch_one(pool)
+    .await?;
+    if held {
+        lease.renewed_at = Some(Instant::now());
     }
-    Ok(true)
+    Ok(held)
 }
 
 /// Why a row was not delivered this round.
