@@ -132,7 +132,7 @@ async fn exec(env: &TestEnv, sql: &str) {
 async fn paystream_audit_passes_a_clean_ledger_and_names_each_injected_violation() {
     const UNLOCK: &str = "ALTER TABLE ledger_entries DISABLE TRIGGER ledger_entries_append_only;";
     const LAST_ENTRY: &str = "(SELECT max(id) FROM ledger_entries WHERE delta_fen > 0)";
-    let cases: [(&str, String, &str); 9] = [
+    let cases: [(&str, String, &str); 10] = [
         ("a balance changed directly", "UPDATE accounts SET balance_fen = balance_fen + 1 WHERE kind = 'USER';".into(), "balance_equals_sum_of_entries"),
         (
             "an entry altered, its balance fixed up to match",
@@ -144,6 +144,11 @@ async fn paystream_audit_passes_a_clean_ledger_and_names_each_injected_violation
             "only a recorded balance-after rewritten",
             format!("{UNLOCK} UPDATE ledger_entries SET balance_after_fen = balance_after_fen + 100 WHERE id = {LAST_ENTRY};"),
             "ledger_hash_chains_are_intact",
+        ),
+        (
+            "an entry moved to an account that does not exist",
+            format!("{UNLOCK} UPDATE ledger_entries SET account_id = account_id + 1000000 WHERE id = {LAST_ENTRY};"),
+            "ledger_references_exist",
         ),
         (
             "a second debit row for a paid order",
@@ -207,6 +212,47 @@ async fn paystream_audit_passes_a_clean_ledger_and_names_each_injected_violation
             "{what}: expected {invariant}, got {named:?}"
         );
     }
+}
+
+/// The ledger's references are checked by the database on every insert, once per statement
+/// (migration 0011), and the rows they refer to cannot be removed or renumbered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_refuses_ledger_rows_that_refer_to_nothing_and_removing_what_they_refer_to() {
+    let env = TestEnv::new(1).await;
+    let account = env.funded_account(90, 1_000).await;
+    let transfer = env.scalar("SELECT max(id) FROM transfers").await;
+    let refused = [
+        (
+            "a transfer to an account that does not exist",
+            format!("INSERT INTO transfers (kind, from_account_id, to_account_id, amount_fen, currency) \
+                     VALUES ('DEPOSIT', {account}, {account} + 1000, 1, 'CNY')"),
+            "23503",
+        ),
+        (
+            "an entry of a transfer that does not exist",
+            format!("INSERT INTO ledger_entries (transfer_id, account_id, delta_fen, balance_after_fen, entry_hash) \
+                     VALUES ({transfer} + 1000, {account}, 1, 1, sha256(''::bytea))"),
+            "23503",
+        ),
+        (
+            "an entry of an account that does not exist, among good ones",
+            format!("INSERT INTO ledger_entries (transfer_id, account_id, delta_fen, balance_after_fen, entry_hash) \
+                     SELECT {transfer}, {account} + i, 1, 1, sha256(''::bytea) FROM generate_series(0, 2) i"),
+            "23503",
+        ),
+        ("deleting an account", format!("DELETE FROM accounts WHERE id = {account}"), "P0001"),
+        ("renumbering an account", format!("UPDATE accounts SET id = id + 1000 WHERE id = {account}"), "P0001"),
+        ("emptying the accounts", "TRUNCATE accounts CASCADE".into(), "P0001"),
+    ];
+    for (what, sql, code) in refused {
+        let error = sqlx::query(&sql).execute(&env.pool).await.expect_err(what);
+        let db = error.as_database_error().expect("a database error");
+        assert_eq!(db.code().as_deref(), Some(code), "{what}: {db}");
+    }
+    // What the application writes still goes in, and nothing refused changed the ledger.
+    env.deposit(account, 500).await;
+    assert_eq!(env.balance(account).await, 1_500);
+    env.assert_invariants().await;
 }
 
 /// Some brokers report a partition's high watermark at the start of its last record batch

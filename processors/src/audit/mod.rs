@@ -96,6 +96,23 @@ const CHECKS: &[(&str, &str, &[Param])] = &[
         &[],
     ),
     (
+        // The database checks these on every insert (migration 0011); this finds what was
+        // written with its triggers disabled.
+        "ledger_references_exist",
+        r#"
+        SELECT format('transfer %s: account %s does not exist', t.id, x.account_id)
+        FROM transfers t CROSS JOIN LATERAL (VALUES (t.from_account_id), (t.to_account_id)) x(account_id)
+        WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.id = x.account_id)
+        UNION ALL
+        SELECT format('ledger entry %s: transfer %s or account %s does not exist', e.id, e.transfer_id, e.account_id)
+        FROM ledger_entries e
+        WHERE NOT EXISTS (SELECT 1 FROM transfers t WHERE t.id = e.transfer_id)
+           OR NOT EXISTS (SELECT 1 FROM accounts a WHERE a.id = e.account_id)
+        LIMIT 100
+        "#,
+        &[],
+    ),
+    (
         "ledger_hash_chains_are_intact",
         r#"
         WITH chained AS (
