@@ -319,9 +319,11 @@ async fn a_partition_claimed_away_during_a_shared_transaction_is_left_out_and_th
     fund_users(&env).await;
     let mut stalled = env.settings.clone();
     stalled.processor.stall_before_commit_ms = 2_000;
+    // Once the worker fetches all three partitions, orders produced at once reach it within
+    // one poll window of this linger, and one transaction holds all three partitions' batches
+    // (with no linger, the first fetch may come back with only some of them).
+    stalled.processor.batch_linger_ms = 1_000;
     let worker = env.spawn_account_processor(stalled);
-    // Once the worker fetches all three partitions, orders produced at once reach it in one
-    // poll window, and one transaction holds all three partitions' batches.
     wait_until("the worker to claim every partition", || async {
         (env.scalar("SELECT count(*) FROM consumer_offsets").await == 3).then_some(())
     })
