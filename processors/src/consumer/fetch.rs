@@ -104,6 +104,8 @@ struct Membership {
     said_at: Option<Instant>,
     orphaned_since: Option<Instant>,
     rejoined_at: Option<Instant>,
+    /// Rejoins since the group last settled (see `rejoin_due`).
+    rejoins: u32,
 }
 
 impl Membership {
@@ -117,6 +119,7 @@ impl Membership {
             said_at: None,
             orphaned_since: None,
             rejoined_at: None,
+            rejoins: 0,
         }
     }
 }
@@ -214,18 +217,24 @@ impl<H: Handler> Fetch<H> {
                 return;
             }
         };
+        let since_rejoin = m.rejoined_at.map(|at| at.elapsed());
         if orphans.is_empty() {
             m.orphaned_since = None;
+            if since_rejoin.is_none_or(|d| d >= settled_after(m.live)) {
+                m.rejoins = 0;
+            }
             return;
         }
         let since = *m.orphaned_since.get_or_insert_with(Instant::now);
-        let recently = m.rejoined_at.is_some_and(|at| at.elapsed() < m.live * 2);
-        if since.elapsed() < m.live || recently {
+        if !rejoin_due(since.elapsed(), since_rejoin, m.rejoins, m.live) {
             return;
         }
+        m.rejoins += 1;
         tracing::warn!(
             processor = self.name,
             ?orphans,
+            rejoins = m.rejoins,
+            next_at_the_earliest_s = rejoin_backoff(m.live, m.rejoins).as_secs(),
             "partitions held by no live worker for a session timeout (the broker's group coordinator left them unassigned); rejoining the group"
         );
         METRICS
@@ -383,6 +392,33 @@ fn poll_batch(
     out
 }
 
+/// Whether to leave and rejoin the group: some partition has been held by no live worker for
+/// a session timeout (`live`), and the last rejoin is at least `rejoin_backoff` ago. Each
+/// rejoin makes the coordinator rebalance the whole group, and while it does, partitions are
+/// held by nobody: on a slow coordinator (a broker just restarted) rejoins every few seconds
+/// by several workers keep the group rebalancing for good, and a partition whose position
+/// takes a few fetches to prove never gets there. So the wait doubles with every rejoin until
+/// the group has settled (no orphans for `settled_after`).
+fn rejoin_due(
+    orphaned_for: Duration,
+    since_rejoin: Option<Duration>,
+    rejoins: u32,
+    live: Duration,
+) -> bool {
+    orphaned_for >= live && since_rejoin.is_none_or(|d| d >= rejoin_backoff(live, rejoins))
+}
+
+/// The least time between a worker's rejoins after `rejoins` of them: two session timeouts,
+/// doubling up to thirty-two.
+fn rejoin_backoff(live: Duration, rejoins: u32) -> Duration {
+    live * 2u32.pow(rejoins.clamp(1, 5))
+}
+
+/// How long the group must go without orphans after a rejoin for the backoff to start over.
+fn settled_after(live: Duration) -> Duration {
+    live * 4
+}
+
 /// How much longer a batch waits for more messages once it has its first, `age` ms after
 /// that message was created: the linger is a budget for the oldest event's wait, so time the
 /// event already spent in the producer and the broker counts against it. Never longer than
@@ -395,6 +431,35 @@ fn linger_left(linger: Duration, age_ms: Option<u64>) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_worker_rejoins_only_after_a_session_of_orphans_and_ever_less_often_until_the_group_settles(
+    ) {
+        let live = Duration::from_secs(10);
+        let s = Duration::from_secs;
+        // (orphaned for, since the last rejoin, rejoins so far, due)
+        let cases = [
+            (s(9), None, 0, false),
+            (s(10), None, 0, true),
+            (s(10), Some(s(19)), 1, false),
+            (s(10), Some(s(20)), 1, true),
+            (s(30), Some(s(39)), 2, false),
+            (s(10), Some(s(40)), 2, true),
+            (s(10), Some(s(79)), 3, false),
+            (s(10), Some(s(80)), 3, true),
+            (s(10), Some(s(319)), 9, false),
+            (s(10), Some(s(320)), 9, true),
+            (s(5), Some(s(1_000)), 9, false),
+        ];
+        for (orphaned, since, rejoins, due) in cases {
+            assert_eq!(
+                rejoin_due(orphaned, since, rejoins, live),
+                due,
+                "orphaned {orphaned:?}, since {since:?}, rejoins {rejoins}"
+            );
+        }
+        assert_eq!(settled_after(live), s(40));
+    }
 
     #[test]
     fn the_linger_counts_from_when_the_first_event_was_created() {
