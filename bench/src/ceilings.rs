@@ -22,6 +22,7 @@ use anyhow::Context as _;
 use futures::future::try_join_all;
 use paystream_processors::accounts::processor::AccountProcessor;
 use paystream_processors::consumer::{self, WorkerConfig};
+use paystream_processors::events::{decode_envelope, OrderEvent};
 use paystream_processors::kafka::InboundMessage;
 use paystream_processors::ledger::chain_hash;
 use paystream_processors::settings::Settings;
@@ -30,6 +31,7 @@ use uuid::Uuid;
 
 use crate::cpu::{CpuShare, CpuTicks, PgCpu};
 use crate::load::{order_created, record_orders};
+use crate::phase::phase_settings;
 use crate::users::Users;
 
 /// What one ceiling measured.
@@ -72,12 +74,7 @@ pub(crate) async fn measure(
     events: u64,
     design: Design,
 ) -> anyhow::Result<Ceiling> {
-    let name = format!("bench-{id}-{number}");
-    let mut settings = settings.clone();
-    settings.processor.account_group = name.clone();
-    settings.topics.order_events = format!("{name}.order.events");
-    settings.topics.account_events = format!("{name}.account.events");
-    settings.topics.dead_letter = format!("{name}.deadletter.events");
+    let (settings, name) = phase_settings(settings, id, number);
     let first_order = number * 100_000_000;
     record_orders(pool, first_order, users, 0..events).await?;
     let feeds = feeds(&settings, first_order, users, events)?;
@@ -214,18 +211,18 @@ async fn seed_design(config: &WorkerConfig, pool: &PgPool, feed: &Feed) -> anyho
         .partition
         .rem_euclid(config.settings.processor.settlement_shards.max(1));
     for msg in &feed.messages {
-        let payload = msg.payload.as_deref().context("no payload")?;
-        let envelope: serde_json::Value = serde_json::from_slice(payload)?;
-        let order = &envelope["payload"];
-        let field = |name: &str| order[name].as_i64().with_context(|| format!("no {name}"));
+        let raw = decode_envelope(msg.payload.as_deref(), usize::MAX)
+            .map_err(|p| anyhow::anyhow!("bench order: {}", p.message))?;
+        let OrderEvent::Created(order) =
+            OrderEvent::decode(&raw).map_err(|p| anyhow::anyhow!("bench order: {}", p.message))?
+        else {
+            anyhow::bail!("the bench produces only OrderCreated");
+        };
         let debit = SeedDebit {
-            event_id: envelope["eventId"]
-                .as_str()
-                .and_then(|s| s.parse().ok())
-                .context("no eventId")?,
-            order_id: field("orderId")?,
-            user_id: field("userId")?,
-            amount: field("amountFen")?,
+            event_id: raw.event_id,
+            order_id: order.order_id,
+            user_id: order.user_id,
+            amount: order.amount_fen.fen(),
             offset: msg.offset,
         };
         let mut tx = sqlx::Acquire::begin(&mut *conn).await?;

@@ -69,12 +69,7 @@ pub(crate) async fn run_phase(
     rate: Option<u64>,
     batch_max: usize,
 ) -> anyhow::Result<Phase> {
-    let mut settings = base.clone();
-    let name = format!("bench-{id}-{number}");
-    settings.topics.order_events = format!("{name}.order.events");
-    settings.topics.account_events = format!("{name}.account.events");
-    settings.topics.dead_letter = format!("{name}.deadletter.events");
-    settings.processor.account_group = name.clone();
+    let (mut settings, name) = phase_settings(base, id, number);
     settings.processor.batch_max = batch_max;
     kafka::create_topics(&settings).await?;
 
@@ -189,6 +184,18 @@ pub(crate) async fn run_phase(
         pg_cpu_us_per_debit,
         unstolen,
     })
+}
+
+/// Phase `number`'s settings: topics and a consumer group of its own, named `bench-<id>-<n>`
+/// (returned beside them).
+pub(crate) fn phase_settings(base: &Settings, id: &str, number: i64) -> (Settings, String) {
+    let mut settings = base.clone();
+    let name = format!("bench-{id}-{number}");
+    settings.topics.order_events = format!("{name}.order.events");
+    settings.topics.account_events = format!("{name}.account.events");
+    settings.topics.dead_letter = format!("{name}.deadletter.events");
+    settings.processor.account_group = name.clone();
+    (settings, name)
 }
 
 /// Waits until the processor of `group` claimed all its partitions.

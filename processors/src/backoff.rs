@@ -11,6 +11,15 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// The retry bounds every worker and the relay use (`processor.retry_initial_ms`,
+    /// `processor.retry_max_ms`).
+    pub fn of(processor: &crate::settings::ProcessorSettings) -> Self {
+        Self {
+            initial: Duration::from_millis(processor.retry_initial_ms),
+            max: Duration::from_millis(processor.retry_max_ms),
+        }
+    }
+
     pub fn delay(&self, attempt: u32) -> Duration {
         let exp = self
             .initial

@@ -42,10 +42,7 @@ pub(super) fn consume<H: Handler>(
 ) -> anyhow::Result<()> {
     let settings = &config.settings;
     let owner = crate::startup::instance_id();
-    let retry = Backoff {
-        initial: Duration::from_millis(settings.processor.retry_initial_ms),
-        max: Duration::from_millis(settings.processor.retry_max_ms),
-    };
+    let retry = Backoff::of(&settings.processor);
     let partitions: Partitions = Arc::default();
     let name = handler.name();
     let context = Context {

@@ -206,11 +206,7 @@ pub async fn apply_batches<H: Handler>(
         .into_iter()
         .next()
         .ok_or_else(|| anyhow::anyhow!("the claim of partition {partition} returned no row"))?;
-    let processor = &config.settings.processor;
-    let retry = crate::backoff::Backoff {
-        initial: std::time::Duration::from_millis(processor.retry_initial_ms),
-        max: std::time::Duration::from_millis(processor.retry_max_ms),
-    };
+    let retry = crate::backoff::Backoff::of(&config.settings.processor);
     let runner = batch::BatchRunner {
         pool,
         handler,

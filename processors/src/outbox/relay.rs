@@ -166,10 +166,7 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let producer = producer(&settings)?;
-    let retry = Backoff {
-        initial: Duration::from_millis(settings.processor.retry_initial_ms),
-        max: Duration::from_millis(settings.processor.retry_max_ms),
-    };
+    let retry = Backoff::of(&settings.processor);
     let poll = Duration::from_millis(settings.relay.poll_interval_ms);
     let mut listener: Option<PgListener> = None;
     // Pruning runs beside the publishing, so that it happens under a steady load too (the
