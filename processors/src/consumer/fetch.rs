@@ -8,7 +8,7 @@
 //! worker, as it would for a stuck poll loop; the stuck batch's commit is then fenced.
 
 use std::collections::BTreeMap;
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
@@ -55,6 +55,7 @@ pub(super) fn consume<H: Handler>(
         cancel: cancel.clone(),
         retry,
         partitions: partitions.clone(),
+        interrupted: Mutex::default(),
     };
     let consumer: BaseConsumer<Context> =
         crate::kafka::consumer_config(&settings.kafka, &config.group)

@@ -79,7 +79,7 @@ impl PartitionState {
     /// queued and prove the position from the stored offset again, as after a claim (same
     /// epoch): the fetch rewinds to it and checks the message before it.
     pub fn reposition(&mut self, stored: i64, last_fp: Option<i64>) {
-        let (resume, _) = Resume::claimed(stored, last_fp, Instant::now());
+        let (resume, _) = Resume::claimed(stored, last_fp, Instant::now(), None);
         *self = Self::claimed(self.epoch, stored, resume);
     }
 

@@ -19,6 +19,11 @@ use std::time::{Duration, Instant};
 /// cannot be relied on to say so (tansu reports it at that batch's boundary).
 pub(super) const SILENCE: Duration = Duration::from_secs(2);
 
+/// How many times the silence window doubles: silence is also what a fetch looks like that
+/// the broker has not answered yet, and a slow broker (tansu with durable storage reads the
+/// log from the fetch offset to its end, about 2 ms per record) must get the time to answer.
+const SILENCE_DOUBLINGS: u32 = 4;
+
 /// What the fetch loop does next with a partition whose position is not proven yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Decision {
@@ -50,20 +55,54 @@ pub(super) struct Resume {
     pub moved_at: Instant,
     /// Whether this claim already said that the log ends before the stored offset.
     pub reported_past_end: bool,
+    /// How often silence moved the fetch; each time the next silence must last twice as long.
+    pub silent_seeks: u32,
+}
+
+/// What a proof that a rebalance interrupted had learnt, kept for the next claim of the
+/// partition. A coordinator that rebalances every few seconds (tansu after a restart) would
+/// otherwise restart every proof from the first rewind, and a proof that needs more time than
+/// the coordinator leaves between rebalances would never finish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Interrupted {
+    stored: i64,
+    rewind: i64,
+    silent_seeks: u32,
 }
 
 impl Resume {
     /// A fresh claim of a partition whose stored offset is `stored`; returns it and the offset
-    /// to fetch from (the message before the stored one, to compare it).
-    pub fn claimed(stored: i64, last_fp: Option<i64>, now: Instant) -> (Self, i64) {
-        let rewind = i64::from(stored > 0);
+    /// to fetch from: the message before the stored one, to compare it, or as far back as an
+    /// interrupted proof of the same stored offset had rewound. Starting further back is always
+    /// safe: what lies below the stored offset is only read, never applied, and every decision
+    /// still needs its evidence. Only the search is carried over.
+    pub fn claimed(
+        stored: i64,
+        last_fp: Option<i64>,
+        now: Instant,
+        interrupted: Option<Interrupted>,
+    ) -> (Self, i64) {
+        let (rewind, silent_seeks) = match interrupted {
+            Some(i) if i.stored == stored && i.rewind > 1 => (i.rewind.min(stored), i.silent_seeks),
+            _ => (i64::from(stored > 0), 0),
+        };
         let resume = Self {
             last_fp,
             rewind,
             moved_at: now,
             reported_past_end: false,
+            silent_seeks,
         };
         (resume, stored - rewind)
+    }
+
+    /// What this proof learnt, for the next claim of the partition at `stored`.
+    pub fn interrupted(&self, stored: i64) -> Interrupted {
+        Interrupted {
+            stored,
+            rewind: self.rewind,
+            silent_seeks: self.silent_seeks,
+        }
     }
 
     /// The fetch brought the message just before the stored offset, with fingerprint `fp`: the
@@ -118,7 +157,12 @@ impl Resume {
     /// log was reported to end before the stored offset, the fetch reads on from the log
     /// start: the message before the stored offset is judged when (if ever) it arrives.
     pub fn silence_due(&self, now: Instant) -> bool {
-        !self.reported_past_end && now.saturating_duration_since(self.moved_at) >= SILENCE
+        !self.reported_past_end && now.saturating_duration_since(self.moved_at) >= self.silence()
+    }
+
+    /// How long silence must last to count: `SILENCE`, doubled for each seek silence made.
+    fn silence(&self) -> Duration {
+        SILENCE * 2u32.pow(self.silent_seeks.min(SILENCE_DOUBLINGS))
     }
 
     /// The partition stayed silent and the log's low watermark is `low`. Silence after a
@@ -196,16 +240,51 @@ mod tests {
             rewind,
             moved_at: Instant::now(),
             reported_past_end,
+            silent_seeks: 0,
         }
     }
 
     #[test]
     fn a_claim_fetches_from_the_message_before_the_stored_offset() {
         let now = Instant::now();
-        let (r, from) = Resume::claimed(10, Some(7), now);
+        let (r, from) = Resume::claimed(10, Some(7), now, None);
         assert_eq!((from, r.rewind, r.last_fp), (9, 1, Some(7)));
-        let (r, from) = Resume::claimed(0, None, now);
+        let (r, from) = Resume::claimed(0, None, now, None);
         assert_eq!((from, r.rewind), (0, 0), "nothing before offset 0");
+    }
+
+    #[test]
+    fn a_claim_goes_on_from_where_an_interrupted_proof_of_the_same_offset_had_rewound() {
+        let now = Instant::now();
+        let proof = |rewind, silent_seeks| Resume {
+            silent_seeks,
+            ..resume(Some(7), rewind, true)
+        };
+        // (interrupted proof: stored, rewind, silent seeks; claimed at; from, rewind, seeks)
+        let cases = [
+            (None, 100, (99, 1, 0)),
+            (Some((100, 64, 3)), 100, (36, 64, 3)),
+            // The group applied more meanwhile: the search starts afresh.
+            (Some((100, 64, 3)), 120, (119, 1, 0)),
+            // Nothing was learnt.
+            (Some((100, 1, 0)), 100, (99, 1, 0)),
+        ];
+        for (interrupted, stored, (from, rewind, seeks)) in cases {
+            let interrupted =
+                interrupted.map(|(at, rewind, seeks)| proof(rewind, seeks).interrupted(at));
+            let (r, start) = Resume::claimed(stored, Some(9), now, interrupted);
+            assert_eq!(
+                (
+                    start,
+                    r.rewind,
+                    r.silent_seeks,
+                    r.last_fp,
+                    r.reported_past_end
+                ),
+                (from, rewind, seeks, Some(9), false),
+                "{interrupted:?} claimed at {stored}"
+            );
+        }
     }
 
     #[test]
@@ -314,7 +393,8 @@ mod tests {
     }
 
     #[test]
-    fn silence_is_checked_after_two_quiet_seconds_until_the_end_was_reported() {
+    fn silence_is_checked_after_two_quiet_seconds_twice_as_many_after_each_seek_it_made_until_the_end_was_reported(
+    ) {
         let start = Instant::now();
         let r = resume(Some(1), 1, false);
         let r = Resume {
@@ -325,9 +405,22 @@ mod tests {
         assert!(r.silence_due(start + SILENCE));
         let reported = Resume {
             reported_past_end: true,
-            ..r
+            ..r.clone()
         };
         assert!(!reported.silence_due(start + Duration::from_secs(60)));
+        // Each seek made by silence doubles the next window, up to 32 seconds.
+        for (seeks, window) in [(1, 4), (2, 8), (3, 16), (4, 32), (9, 32)] {
+            let r = Resume {
+                silent_seeks: seeks,
+                ..r.clone()
+            };
+            let window = Duration::from_secs(window);
+            assert!(
+                !r.silence_due(start + window - Duration::from_millis(1)),
+                "{seeks}"
+            );
+            assert!(r.silence_due(start + window), "{seeks}");
+        }
     }
 
     #[test]

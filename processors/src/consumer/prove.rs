@@ -88,6 +88,9 @@ impl<H: Handler> Fetch<H> {
             };
             let stored = state.next_offset;
             let decision = resume.silent(stored, low);
+            if matches!(decision, Decision::Seek(_)) {
+                resume.silent_seeks += 1;
+            }
             self.carry_out(partition, state, decision, stored);
         }
     }

@@ -6,6 +6,8 @@
 //! librdkafka calls this from inside `poll`, on the Kafka thread, which is why the claim
 //! blocks on the runtime here: the assignment must not start before the claim is known.
 
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
@@ -17,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::offsets::{self, Claim};
 use super::partition::{lock, PartitionState, Partitions, Phase};
-use super::position::Resume;
+use super::position::{Interrupted, Resume};
 use crate::backoff::Backoff;
 use crate::telemetry::METRICS;
 
@@ -33,6 +35,8 @@ pub(super) struct Context {
     pub cancel: CancellationToken,
     pub retry: Backoff,
     pub partitions: Partitions,
+    /// The proofs the last revocation interrupted, by partition (see `Interrupted`).
+    pub interrupted: Mutex<HashMap<i32, Interrupted>>,
 }
 
 impl ClientContext for Context {}
@@ -72,14 +76,23 @@ impl Context {
     /// a rebalance; a held partition must start afresh when it is claimed again.
     fn forget_assignment(&self, consumer: &BaseConsumer<Self>) {
         let mut held = TopicPartitionList::new();
+        let mut interrupted = self.interrupted();
+        interrupted.clear();
         for (partition, state) in lock(&self.partitions).drain() {
             let _ = METRICS
                 .consumer_lag
                 .remove_label_values(&[self.name, &partition.to_string()]);
-            if matches!(state.phase, Phase::Held) {
-                held.add_partition(&self.topic, partition);
+            match &state.phase {
+                Phase::Held => {
+                    held.add_partition(&self.topic, partition);
+                }
+                Phase::Unproven(resume) => {
+                    interrupted.insert(partition, resume.interrupted(state.next_offset));
+                }
+                Phase::Live | Phase::Fenced => {}
             }
         }
+        drop(interrupted);
         if held.count() > 0 {
             if let Err(e) = consumer.resume(&held) {
                 tracing::warn!(error = %e, "cannot resume held partitions");
@@ -98,9 +111,11 @@ impl Context {
     /// Enters the claimed partitions in the table, unproven, and positions their fetch.
     fn take_on(&self, claimed: &[Claim], tpl: &mut TopicPartitionList) {
         let now = Instant::now();
+        let mut interrupted = self.interrupted();
         let mut states = lock(&self.partitions);
         for claim in claimed {
-            let (resume, from) = Resume::claimed(claim.next_offset, claim.last_fp, now);
+            let earlier = interrupted.remove(&claim.partition);
+            let (resume, from) = Resume::claimed(claim.next_offset, claim.last_fp, now, earlier);
             let offset = Offset::Offset(from);
             if let Err(e) = tpl.set_partition_offset(&self.topic, claim.partition, offset) {
                 tracing::error!(error = %e, partition = claim.partition, "cannot position partition");
@@ -111,6 +126,7 @@ impl Context {
             );
         }
         drop(states);
+        drop(interrupted);
         METRICS
             .assigned_partitions
             .with_label_values(&[self.name])
@@ -119,6 +135,13 @@ impl Context {
             partitions = ?claimed.iter().map(|c| (c.partition, c.next_offset, c.epoch)).collect::<Vec<_>>(),
             "partitions assigned and claimed (partition, stored offset, epoch)"
         );
+    }
+
+    fn interrupted(&self) -> MutexGuard<'_, HashMap<i32, Interrupted>> {
+        // Only the Kafka thread takes this lock, and it holds it for no call that can panic.
+        self.interrupted
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Claims `ids` in PostgreSQL, retrying until it works or the worker is cancelled.
