@@ -135,7 +135,7 @@ pub(crate) async fn measure(
         "{design:?}: {debits} of {events} orders were debited"
     );
     // Nothing publishes these phases' rows; they would only slow the relay of a later run.
-    sqlx::query("UPDATE outbox SET published_at = now() WHERE topic = $1 AND published_at IS NULL")
+    sqlx::query("DELETE FROM outbox WHERE topic = $1")
         .bind(&settings.topics.account_events)
         .execute(pool)
         .await?;

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use futures::StreamExt;
 use paystream_processors::domain::{Amount, Currency};
-use paystream_processors::events::{Envelope, OrderCreated, OrderItem};
+use paystream_processors::events::{
+    derived_event_id, AccountDebited, Envelope, EventPayload, OrderCreated, OrderItem,
+};
 use paystream_processors::kafka;
 use paystream_processors::settings::Settings;
 use paystream_processors::telemetry::METRICS;
@@ -204,29 +206,46 @@ pub(crate) struct Received {
 }
 
 /// What PostgreSQL recorded of each order's `AccountDebited` (wall clock, microseconds):
-/// when its batch transaction started and when the relay marked it published.
+/// when its batch transaction started (the outbox row's `created_at`) and when the relay
+/// logged it published.
 pub(crate) struct Timeline {
     pub(crate) rows: HashMap<i64, (i64, i64)>,
 }
 
 impl Timeline {
     pub(crate) async fn read(pool: &PgPool, account_events: &str) -> anyhow::Result<Self> {
-        let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+        // The log of published rows names events, not orders: an order's `AccountDebited`
+        // has the id derived from the `OrderCreated` its debit records as the cause.
+        let debits: Vec<(i64, Uuid)> = sqlx::query_as(
+            "SELECT order_id, cause_event_id FROM transfers \
+             WHERE kind = 'DEBIT' AND cause_event_id IS NOT NULL",
+        )
+        .fetch_all(pool)
+        .await?;
+        let order_of: HashMap<Uuid, i64> = debits
+            .into_iter()
+            .map(|(order, cause)| {
+                let debited = derived_event_id(cause, AccountDebited::TYPE);
+                (debited, order)
+            })
+            .collect();
+        let published: Vec<(Uuid, i64, i64)> = sqlx::query_as(
             r#"
-            SELECT (convert_from(payload, 'UTF8')::jsonb -> 'payload' ->> 'orderId')::bigint,
+            SELECT event_id,
                    (extract(epoch FROM created_at) * 1000000)::bigint,
                    (extract(epoch FROM published_at) * 1000000)::bigint
-            FROM outbox WHERE topic = $1 AND published_at IS NOT NULL
-              AND headers @> '[["eventType", "AccountDebited"]]'
+            FROM outbox_published WHERE topic = $1 AND event_id IS NOT NULL
             "#,
         )
         .bind(account_events)
         .fetch_all(pool)
         .await?;
         Ok(Self {
-            rows: rows
+            rows: published
                 .into_iter()
-                .map(|(order, started, published)| (order, (started, published)))
+                .filter_map(|(event, started, published)| {
+                    Some((*order_of.get(&event)?, (started, published)))
+                })
                 .collect(),
         })
     }

@@ -271,9 +271,7 @@ impl Cluster {
                     .fetch_all(&env.pool)
                     .await
                     .unwrap_or_default();
-            let unpublished = env
-                .scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
-                .await;
+            let unpublished = env.scalar("SELECT count(*) FROM outbox").await;
             format!(
                 "\noffsets (group, partition, next, owner, idle s): {state:#?}\n\
                  orders: {orders:?}\nunpublished outbox rows: {unpublished}\nlogs in {}",
@@ -292,7 +290,7 @@ impl Cluster {
                                    OR (o.status = 'CANCELLED' AND EXISTS
                                         (SELECT 1 FROM transfers t WHERE t.order_id = o.id AND t.kind = 'DEBIT')
                                        AND o.refunded_at IS NULL))
-                             + (SELECT count(*) FROM outbox WHERE published_at IS NULL)
+                             + (SELECT count(*) FROM outbox)
                         "#,
                     )
                     .await;
@@ -555,7 +553,7 @@ async fn sample(
             CROSS JOIN generate_series(0, $3 - 1) AS p(partition)
             LEFT JOIN consumer_offsets o ON o.consumer_group = g.name AND o.partition = p.partition
             UNION ALL
-            SELECT 3, 0, count(*) FROM outbox WHERE published_at IS NOT NULL
+            SELECT 3, 0, count(*) FROM outbox_published
         ) c
         -- The same counter at the same index in every sample.
         ORDER BY counter, partition

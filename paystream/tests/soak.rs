@@ -34,6 +34,13 @@ async fn cancel(api: &common::http::Client, user: i64, id: i64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_orders_from_concurrent_clients_with_random_cancels_all_settle_consistently() {
     let env = TestEnv::new(3).await;
+    // What the code emits: what the relay published, and whatever it had not yet when the
+    // system stopped.
+    let topics = [
+        env.settings.topics.order_events.clone(),
+        env.settings.topics.account_events.clone(),
+    ];
+    let wires: Vec<_> = topics.iter().map(|topic| env.collect(topic)).collect();
     let system = System::start(&env, &env.settings, Parts::ALL).await;
     let api = system.api.clone();
 
@@ -139,10 +146,20 @@ async fn two_thousand_orders_from_concurrent_clients_with_random_cancels_all_set
     env.assert_invariants().await;
 
     // Everything the code emitted during the soak matches its schema.
-    let payloads: Vec<Vec<u8>> = sqlx::query_scalar("SELECT payload FROM outbox")
+    let mut payloads: Vec<Vec<u8>> = sqlx::query_scalar("SELECT payload FROM outbox")
         .fetch_all(&env.pool)
         .await
         .expect("outbox");
+    for (topic, wire) in topics.iter().zip(&wires) {
+        let published: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM outbox_published WHERE topic = $1")
+                .bind(topic)
+                .fetch_one(&env.pool)
+                .await
+                .expect("published");
+        let received = wire.wait_for(published as usize).await;
+        payloads.extend(received.into_iter().map(|r| r.value));
+    }
     let mut seen: HashMap<String, usize> = HashMap::new();
     for payload in payloads {
         let event: Value = serde_json::from_slice(&payload).expect("JSON");

@@ -220,7 +220,7 @@ impl Metrics {
             ),
             outbox_pruned: int_counter(
                 "paystream_outbox_pruned_total",
-                "Published outbox rows deleted past relay.retention_hours.",
+                "Records of published outbox rows (outbox_published) deleted past relay.retention_hours.",
             ),
             outbox_oldest_age: gauge(
                 "paystream_outbox_oldest_unpublished_age_seconds",

@@ -207,7 +207,7 @@ const CHECKS: &[(&str, &str, &[Param])] = &[
         r#"
         SELECT format('%s outbox row(s) unpublished for more than %s s, oldest id %s', count(*), $1, min(id))
         FROM outbox
-        WHERE published_at IS NULL AND discarded_at IS NULL AND parked_at IS NULL
+        WHERE discarded_at IS NULL AND parked_at IS NULL
           AND created_at < now() - make_interval(secs => $1)
         HAVING count(*) > 0
         "#,
@@ -219,7 +219,7 @@ const CHECKS: &[(&str, &str, &[Param])] = &[
         SELECT format('outbox row %s to %s parked since %s: %s (see `paystream outbox parked`)',
                       id, topic, parked_at, park_reason)
         FROM outbox
-        WHERE parked_at IS NOT NULL AND published_at IS NULL AND discarded_at IS NULL
+        WHERE parked_at IS NOT NULL AND discarded_at IS NULL
         ORDER BY id
         LIMIT 100
         "#,

@@ -142,13 +142,13 @@ impl<'a> Columns<'a> {
 }
 
 /// How many rows wait to be published, how long the oldest has waited (seconds), and how many
-/// of them are parked. Uses the
-/// partial index on unpublished rows, so it stays cheap on a big table.
+/// of them are parked. Cheap: the outbox holds only what is not published yet (and the few
+/// rows an operator discarded).
 pub async fn backlog(pool: &PgPool) -> Result<(i64, Option<f64>, i64), sqlx::Error> {
     sqlx::query_as(
         "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8, \
                 count(*) FILTER (WHERE parked_at IS NOT NULL) \
-         FROM outbox WHERE published_at IS NULL AND discarded_at IS NULL",
+         FROM outbox WHERE discarded_at IS NULL",
     )
     .fetch_one(pool)
     .await
@@ -215,13 +215,13 @@ pub async fn parked(pool: &PgPool) -> Result<Vec<Parked>, sqlx::Error> {
                coalesce(p.message_key, encode(p.message_key_raw, 'hex')) AS key,
                p.event_id, octet_length(p.payload) AS bytes, p.parked_at, p.park_reason AS reason,
                (SELECT count(*) FROM outbox o
-                WHERE o.topic = p.topic AND o.id > p.id AND o.published_at IS NULL
+                WHERE o.topic = p.topic AND o.id > p.id
                   AND o.discarded_at IS NULL
                   AND (p.message_key IS NOT NULL OR p.message_key_raw IS NOT NULL)
                   AND o.message_key IS NOT DISTINCT FROM p.message_key
                   AND o.message_key_raw IS NOT DISTINCT FROM p.message_key_raw) AS waiting
         FROM outbox p
-        WHERE p.parked_at IS NOT NULL AND p.published_at IS NULL AND p.discarded_at IS NULL
+        WHERE p.parked_at IS NOT NULL AND p.discarded_at IS NULL
         ORDER BY p.id
         "#,
     )
@@ -254,7 +254,7 @@ pub async fn act_on_parked(
     };
     let changed = sqlx::query(&format!(
         "UPDATE outbox SET {change} WHERE id = $1 AND parked_at IS NOT NULL \
-         AND published_at IS NULL AND discarded_at IS NULL"
+         AND discarded_at IS NULL"
     ))
     .bind(id)
     .execute(&mut *tx)

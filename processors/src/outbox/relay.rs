@@ -3,12 +3,13 @@
 //! Delivery semantics: at-least-once on the wire, exactly-once in effect (every row carries
 //! an event id that consumers dedupe on). What makes that hold:
 //!
-//! - A row is marked published only after the broker acknowledged it (`acks=all`, idempotent
-//!   producer). A relay killed in between re-publishes it: a harmless duplicate. For the same
-//!   reason the marks commit without waiting for the WAL flush.
-//! - The relay never remembers a high-water id. Each round takes the *unpublished* rows in id
-//!   order, so a row whose transaction commits after rows with larger ids (ids are taken
-//!   before commit) is simply found in a later round instead of being skipped.
+//! - A row leaves the outbox only after the broker acknowledged it (`acks=all`, idempotent
+//!   producer): the relay deletes it and logs it in `outbox_published` (migration 0012). A
+//!   relay killed in between re-publishes it: a harmless duplicate. For the same reason the
+//!   marks commit without waiting for the WAL flush.
+//! - The relay never remembers a high-water id. Each round takes the rows still in the
+//!   outbox in id order, so a row whose transaction commits after rows with larger ids (ids
+//!   are taken before commit) is simply found in a later round instead of being skipped.
 //! - Per-key order: rows that share an account were inserted while holding that account's
 //!   row lock, so their id order is their commit order. One relay publishes at a time: the
 //!   holder of the lease (`relay_lease`, migration 0009), which it renews every round and
@@ -26,7 +27,7 @@
 //!   A parked row is retried alone after `relay.park_retry_s`, or at once by
 //!   `paystream outbox retry`; `paystream outbox discard` gives up on it, on the record.
 //! - It wakes on `LISTEN paystream_outbox` (a trigger notifies on insert), polling only as a
-//!   fallback, and prunes published rows past the retention.
+//!   fallback, and prunes the log of published rows past the retention.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -227,10 +228,10 @@ fn producer(settings: &Settings) -> anyhow::Result<FutureProducer> {
     )
 }
 
-/// The retention of published outbox rows.
+/// The retention of the log of published rows.
 fn pruning(settings: &Settings) -> Pruning {
     Pruning {
-        what: "published outbox rows",
+        what: "published outbox rows (outbox_published)",
         sql: PRUNE_SQL,
         retention_hours: settings.relay.retention_hours,
         group: None,
@@ -387,11 +388,11 @@ async fn leased_round(
             SELECT id, topic, message_key, message_key_raw, payload, headers,
                    sum(octet_length(payload)) OVER (ORDER BY id) - octet_length(payload) AS before
             FROM outbox o
-            WHERE published_at IS NULL AND discarded_at IS NULL
+            WHERE discarded_at IS NULL
               AND (parked_at IS NULL OR parked_at < now() - make_interval(secs => $3))
               AND NOT EXISTS (
                   SELECT 1 FROM outbox p
-                  WHERE p.parked_at IS NOT NULL AND p.published_at IS NULL AND p.discarded_at IS NULL
+                  WHERE p.parked_at IS NOT NULL AND p.discarded_at IS NULL
                     AND p.topic = o.topic AND p.id < o.id
                     AND (o.message_key IS NOT NULL OR o.message_key_raw IS NOT NULL)
                     AND p.message_key IS NOT DISTINCT FROM o.message_key
@@ -487,7 +488,8 @@ async fn leased_round(
     }))
 }
 
-/// Marks the delivered rows published and parks the refused ones, if this relay still holds
+/// Takes the delivered rows out of the outbox into the log of published rows and parks the
+/// refused ones, if this relay still holds
 /// the lease at `epoch` (false, and nothing written, otherwise), and renews the lease: one
 /// statement, its own transaction. Every take of the lease raises its epoch, so a relay
 /// replaced since the round began marks nothing; the lease row stays locked until the marks
@@ -511,8 +513,12 @@ async fn mark(
             WHERE id = 1 AND owner = $1 AND epoch = $2
             RETURNING 1
         ), published AS (
-            UPDATE outbox SET published_at = clock_timestamp()
+            DELETE FROM outbox
             WHERE id = ANY($4) AND EXISTS (SELECT 1 FROM lease)
+            RETURNING id, topic, event_id, created_at
+        ), logged AS (
+            INSERT INTO outbox_published (id, topic, event_id, created_at, published_at)
+            SELECT id, topic, event_id, created_at, clock_timestamp() FROM published ORDER BY id
         ), parked AS (
             UPDATE outbox o SET parked_at = clock_timestamp(), park_reason = p.reason
             FROM unnest($5::bigint[], $6::text[]) AS p(id, reason)
@@ -648,14 +654,13 @@ fn within_budget(sizes: impl Iterator<Item = usize>, max_bytes: i64) -> usize {
     n
 }
 
-/// Deletes published rows past `relay.retention_hours` (see `db::Pruning`), never a
-/// row that is not published.
+/// Deletes the log of rows published longer ago than `relay.retention_hours` (see
+/// `db::Pruning`). The outbox itself holds nothing published.
 const PRUNE_SQL: &str = r#"
-    DELETE FROM outbox
+    DELETE FROM outbox_published
     WHERE ctid = ANY(ARRAY(
-        SELECT ctid FROM outbox
-        WHERE published_at IS NOT NULL AND published_at < now() - make_interval(hours => $1)
-        ORDER BY published_at
+        SELECT ctid FROM outbox_published
+        WHERE published_at < now() - make_interval(hours => $1)
         LIMIT $2
         FOR UPDATE SKIP LOCKED
     ))
