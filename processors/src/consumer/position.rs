@@ -83,7 +83,7 @@ impl Resume {
         interrupted: Option<Interrupted>,
     ) -> (Self, i64) {
         let (rewind, silent_seeks) = match interrupted {
-            Some(i) if i.stored == stored && i.rewind > 1 => (i.rewind.min(stored), i.silent_seeks),
+            Some(i) if i.stored == stored => (i.rewind, i.silent_seeks),
             _ => (i64::from(stored > 0), 0),
         };
         let resume = Self {
