@@ -24,6 +24,16 @@ pub(super) const SILENCE: Duration = Duration::from_secs(2);
 /// log from the fetch offset to its end, about 2 ms per record) must get the time to answer.
 const SILENCE_DOUBLINGS: u32 = 4;
 
+/// How much further back each rewind goes. A later message than the stored offset arrived:
+/// the batch that holds the stored offset ends just before it, four times further is enough.
+const REWIND_FACTOR: i64 = 4;
+
+/// The same after silence. Silence waits twice as long each time, so it must reach further in
+/// the same time: tansu's memory storage returns nothing for a fetch inside the log's last
+/// record batch, which a busy producer fills with thousands of records. From the claim the
+/// rewinds are 16, 256, 4,096 and 65,536 messages, made 2, 6, 14 and 30 s after it.
+const SILENT_REWIND_FACTOR: i64 = 16;
+
 /// What the fetch loop does next with a partition whose position is not proven yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Decision {
@@ -150,7 +160,7 @@ impl Resume {
             }
             return Decision::Apply;
         }
-        Decision::Seek(self.further_back(stored, low))
+        Decision::Seek(self.further_back(stored, low, REWIND_FACTOR))
     }
 
     /// Whether the partition has been silent long enough to check its position. Once the
@@ -178,12 +188,12 @@ impl Resume {
         if stored - self.rewind <= low {
             return Decision::ReportPastEnd;
         }
-        Decision::Seek(self.further_back(stored, low))
+        Decision::Seek(self.further_back(stored, low, SILENT_REWIND_FACTOR))
     }
 
-    /// Four times further back than last time, bounded by the low watermark.
-    fn further_back(&self, stored: i64, low: i64) -> i64 {
-        stored - (self.rewind * 4).max(1).min(stored - low)
+    /// `factor` times further back than last time, bounded by the low watermark.
+    fn further_back(&self, stored: i64, low: i64, factor: i64) -> i64 {
+        stored - (self.rewind * factor).max(1).min(stored - low)
     }
 }
 
@@ -378,8 +388,12 @@ mod tests {
             (0, 0, 0, Apply),
             (10, 1, 10, Apply),
             (10, 1, 12, Apply),
-            (10, 1, 0, Seek(6)),
-            (10, 4, 0, Seek(0)),
+            // Sixteen times further back each time, never below the log start.
+            (1000, 1, 0, Seek(984)),
+            (1000, 16, 0, Seek(744)),
+            (1000, 16, 900, Seek(900)),
+            (1000, 256, 0, Seek(0)),
+            (10, 1, 0, Seek(0)),
             (10, 10, 0, ReportPastEnd),
             (10, 1, 9, ReportPastEnd),
         ];
