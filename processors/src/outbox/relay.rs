@@ -490,10 +490,11 @@ async fn leased_round(
 
 /// Takes the delivered rows out of the outbox into the log of published rows and parks the
 /// refused ones, if this relay still holds the lease at `epoch` (false, and nothing written,
-/// otherwise), and renews the lease: one statement, its own transaction. Every take of the lease raises its epoch, so a relay
-/// replaced since the round began marks nothing; the lease row stays locked until the marks
-/// commit, so no other relay takes it meanwhile. A round that outlived the lease (a slow
-/// broker) but was not replaced still marks: nobody else published meanwhile.
+/// otherwise), and renews the lease: one statement, its own transaction. Every take of the
+/// lease raises its epoch, so a relay replaced since the round began marks nothing; the lease
+/// row stays locked until the marks commit, so no other relay takes it meanwhile. A round
+/// that outlived the lease (a slow broker) but was not replaced still marks: nobody else
+/// published meanwhile.
 ///
 /// The marks need not wait for the WAL flush: a mark lost in a crash only means the row is
 /// published again, a duplicate the consumers drop by event id.
