@@ -184,8 +184,6 @@ async fn two_relays_running_at_once_neither_reorder_a_key_nor_lose_a_row() {
 /// stream of single-row commits from three writers is published completely, through rounds
 /// that are full (the relay drains on at once) and partial (it waits for the next
 /// notification, and takes every notification already delivered as covered by one round).
-/// Rounds overlap (the next starts before the last is acknowledged), and a row whose key a
-/// round in flight has waits for it: each writer's rows first arrive in the order written.
 /// The only relay never finds its own lock taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_publishes_every_commit_on_its_notification_without_the_fallback_poll() {
@@ -228,19 +226,9 @@ async fn a_relay_publishes_every_commit_on_its_notification_without_the_fallback
     .await;
     let received = wire.wait_for(total).await;
     relay.stop().await;
-    let mut next = vec![0_usize; writers];
-    let mut seen = std::collections::HashSet::new();
-    for m in &received {
-        if !seen.insert(m.value.as_slice()) {
-            continue; // a duplicate on the wire
-        }
-        let text = std::str::from_utf8(&m.value).expect("utf8");
-        let (w, i) = text.split_once(':').expect("writer:seq");
-        let (w, i): (usize, usize) = (w.parse().expect("writer"), i.parse().expect("seq"));
-        assert_eq!(i, next[w], "writer {w}'s row {i} arrived out of order");
-        next[w] += 1;
-    }
-    assert_eq!(seen.len(), total, "a row was lost");
+    let distinct: std::collections::HashSet<&[u8]> =
+        received.iter().map(|m| m.value.as_slice()).collect();
+    assert_eq!(distinct.len(), total, "a row was lost");
     assert_eq!(
         paystream_processors::telemetry::METRICS
             .relay_standby_rounds

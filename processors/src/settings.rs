@@ -99,9 +99,6 @@ pub struct RelaySettings {
     /// The relay lease's time to live: a relay that died or froze is replaced this long after
     /// its last round.
     pub lease_ms: u64,
-    /// Most rounds the relay has sent and not yet marked; 1 makes each round wait for the
-    /// one before.
-    pub rounds_in_flight: usize,
     pub poll_interval_ms: u64,
     pub retention_hours: u64,
     pub prune_interval_s: u64,
@@ -205,8 +202,8 @@ impl Settings {
         if self.kafka.partitions < 1 {
             return bad("kafka.partitions must be at least 1");
         }
-        if self.relay.batch_max < 1 || self.relay.rounds_in_flight < 1 {
-            return bad("relay.batch_max and relay.rounds_in_flight must be at least 1");
+        if self.relay.batch_max < 1 {
+            return bad("relay.batch_max must be at least 1");
         }
         if self.api.jwt_secret.len() < 16 {
             return bad("api.jwt_secret must be at least 16 bytes");

@@ -20,12 +20,6 @@
 //!   a copy of rows the new holder publishes (unmarked rows go again, in id order), so the
 //!   first copy of each event on the wire is still in order and the consumers drop the rest.
 //!   A relay that died loses the lease `relay.lease_ms` later.
-//! - Rounds overlap: the next starts once the last one's rows are with the producer, without
-//!   waiting for their acknowledgements and marks (up to `relay.rounds_in_flight` rounds and
-//!   `relay.batch_max` rows). A round takes no row in flight and no row of a topic and key
-//!   that a round in flight has, so at most one round at a time carries a key: whatever
-//!   becomes of it (a failure, a parked row, a lost lease), no later row of its key has been
-//!   sent before it is settled. Rows of other keys keep no order with each other.
 //! - A row the broker refuses for good (larger than a message may be, a topic that does not
 //!   exist or may not be written) is parked, not retried forever at the head of the line:
 //!   only the later rows of its own topic and key wait behind it (per-key order), everything
@@ -39,10 +33,9 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 use sqlx::postgres::PgListener;
@@ -183,101 +176,44 @@ pub async fn run(
     let mut failures = 0;
     let mut lease = Lease::new(lease_ttl(&settings));
     let limits = Limits::new(&settings);
-    let most_rounds = settings.relay.rounds_in_flight.max(1);
-    let mut in_flight = InFlight::default();
-    let mut rounds = FuturesUnordered::new();
-    // Whether rows may be waiting: at the start, after a notification or the fallback poll,
-    // after a full round, and after a failed or fenced one.
-    let mut look = true;
-    // A round left rows for later because a round in flight had rows of their key: look
-    // again once a round settles.
-    let mut deferred = false;
-    let mut resume_at: Option<tokio::time::Instant> = None;
-    let mut stopping = false;
-    tracing::info!(rounds_in_flight = most_rounds, "relay started");
+    tracing::info!("relay started");
 
-    loop {
-        if listener.is_none() && !stopping {
+    while !cancel.is_cancelled() {
+        if listener.is_none() {
             listener = listen(&pool).await;
         }
-        let may_start = look
-            && !stopping
-            && resume_at.is_none()
-            && rounds.len() < most_rounds
-            && (in_flight.rows() as i64) < limits.rows;
-        if may_start {
-            // Notifications already here are covered by the round about to start (its
-            // snapshot comes after their commits): one round for all of them, not one each.
-            drain_notifications(&mut listener);
-            match begin_round(&pool, &producer, limits, &mut lease, &in_flight).await {
-                Ok(Begun::NotLeader) => {
-                    look = false;
-                    METRICS.relay_standby_rounds.inc();
-                }
-                // Every row committed before this round's snapshot is published, in flight
-                // or deferred, and each row committed since has notified (or will).
-                Ok(Begun::Empty { deferred: left }) => {
-                    look = false;
-                    deferred |= left;
-                }
-                Ok(Begun::Sending(round)) => {
-                    look = round.full;
-                    deferred |= round.deferred;
-                    in_flight.add(&round);
-                    rounds.push(round.settle());
-                }
-                Err(e) => {
-                    resume_at = Some(failed(&retry, &mut failures, &e));
-                    look = true;
-                }
+        match bounded_round(&pool, &producer, limits, &mut lease).await {
+            Ok(Round::Full(_)) => {
+                failures = 0;
+                continue; // a full round: there may be more, drain before waiting
             }
-            continue;
+            // Fewer than a full round: every row committed before this round's snapshot was
+            // taken, and each row committed since has notified (or will); waiting for that
+            // notification saves a round that would find nothing.
+            Ok(Round::Published(_)) => failures = 0,
+            Ok(Round::NotLeader) => {
+                failures = 0;
+                METRICS.relay_standby_rounds.inc();
+            }
+            Err(e) => {
+                let delay = retry.delay(failures);
+                failures += 1;
+                tracing::warn!(error = %e, ?delay, "relay round failed; retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                continue;
+            }
         }
-        if stopping && rounds.is_empty() {
+        if !wait_for_work(&mut listener, poll, &cancel).await {
             break;
-        }
-        tokio::select! {
-            _ = cancel.cancelled(), if !stopping => stopping = true,
-            Some((round, outcome)) = rounds.next(), if !rounds.is_empty() => {
-                in_flight.remove(&round);
-                look |= std::mem::take(&mut deferred);
-                match outcome
-                    .map_err(anyhow::Error::from)
-                    .and_then(|leased| conclude(&mut lease, round.epoch, round.full, leased))
-                {
-                    Ok(Round::Full(_) | Round::Published(_)) => failures = 0,
-                    // Fenced off: the next round asks for the lease again.
-                    Ok(Round::NotLeader) => look = true,
-                    Err(e) => {
-                        resume_at = Some(failed(&retry, &mut failures, &e));
-                        look = true;
-                    }
-                }
-            }
-            _ = tokio::time::sleep_until(resume_at.unwrap_or_else(tokio::time::Instant::now)),
-                if resume_at.is_some() => resume_at = None,
-            notified = notification(&mut listener), if !stopping => {
-                if !notified {
-                    tracing::warn!("LISTEN connection lost; falling back to polling");
-                    listener = None;
-                }
-                look = true;
-            }
-            _ = tokio::time::sleep(poll), if !stopping => look = true,
         }
     }
     tracing::info!("relay stopping; flushing producer");
     let _ = producer.flush(Timeout::After(Duration::from_secs(5)));
     lease.release(&pool).await;
     Ok(())
-}
-
-/// Counts a failed round and says when to try again.
-fn failed(retry: &Backoff, failures: &mut u32, e: &dyn std::fmt::Display) -> tokio::time::Instant {
-    let delay = retry.delay(*failures);
-    *failures += 1;
-    tracing::warn!(error = %e, ?delay, "relay round failed; retrying");
-    tokio::time::Instant::now() + delay
 }
 
 /// The relay's producer. Dead letters may be a little larger than the messages they carry
@@ -304,18 +240,32 @@ fn pruning(settings: &Settings) -> Pruning {
     }
 }
 
-/// The next notification (pending while there is no LISTEN connection); false when the
-/// connection was lost.
-async fn notification(listener: &mut Option<PgListener>) -> bool {
-    match listener.as_mut() {
-        Some(l) => l.recv().await.is_ok(),
-        None => std::future::pending().await,
+/// Waits for a notification, the fallback poll, or shutdown; returns false on shutdown. A
+/// lost LISTEN connection is dropped (the next round opens another).
+async fn wait_for_work(
+    listener: &mut Option<PgListener>,
+    poll: Duration,
+    cancel: &CancellationToken,
+) -> bool {
+    let notified = async {
+        match listener.as_mut() {
+            Some(l) => {
+                if let Err(e) = l.recv().await {
+                    tracing::warn!(error = %e, "LISTEN connection lost; falling back to polling");
+                    return false;
+                }
+                true
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = cancel.cancelled() => return false,
+        ok = notified => if !ok { *listener = None },
+        _ = tokio::time::sleep(poll) => {}
     }
-}
-
-/// Takes the notifications that are already here; a lost LISTEN connection is dropped (the
-/// loop opens another).
-fn drain_notifications(listener: &mut Option<PgListener>) {
+    // Notifications that are already here are covered by the round about to start (its
+    // snapshot comes after their commits): one round for all of them, not one each.
     while let Some(l) = listener.as_mut() {
         match l.try_recv().now_or_never() {
             Some(Ok(Some(_))) => {}
@@ -323,6 +273,7 @@ fn drain_notifications(listener: &mut Option<PgListener>) {
             None => break,
         }
     }
+    true
 }
 
 async fn listen(pool: &PgPool) -> Option<PgListener> {
@@ -362,139 +313,47 @@ pub async fn publish_round(
 /// One relay round, while this relay holds the lease: publishes up to `limits.rows`
 /// unpublished rows, and up to `limits.bytes` of their payloads (at least one row), in id
 /// order, then marks them (and parks what the broker refused for good) in one short
-/// transaction fenced by the lease. `run` overlaps such rounds; this is one on its own.
+/// transaction fenced by the lease. `run` loops over it.
 pub async fn bounded_round(
     pool: &PgPool,
     producer: &FutureProducer,
     limits: Limits,
     lease: &mut Lease,
 ) -> anyhow::Result<Round> {
-    match begin_round(pool, producer, limits, lease, &InFlight::default()).await? {
-        Begun::NotLeader => Ok(Round::NotLeader),
-        Begun::Empty { .. } => Ok(Round::Published(0)),
-        Begun::Sending(round) => {
-            let (round, outcome) = round.settle().await;
-            conclude(lease, round.epoch, round.full, outcome?)
+    let epoch = match lease.fresh_epoch() {
+        Some(epoch) => epoch,
+        None => match lease.acquire(pool).await? {
+            Some(epoch) => epoch,
+            None => return Ok(Round::NotLeader),
+        },
+    };
+    let delivered = match leased_round(pool, producer, limits, lease, epoch).await? {
+        Leased::Delivered(delivered) => delivered,
+        Leased::Empty => return Ok(Round::Published(0)),
+        Leased::Lost => {
+            tracing::warn!(epoch, "the relay lease lapsed during the round and another relay took it; this round's marks were not written (the new holder publishes those rows again)");
+            lease.epoch = None;
+            lease.renewed_at = None;
+            return Ok(Round::NotLeader);
         }
+    };
+    METRICS.relay_round_rows.observe(delivered.published as f64);
+    for (topic, n) in delivered.per_topic {
+        METRICS
+            .relay_published
+            .with_label_values(&[&topic])
+            .inc_by(n);
     }
-}
-
-/// Rows sent and not yet settled (marked, parked or failed), and their topics and keys. A
-/// round takes none of them, and no row of a key that one of them has: at most one round at
-/// a time has rows of a key, so whatever becomes of that round (it fails, parks a row, loses
-/// the lease), no later row of its key is on the wire before it.
-#[derive(Default)]
-struct InFlight {
-    ids: HashSet<i64>,
-    /// Rounds in flight per topic and key (by hash: two keys that collide only wait for each
-    /// other).
-    lanes: HashMap<u64, usize>,
-}
-
-impl InFlight {
-    fn rows(&self) -> usize {
-        self.ids.len()
-    }
-
-    fn holds(&self, lane: u64) -> bool {
-        self.lanes.contains_key(&lane)
-    }
-
-    fn add(&mut self, round: &Sending) {
-        self.ids.extend(&round.ids);
-        for lane in &round.lanes {
-            *self.lanes.entry(*lane).or_default() += 1;
-        }
-    }
-
-    fn remove(&mut self, round: &Settled) {
-        for id in &round.ids {
-            self.ids.remove(id);
-        }
-        for lane in &round.lanes {
-            if let Some(n) = self.lanes.get_mut(lane) {
-                *n -= 1;
-                if *n == 0 {
-                    self.lanes.remove(lane);
-                }
-            }
-        }
-    }
-}
-
-/// A row's topic and key as one number; None for a keyless row (it keeps no order).
-fn lane_of(topic: &str, key: Option<&[u8]>) -> Option<u64> {
-    use std::hash::{Hash, Hasher};
-    let key = key?;
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    (topic, key).hash(&mut hasher);
-    Some(hasher.finish())
-}
-
-/// The rows a round may take of those read, in id order: not one of a key a round in flight
-/// has (true when it left such a row for later).
-fn clear_of<T>(
-    rows: Vec<T>,
-    lane: impl Fn(&T) -> Option<u64>,
-    in_flight: &InFlight,
-) -> (Vec<T>, bool) {
-    let read = rows.len();
-    let rows: Vec<T> = rows
-        .into_iter()
-        .filter(|row| !lane(row).is_some_and(|l| in_flight.holds(l)))
-        .collect();
-    let deferred = rows.len() < read;
-    (rows, deferred)
-}
-
-/// How a round began.
-enum Begun {
-    /// Another relay holds the lease.
-    NotLeader,
-    /// Nothing to take: no rows, or only rows left for later (`deferred`) because a round
-    /// in flight has rows of their key.
-    Empty {
-        deferred: bool,
-    },
-    Sending(Sending),
-}
-
-/// A round whose rows are with the producer.
-struct Sending {
-    epoch: i64,
-    ids: Vec<i64>,
-    lanes: Vec<u64>,
-    /// Rows were left for a later round: a round in flight has rows of their key.
-    deferred: bool,
-    /// The round stopped at its row or byte budget: more may be waiting.
-    full: bool,
-    outcome: futures::future::BoxFuture<'static, Result<Leased, sqlx::Error>>,
-}
-
-/// What is left of a round once it settled.
-struct Settled {
-    epoch: i64,
-    ids: Vec<i64>,
-    lanes: Vec<u64>,
-    full: bool,
-}
-
-impl Sending {
-    /// Waits for the broker's acknowledgements and marks the round.
-    async fn settle(self) -> (Settled, Result<Leased, sqlx::Error>) {
-        let outcome = self.outcome.await;
-        let settled = Settled {
-            epoch: self.epoch,
-            ids: self.ids,
-            lanes: self.lanes,
-            full: self.full,
-        };
-        (settled, outcome)
+    match delivered.first_error {
+        Some(e) => anyhow::bail!("publish failed: {e}"),
+        None if delivered.full => Ok(Round::Full(delivered.published)),
+        None => Ok(Round::Published(delivered.published)),
     }
 }
 
 /// What a round under the lease came to.
 enum Leased {
+    Empty,
     Delivered(Delivered),
     /// The lease lapsed or was taken before the marks: nothing was marked.
     Lost,
@@ -506,64 +365,24 @@ struct Delivered {
     per_topic: HashMap<String, u64>,
     /// The first delivery that failed for a reason that may pass (the round is retried).
     first_error: Option<String>,
+    /// Whether the round took as many rows or bytes as a round may: more may be waiting.
+    full: bool,
 }
 
-/// Books a settled round: the lease's renewal, the metrics, and what the round came to.
-fn conclude(lease: &mut Lease, epoch: i64, full: bool, leased: Leased) -> anyhow::Result<Round> {
-    let delivered = match leased {
-        Leased::Delivered(delivered) => delivered,
-        Leased::Lost => {
-            tracing::warn!(epoch, "the relay lease lapsed during the round and another relay took it; this round's marks were not written (the new holder publishes those rows again)");
-            if lease.epoch == Some(epoch) {
-                lease.epoch = None;
-                lease.renewed_at = None;
-            }
-            return Ok(Round::NotLeader);
-        }
-    };
-    if lease.epoch == Some(epoch) {
-        lease.renewed_at = Some(Instant::now());
-    }
-    METRICS.relay_round_rows.observe(delivered.published as f64);
-    for (topic, n) in delivered.per_topic {
-        METRICS
-            .relay_published
-            .with_label_values(&[&topic])
-            .inc_by(n);
-    }
-    match delivered.first_error {
-        Some(e) => anyhow::bail!("publish failed: {e}"),
-        None if full => Ok(Round::Full(delivered.published)),
-        None => Ok(Round::Published(delivered.published)),
-    }
-}
-
-/// Starts a round while this relay holds the lease: reads the rows it may take, in id order,
-/// and hands them to the producer; the round settles (acknowledgements, then the marks) on
-/// its own.
-async fn begin_round(
+async fn leased_round(
     pool: &PgPool,
     producer: &FutureProducer,
     limits: Limits,
     lease: &mut Lease,
-    in_flight: &InFlight,
-) -> Result<Begun, sqlx::Error> {
-    let epoch = match lease.fresh_epoch() {
-        Some(epoch) => epoch,
-        None => match lease.acquire(pool).await? {
-            Some(epoch) => epoch,
-            None => return Ok(Begun::NotLeader),
-        },
-    };
-    let limit = (limits.rows - in_flight.rows() as i64).max(1);
-    let max_bytes = limits.bytes;
-    let sent: Vec<i64> = in_flight.ids.iter().copied().collect();
+    epoch: i64,
+) -> Result<Leased, sqlx::Error> {
+    let (limit, max_bytes) = (limits.rows, limits.bytes);
     // The rows in id order while the payloads before each one stay under `max_bytes` (the
     // running sum streams with the index scan, so the limit stops it); the last one read may
     // cross the budget and is kept for the next round unless it is the first. Not taken: a
-    // row in flight, a discarded row, a parked one not yet due for its retry, and any row
-    // behind a parked row of its own topic and key (a keyless row has no order to keep).
-    let rows: Vec<Row> = sqlx::query_as(
+    // discarded row, a parked one not yet due for its retry, and any row behind a parked
+    // row of its own topic and key (a keyless row has no order to keep).
+    let mut rows: Vec<Row> = sqlx::query_as(
         r#"
         SELECT id, topic, message_key, message_key_raw, payload, headers FROM (
             SELECT id, topic, message_key, message_key_raw, payload, headers,
@@ -571,7 +390,6 @@ async fn begin_round(
             FROM outbox o
             WHERE discarded_at IS NULL
               AND (parked_at IS NULL OR parked_at < now() - make_interval(secs => $3))
-              AND o.id NOT IN (SELECT unnest($4::bigint[]))
               AND NOT EXISTS (
                   SELECT 1 FROM outbox p
                   WHERE p.parked_at IS NOT NULL AND p.discarded_at IS NULL
@@ -587,104 +405,87 @@ async fn begin_round(
     .bind(limit)
     .bind(max_bytes)
     .bind(limits.park_retry.as_secs_f64())
-    .bind(&sent)
     .fetch_all(pool)
     .await?;
-    let read = rows.len();
-    let (mut rows, deferred) = clear_of(rows, |row| lane_of(&row.1, row_key(row)), in_flight);
-    let taken = rows.len();
-    rows.truncate(within_budget(rows.iter().map(|row| row.4.len()), max_bytes));
     if rows.is_empty() {
-        return Ok(Begun::Empty { deferred });
+        return Ok(Leased::Empty);
     }
+    let read = rows.len();
+    rows.truncate(within_budget(rows.iter().map(|row| row.4.len()), max_bytes));
     // Full when the round stopped at its row or byte budget: more may be waiting.
-    let full = read as i64 >= limit || rows.len() < taken;
+    let full = read as i64 >= limit || rows.len() < read;
 
-    // A row larger than a record may be is parked before anything is sent, and the later
-    // rows of its key are not sent either (they would overtake it).
-    let mut blocked: HashSet<u64> = HashSet::new();
-    // Enqueued in id order, now: the idempotent producer keeps that order per partition, and
-    // a later round's rows are enqueued after these.
-    let sends: Vec<Result<DeliveryFuture, Refusal>> = rows
+    // Each row's key and headers, read once. A row larger than a record may be is parked
+    // before anything is sent, and the later rows of its key are not sent either (they would
+    // overtake it).
+    let mut blocked: HashSet<(&str, &[u8])> = HashSet::new();
+    let prepared: Vec<_> = rows
         .iter()
-        .map(|row| {
-            let (topic, key, payload) = (row.1.as_str(), row_key(row), &row.4);
-            let headers = headers_from_json(&row.5);
+        .map(|(id, topic, key, raw_key, payload, headers)| {
+            let key = raw_key.as_deref().or(key.as_ref().map(String::as_bytes));
+            let headers = headers_from_json(headers);
             let header_bytes: usize = headers.iter().map(|(n, v)| n.len() + v.len()).sum();
             let size = payload.len() + key.map_or(0, <[u8]>::len) + header_bytes;
-            let lane = lane_of(topic, key);
-            if size > limits.record_bytes {
-                blocked.extend(lane);
-                return Err(Refusal::Permanent(format!(
+            let lane = key.map(|k| (topic.as_str(), k));
+            let refusal = if size > limits.record_bytes {
+                Some(Refusal::Permanent(format!(
                     "the record is about {size} bytes, more than a message may be ({})",
                     limits.record_bytes
-                )));
+                )))
+            } else if lane.is_some_and(|l| blocked.contains(&l)) {
+                Some(Refusal::Held)
+            } else {
+                None
+            };
+            if let (Some(Refusal::Permanent(_)), Some(lane)) = (&refusal, lane) {
+                blocked.insert(lane);
             }
-            if lane.is_some_and(|l| blocked.contains(&l)) {
-                return Err(Refusal::Held);
-            }
-            let mut record = FutureRecord::<[u8], [u8]>::to(topic)
-                .payload(payload)
-                .headers(record_headers(&headers));
-            if let Some(key) = key {
-                record = record.key(key);
-            }
-            producer
-                .send_result(record)
-                .map_err(|(e, _)| Refusal::of(&e))
+            (*id, topic.as_str(), key, payload, headers, refusal)
         })
         .collect();
 
-    let ids = rows.iter().map(|row| row.0).collect();
-    let mut lanes: Vec<u64> = rows
-        .iter()
-        .filter_map(|row| lane_of(&row.1, row_key(row)))
-        .collect();
-    lanes.sort_unstable();
-    lanes.dedup();
-    let pool = pool.clone();
-    let (owner, ttl) = (lease.owner.clone(), lease.ttl);
-    let outcome = async move {
-        let outcomes = join_all(sends.into_iter().map(|send| async move {
-            match send {
-                Ok(delivery) => match delivery.await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err((e, _))) => Err(Refusal::of(&e)),
-                    Err(_) => Err(Refusal::Transient(
-                        "the producer dropped the delivery".into(),
-                    )),
-                },
-                Err(refusal) => Err(refusal),
+    // Enqueue in id order; the idempotent producer keeps that order per partition.
+    let deliveries = prepared
+        .into_iter()
+        .map(|(id, topic, key, payload, headers, refusal)| {
+            let send = match refusal {
+                Some(refusal) => Err(refusal),
+                None => {
+                    let mut record = FutureRecord::<[u8], [u8]>::to(topic)
+                        .payload(payload)
+                        .headers(record_headers(&headers));
+                    if let Some(key) = key {
+                        record = record.key(key);
+                    }
+                    Ok(producer.send(record, Timeout::Never))
+                }
+            };
+            async move {
+                let outcome = match send {
+                    Ok(delivery) => delivery.await.map(drop).map_err(|(e, _)| Refusal::of(&e)),
+                    Err(refusal) => Err(refusal),
+                };
+                Sent {
+                    id,
+                    topic,
+                    key,
+                    outcome,
+                }
             }
-        }))
-        .await;
-        let settled = settle(rows.iter().zip(outcomes).map(|(row, outcome)| Sent {
-            id: row.0,
-            topic: &row.1,
-            key: row_key(row),
-            outcome,
-        }));
-        for (id, reason) in &settled.parked {
-            tracing::error!(outbox_id = id, %reason, "outbox row parked: only later rows of its topic and key wait for it; see `paystream outbox parked`");
-        }
-        if !mark(&pool, &owner, ttl, epoch, &settled).await? {
-            return Ok(Leased::Lost);
-        }
-        Ok(Leased::Delivered(settled.report()))
-    };
-    Ok(Begun::Sending(Sending {
-        epoch,
-        ids,
-        lanes,
-        deferred,
-        full,
-        outcome: outcome.boxed(),
-    }))
-}
+        });
+    let results = join_all(deliveries).await;
 
-/// A row's key: its raw bytes if it has them, else its text.
-fn row_key(row: &Row) -> Option<&[u8]> {
-    row.3.as_deref().or(row.2.as_ref().map(String::as_bytes))
+    let settled = settle(results.into_iter());
+    for (id, reason) in &settled.parked {
+        tracing::error!(outbox_id = id, %reason, "outbox row parked: only later rows of its topic and key wait for it; see `paystream outbox parked`");
+    }
+    if !mark(pool, lease, epoch, &settled).await? {
+        return Ok(Leased::Lost);
+    }
+    Ok(Leased::Delivered(Delivered {
+        full,
+        ..settled.report()
+    }))
 }
 
 /// Takes the delivered rows out of the outbox into the log of published rows and parks the
@@ -699,8 +500,7 @@ fn row_key(row: &Row) -> Option<&[u8]> {
 /// published again, a duplicate the consumers drop by event id.
 async fn mark(
     pool: &PgPool,
-    owner: &str,
-    ttl: Duration,
+    lease: &mut Lease,
     epoch: i64,
     settled: &Settlement,
 ) -> Result<bool, sqlx::Error> {
@@ -727,14 +527,17 @@ async fn mark(
         SELECT EXISTS (SELECT 1 FROM lease), set_config('synchronous_commit', 'off', true)
         "#,
     )
-    .bind(owner)
+    .bind(&lease.owner)
     .bind(epoch)
-    .bind(ttl.as_secs_f64())
+    .bind(lease.ttl.as_secs_f64())
     .bind(&settled.published)
     .bind(&parked)
     .bind(&reasons)
     .fetch_one(pool)
     .await?;
+    if held {
+        lease.renewed_at = Some(Instant::now());
+    }
     Ok(held)
 }
 
@@ -794,6 +597,7 @@ impl Settlement {
             published: self.published.len(),
             per_topic: self.per_topic.clone(),
             first_error: self.first_error.clone(),
+            full: false,
         }
     }
 }
@@ -882,47 +686,6 @@ mod tests {
                 expected,
                 "{sizes:?}"
             );
-        }
-    }
-
-    #[test]
-    fn a_round_takes_no_row_of_a_key_a_round_in_flight_has_and_every_other_row() {
-        let lane = |row: &(i64, &str, Option<&[u8]>)| lane_of(row.1, row.2);
-        let mut in_flight = InFlight::default();
-        in_flight.ids.insert(1);
-        in_flight
-            .lanes
-            .insert(lane_of("t", Some(b"a")).expect("keyed"), 1);
-        // (rows read in id order, ids taken, whether any was left for later)
-        type Case = (
-            Vec<(i64, &'static str, Option<&'static [u8]>)>,
-            Vec<i64>,
-            bool,
-        );
-        let cases: Vec<Case> = vec![
-            (vec![], vec![], false),
-            // Key a is in flight: all of its rows wait, before and after the others.
-            (
-                vec![
-                    (2, "t", Some(b"a")),
-                    (3, "t", Some(b"b")),
-                    (4, "t", Some(b"a")),
-                ],
-                vec![3],
-                true,
-            ),
-            // The same key on another topic, and keyless rows, are other lines.
-            (
-                vec![(5, "u", Some(b"a")), (6, "t", None), (7, "t", Some(b"c"))],
-                vec![5, 6, 7],
-                false,
-            ),
-        ];
-        for (rows, taken, deferred) in cases {
-            let label = format!("{rows:?}");
-            let (rows, left) = clear_of(rows, lane, &in_flight);
-            let ids: Vec<i64> = rows.iter().map(|row| row.0).collect();
-            assert_eq!((ids, left), (taken, deferred), "{label}");
         }
     }
 
