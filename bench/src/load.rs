@@ -175,6 +175,20 @@ pub(crate) async fn record_orders(
     .execute(pool)
     .await
     .context("Failed to record the bench orders")?;
+    analyze(pool, "orders").await
+}
+
+/// Gathers the planner's statistics of `tables` after the bench loaded them in bulk, as a
+/// system that grew to this size would have them (autovacuum analyzes a table about a minute
+/// after it changed by a tenth, and a phase starts at once). Without them the planner
+/// takes a freshly loaded table for a small one and looks a batch's rows up by scanning all
+/// of it: the 100,000 user accounts for every batch's account lock, or every order for the
+/// batch's order check (docs/performance.md §4).
+pub(crate) async fn analyze(pool: &PgPool, tables: &str) -> anyhow::Result<()> {
+    sqlx::query(&format!("ANALYZE {tables}"))
+        .execute(pool)
+        .await
+        .with_context(|| format!("Failed to analyze {tables}"))?;
     Ok(())
 }
 
