@@ -684,6 +684,7 @@ async fn under_a_seeded_nemesis_nothing_is_lost_or_doubled_and_every_pipeline_re
         &samples,
         started,
         anomalies.len(),
+        &SelfHealing::counted_in(&cluster.dir),
     );
     assert!(
         !acks.orders.is_empty(),
@@ -693,9 +694,38 @@ async fn under_a_seeded_nemesis_nothing_is_lost_or_doubled_and_every_pipeline_re
     for i in 0..cluster.roles.len() {
         cluster.kill(i).await;
     }
+    // The roles' logs and the broker's data are kept only when the soak fails (a failure
+    // above panics before this and names the directory).
+    if let Some(broker) = cluster.broker.take() {
+        broker.kill().await;
+    }
+    let _ = std::fs::remove_dir_all(&cluster.dir);
+}
+
+/// How often the roles healed themselves, counted in their logs: workers that left and
+/// rejoined the group over partitions nobody held, and resume-point proofs that rewound
+/// because a fetch did not start where it was asked to.
+#[derive(Debug, Default)]
+struct SelfHealing {
+    rejoins: usize,
+    rewinds: usize,
+}
+
+impl SelfHealing {
+    fn counted_in(dir: &std::path::Path) -> Self {
+        let mut counted = Self::default();
+        let logs = std::fs::read_dir(dir).into_iter().flatten().flatten();
+        for log in logs.filter(|e| e.path().extension().is_some_and(|x| x == "log")) {
+            let text = std::fs::read_to_string(log.path()).unwrap_or_default();
+            counted.rejoins += text.matches("rejoining the group").count();
+            counted.rewinds += text.matches("rewinding").count();
+        }
+        counted
+    }
 }
 
 /// Prints each fault's recovery, a table per fault class and one JSON line.
+#[allow(clippy::too_many_arguments)]
 fn report(
     seed: u64,
     seconds: u64,
@@ -704,6 +734,7 @@ fn report(
     samples: &[Sample],
     started: Instant,
     anomalies: usize,
+    healing: &SelfHealing,
 ) {
     let mut table: BTreeMap<Fault, (usize, f64, usize)> = BTreeMap::new();
     for &(fault, target, end) in injected {
@@ -725,10 +756,12 @@ fn report(
         }
     }
     println!(
-        "chaos seed {seed}, {seconds} s: {} orders and {} cancels acknowledged, {} faults, {anomalies} anomalies",
+        "chaos seed {seed}, {seconds} s: {} orders and {} cancels acknowledged, {} faults, {anomalies} anomalies, {} rejoins, {} rewinding proofs",
         acks.orders.len(),
         acks.cancels.len(),
-        injected.len()
+        injected.len(),
+        healing.rejoins,
+        healing.rewinds
     );
     println!("| fault | injected | worst recovery (s) | unmeasured |");
     println!("| --- | --- | --- | --- |");
@@ -748,6 +781,8 @@ fn report(
         "ordersAcknowledged": acks.orders.len(),
         "cancelsAcknowledged": acks.cancels.len(),
         "anomalies": anomalies,
+        "rejoins": healing.rejoins,
+        "rewinds": healing.rewinds,
         "faults": faults,
     });
     println!("{line}");
