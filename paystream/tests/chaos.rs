@@ -756,7 +756,7 @@ fn report(
         }
     }
     println!(
-        "chaos seed {seed}, {seconds} s: {} orders and {} cancels acknowledged, {} faults, {anomalies} anomalies, {} rejoins, {} rewinding proofs",
+        "chaos seed {seed}, {seconds} s: {} orders and {} cancels acknowledged, {} faults, {anomalies} anomalies, {} rejoins, {} proof rewinds",
         acks.orders.len(),
         acks.cancels.len(),
         injected.len(),
