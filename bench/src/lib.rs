@@ -185,7 +185,6 @@ async fn phases(
     }
     let users = Users::new(1, args.users, args.skew);
     users.fund(pool, 1_000_000_000).await?;
-    load::analyze(pool, "accounts, transfers, ledger_entries").await?;
 
     broker_floor(settings, id, args).await?;
     let throughput = run_phase(
