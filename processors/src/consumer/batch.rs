@@ -1,6 +1,6 @@
 //! One batch transaction and its retries: decode, claim the event ids (dedupe), let the
-//! handler apply the fresh events, dead-letter the poison, then the closing statement of each
-//! partition (outbox rows and the compare-and-set of its stored offset). All of it commits or
+//! handler apply the fresh events, dead-letter the poison, then the closing statement (outbox
+//! rows and the compare-and-set of every partition's stored offset). All of it commits or
 //! none of it does. Transient failures retry the whole batch with bounded exponential backoff;
 //! nothing is skipped.
 
@@ -11,7 +11,7 @@ use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use super::dedupe::ProcessedRows;
-use super::offsets::{self, Close, Position};
+use super::offsets::{self, Advance, Close, Position};
 use super::{ApplyError, Fresh, Handler, Outcome, WorkerConfig};
 use crate::backoff::Backoff;
 use crate::db::ErrorClass;
@@ -351,8 +351,8 @@ impl<H: Handler> BatchRunner<H> {
         dead_letters
     }
 
-    /// One closing statement per part: its offset's compare-and-set. The first also carries
-    /// the outbox rows and the unclaims. Returns the partition whose commit was refused, if any.
+    /// The closing statement: every part's offset compare-and-set, the outbox rows and the
+    /// unclaims. Returns how the commit was refused, if it was.
     async fn close(
         &self,
         tx: &mut PgConnection,
@@ -360,25 +360,28 @@ impl<H: Handler> BatchRunner<H> {
         outbox: outbox::Columns<'_>,
         unclaim: &[uuid::Uuid],
     ) -> Result<Option<Attempt>, sqlx::Error> {
-        let mut outbox = Some(outbox);
-        for (k, part) in parts.iter().enumerate() {
-            let close = Close {
-                group: &self.config.group,
-                topic: &self.config.topic,
+        let advances: Vec<Advance> = parts
+            .iter()
+            .map(|part| Advance {
                 partition: part.partition,
                 at: part.at,
                 next_offset: part.next_offset(),
                 last_fp: part.msgs.last().map(InboundMessage::fingerprint),
-                outbox: outbox.take().unwrap_or_default(),
-                unclaim: if k == 0 { unclaim } else { &[] },
-            };
-            if !close.execute(&mut *tx).await? {
-                let (group, topic) = (&self.config.group, &self.config.topic);
-                let now = offsets::stored(&mut *tx, group, topic, part.partition).await?;
-                return Ok(Some(refused(part.partition, part.at, now)));
-            }
-        }
-        Ok(None)
+            })
+            .collect();
+        let (group, topic) = (&self.config.group, &self.config.topic);
+        let close = Close {
+            group,
+            topic,
+            advances: &advances,
+            outbox,
+            unclaim,
+        };
+        let Some(refusal) = close.execute(&mut *tx).await? else {
+            return Ok(None);
+        };
+        let now = offsets::stored(&mut *tx, group, topic, refusal.partition).await?;
+        Ok(Some(refused(refusal.partition, refusal.at, now)))
     }
 }
 /// Why a partition's compare-and-set was refused, from the row as it stands now (epoch, next

@@ -146,26 +146,33 @@ pub(super) async fn stored(
     .await
 }
 
-/// The closing statement of a batch transaction: the outbox rows, the removal of the dedupe
-/// rows of events that were dead-lettered by the handler, and the compare-and-set of the
-/// stored offset, in one round trip.
-pub(super) struct Close<'a> {
-    pub group: &'a str,
-    pub topic: &'a str,
+/// One partition's compare-and-set in a batch's closing statement.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Advance {
     pub partition: i32,
     /// The claim and stored offset the batch started from.
     pub at: Position,
     pub next_offset: i64,
     /// The fingerprint of the batch's last message, the one at `next_offset - 1`.
     pub last_fp: Option<i64>,
+}
+
+/// The closing statement of a batch transaction: the outbox rows, the removal of the dedupe
+/// rows of events that were dead-lettered by the handler, and the compare-and-set of the
+/// stored offset of every partition in the batch, in one round trip.
+pub(super) struct Close<'a> {
+    pub group: &'a str,
+    pub topic: &'a str,
+    pub advances: &'a [Advance],
     pub outbox: outbox::Columns<'a>,
     pub unclaim: &'a [Uuid],
 }
 
 impl Close<'_> {
-    /// `false` means the partition was claimed by someone else (or advanced) since `at` was
-    /// read: fenced. The caller then rolls back, outbox rows included.
-    pub async fn execute(&self, conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
+    /// The first partition (in the order given) whose compare-and-set was refused: it was
+    /// claimed by someone else (or advanced) since its `at` was read, so the caller rolls
+    /// back, outbox rows included. `None` when every partition advanced.
+    pub async fn execute(&self, conn: &mut PgConnection) -> Result<Option<Advance>, sqlx::Error> {
         let mut params = Params::default();
         let group = params.push(self.group)?;
         // Each part is left out when it has nothing to do: an empty outbox insert would still
@@ -185,24 +192,71 @@ impl Close<'_> {
             format!("WITH {}", ctes.join(", "))
         };
         let topic = params.push(self.topic)?;
-        let partition = params.push(self.partition)?;
-        let epoch = params.push(self.at.epoch)?;
-        let expected = params.push(self.at.next_offset)?;
-        let next_offset = params.push(self.next_offset)?;
-        let last_fp = params.push(self.last_fp)?;
+        let column = |f: fn(&Advance) -> i64| self.advances.iter().map(f).collect::<Vec<i64>>();
+        let partitions: Vec<i32> = self.advances.iter().map(|a| a.partition).collect();
+        let partitions = params.push(partitions)?;
+        let epochs = params.push(column(|a| a.at.epoch))?;
+        let expected = params.push(column(|a| a.at.next_offset))?;
+        let next = params.push(column(|a| a.next_offset))?;
+        let fps: Vec<Option<i64>> = self.advances.iter().map(|a| a.last_fp).collect();
+        let fps = params.push(fps)?;
         let sql = format!(
             r#"
             {with}
-            UPDATE consumer_offsets
-               SET next_offset = {next_offset}, last_message_fp = COALESCE({last_fp}, last_message_fp),
+            UPDATE consumer_offsets c
+               SET next_offset = v.next_offset,
+                   last_message_fp = COALESCE(v.last_fp, c.last_message_fp),
                    updated_at = now()
-            WHERE consumer_group = {group} AND topic = {topic} AND partition = {partition}
-              AND epoch = {epoch} AND next_offset = {expected}
+              FROM unnest({partitions}::int[], {epochs}::bigint[], {expected}::bigint[],
+                          {next}::bigint[], {fps}::bigint[])
+                   AS v(partition, epoch, expected, next_offset, last_fp)
+             WHERE c.consumer_group = {group} AND c.topic = {topic} AND c.partition = v.partition
+               AND c.epoch = v.epoch AND c.next_offset = v.expected
+            RETURNING c.partition
             "#
         );
-        let result = sqlx::query_with(&sql, params.into_arguments())
-            .execute(conn)
+        let advanced: Vec<i32> = sqlx::query_scalar_with(&sql, params.into_arguments())
+            .fetch_all(conn)
             .await?;
-        Ok(result.rows_affected() == 1)
+        Ok(first_refused(self.advances, &advanced))
+    }
+}
+
+/// The first of `advances` whose partition is not among those that `advanced`.
+fn first_refused(advances: &[Advance], advanced: &[i32]) -> Option<Advance> {
+    advances
+        .iter()
+        .find(|a| !advanced.contains(&a.partition))
+        .copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_refused_partition_is_the_first_given_that_did_not_advance() {
+        let advance = |partition| Advance {
+            partition,
+            at: Position {
+                epoch: 1,
+                next_offset: 10,
+            },
+            next_offset: 20,
+            last_fp: None,
+        };
+        let given = [advance(2), advance(0), advance(5)];
+        // (partitions that advanced, the refused one)
+        let cases: [(&[i32], Option<i32>); 5] = [
+            (&[2, 0, 5], None),
+            (&[5, 2, 0], None),
+            (&[0, 5], Some(2)),
+            (&[2, 5], Some(0)),
+            (&[], Some(2)),
+        ];
+        for (advanced, refused) in cases {
+            let got = first_refused(&given, advanced).map(|a| a.partition);
+            assert_eq!(got, refused, "{advanced:?}");
+        }
     }
 }
