@@ -505,8 +505,19 @@ async fn mark(
     settled: &Settlement,
 ) -> Result<bool, sqlx::Error> {
     let (parked, reasons): (Vec<i64>, Vec<String>) = settled.parked.iter().cloned().unzip();
+    // The parking is left out when nothing was refused (nearly always): the statement is
+    // planned for every call, and the empty part would be planned with it.
+    let park = if parked.is_empty() {
+        ""
+    } else {
+        r#", parked AS (
+            UPDATE outbox o SET parked_at = clock_timestamp(), park_reason = p.reason
+            FROM unnest($5::bigint[], $6::text[]) AS p(id, reason)
+            WHERE o.id = p.id AND EXISTS (SELECT 1 FROM lease)
+        )"#
+    };
     // clock_timestamp(), not now(): the time the acknowledgements were in.
-    let (held, _): (bool, String) = sqlx::query_as(
+    let sql = format!(
         r#"
         WITH lease AS (
             UPDATE relay_lease SET expires_at = now() + make_interval(secs => $3)
@@ -519,22 +530,21 @@ async fn mark(
         ), logged AS (
             INSERT INTO outbox_published (id, topic, event_id, created_at, published_at)
             SELECT id, topic, event_id, created_at, clock_timestamp() FROM published ORDER BY id
-        ), parked AS (
-            UPDATE outbox o SET parked_at = clock_timestamp(), park_reason = p.reason
-            FROM unnest($5::bigint[], $6::text[]) AS p(id, reason)
-            WHERE o.id = p.id AND EXISTS (SELECT 1 FROM lease)
-        )
+        ){park}
         SELECT EXISTS (SELECT 1 FROM lease), set_config('synchronous_commit', 'off', true)
-        "#,
-    )
-    .bind(&lease.owner)
-    .bind(epoch)
-    .bind(lease.ttl.as_secs_f64())
-    .bind(&settled.published)
-    .bind(&parked)
-    .bind(&reasons)
-    .fetch_one(pool)
-    .await?;
+        "#
+    );
+    let query = sqlx::query_as(&sql)
+        .bind(&lease.owner)
+        .bind(epoch)
+        .bind(lease.ttl.as_secs_f64())
+        .bind(&settled.published);
+    let query = if parked.is_empty() {
+        query
+    } else {
+        query.bind(&parked).bind(&reasons)
+    };
+    let (held, _): (bool, String) = query.fetch_one(pool).await?;
     if held {
         lease.renewed_at = Some(Instant::now());
     }
