@@ -111,10 +111,18 @@ impl Users {
         .bind(&ids)
         .execute(&mut *tx)
         .await?;
-        let accounts = store::lock_user_accounts(&mut tx, &ids, &[]).await?;
-        let cny = vec![Currency::CNY.as_str().to_owned()];
-        let funding =
-            store::lock_system_accounts(&mut tx, AccountKind::Funding, &cny, 0, &[]).await?;
+        let cny = [Currency::CNY.as_str().to_owned()];
+        let locks = store::Locks {
+            users: &ids,
+            ids: &[],
+            system: AccountKind::Funding,
+            currencies: &cny,
+            shard: 0,
+        };
+        let (accounts, funding): (Vec<_>, Vec<_>) = store::lock_accounts(&mut tx, &locks)
+            .await?
+            .into_iter()
+            .partition(|a| a.kind == AccountKind::User);
         let funding_id = funding
             .first()
             .map(|a| a.id)

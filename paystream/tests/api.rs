@@ -383,6 +383,23 @@ async fn bad_requests_get_a_stable_code_and_change_nothing() {
             "{path} {body}: {reply:?}"
         );
     }
+    // A system account's id names no account a deposit can go to.
+    let settlement = env
+        .scalar("INSERT INTO accounts (kind, currency, shard) VALUES ('SETTLEMENT', 'CNY', 0) RETURNING id")
+        .await;
+    let reply = api
+        .post(
+            &format!("/v1/accounts/{settlement}/deposits"),
+            &admin,
+            "to-settlement",
+            &json!({"amountFen": 10}),
+        )
+        .await;
+    assert_eq!(
+        (reply.status.as_u16(), reply.code()),
+        (404, "ACCOUNT_NOT_FOUND"),
+        "{reply:?}"
+    );
     for (method, path, status, code) in [
         ("GET", "/v1/orders/abc", 404, "ORDER_NOT_FOUND"),
         ("GET", "/v1/orders?status=LOST", 400, "INVALID_QUERY"),
@@ -400,7 +417,8 @@ async fn bad_requests_get_a_stable_code_and_change_nothing() {
     assert_eq!(env.scalar("SELECT count(*) FROM orders").await, 0);
     assert_eq!(env.scalar("SELECT count(*) FROM transfers").await, 0);
     assert_eq!(env.scalar("SELECT count(*) FROM outbox").await, 0);
-    assert_eq!(env.scalar("SELECT count(*) FROM accounts").await, 1);
+    // The user's account and the settlement account inserted above.
+    assert_eq!(env.scalar("SELECT count(*) FROM accounts").await, 2);
     system.stop().await;
 }
 

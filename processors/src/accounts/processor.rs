@@ -29,7 +29,6 @@ use crate::events::{
     OrderCancelled, OrderCreated, OrderEvent, Poison, PoisonClass, RawEvent,
 };
 use crate::ledger::{AccountKind, Postings};
-use crate::orders;
 use crate::outbox::OutboxRow;
 use crate::settings::Settings;
 
@@ -79,7 +78,7 @@ impl Handler for AccountProcessor {
             return Ok(Applied::default());
         }
         let shard = partition.rem_euclid(self.settlement_shards);
-        let mut book = load_book(conn, events, shard).await?;
+        let (mut book, reserved) = load_book(conn, events, shard).await?;
         let now = Utc::now();
         let mut applied = Applied::default();
         for fresh in events {
@@ -96,7 +95,7 @@ impl Handler for AccountProcessor {
             };
             applied.push(outcome, emits);
         }
-        book.postings.write(conn).await?;
+        book.postings.write_reserved(conn, reserved).await?;
         Ok(applied)
     }
 }
@@ -217,14 +216,21 @@ impl AccountProcessor {
     }
 }
 
-/// Loads and locks what a batch's events can touch: users first, then system accounts, each
-/// in id order (so concurrent batches cannot deadlock), and the debits and refunds already
-/// recorded for its orders.
+/// Loads and locks what a batch's events can touch, in two statements: what is recorded for
+/// its orders (their terms, the debits and refunds already made, and ids reserved for the
+/// transfers the batch may post), then the accounts, users first and system accounts second,
+/// each in id order (so concurrent batches cannot deadlock).
 async fn load_book(
     conn: &mut PgConnection,
     events: &[Fresh<OrderEvent>],
     shard: i32,
-) -> Result<Book, sqlx::Error> {
+) -> Result<(Book, Vec<i64>), sqlx::Error> {
+    let created = || {
+        events.iter().filter_map(|f| match &f.event {
+            OrderEvent::Created(c) => Some(c),
+            _ => None,
+        })
+    };
     let order_ids: Vec<i64> = events
         .iter()
         .filter_map(|f| match &f.event {
@@ -233,102 +239,144 @@ async fn load_book(
             _ => None,
         })
         .collect();
-    let (debits, refunded) = existing_transfers(conn, &order_ids).await?;
-    let created = || {
-        events.iter().filter_map(|f| match &f.event {
-            OrderEvent::Created(c) => Some(c),
-            _ => None,
-        })
-    };
     let created_ids: Vec<i64> = created().map(|c| c.order_id).collect();
-    let orders = orders::store::terms(conn, &created_ids)
-        .await?
-        .into_iter()
-        .filter_map(|(id, user_id, amount, currency)| {
-            // A row the table's checks let through always parses; one that does not is
-            // unknown terms, so its debit is refused rather than guessed.
-            let terms = OrderTerms {
-                user_id,
-                amount: Amount::new(amount)?,
-                currency: Currency::parse(&currency)?,
-            };
-            Some((id, terms))
-        })
-        .collect();
+    let Recorded {
+        terms,
+        debits,
+        refunded,
+        transfer_ids,
+    } = recorded(conn, &order_ids, &created_ids).await?;
     let mut user_ids: Vec<i64> = created().map(|c| c.user_id).collect();
     user_ids.sort_unstable();
     user_ids.dedup();
-    let refund_from: Vec<i64> = debits.values().map(|d| d.from).collect();
-    let refund_to: Vec<i64> = debits.values().map(|d| d.to).collect();
-    let users = store::lock_user_accounts(conn, &user_ids, &refund_from).await?;
+    // A refund moves money back between the accounts of the debit.
+    let refund_accounts: Vec<i64> = debits.values().flat_map(|d| [d.from, d.to]).collect();
     let mut currencies: Vec<String> = created().map(|c| c.currency.as_str().to_owned()).collect();
     currencies.sort_unstable();
     currencies.dedup();
-    let system = store::lock_system_accounts(
-        conn,
-        AccountKind::Settlement,
-        &currencies,
+    let locks = store::Locks {
+        users: &user_ids,
+        ids: &refund_accounts,
+        system: AccountKind::Settlement,
+        currencies: &currencies,
         shard,
-        &refund_to,
-    )
-    .await?;
-    let settlement = system
+    };
+    let accounts = store::lock_accounts(conn, &locks).await?;
+    let settlement = accounts
         .iter()
         .filter(|a| a.kind == AccountKind::Settlement && a.shard == shard)
         .filter_map(|a| Some((Currency::parse(&a.currency)?, a.id)))
         .collect();
+    let users = accounts.iter().filter(|a| a.kind == AccountKind::User);
     let user_accounts = users
-        .iter()
+        .clone()
         .filter_map(|a| Some(((a.user_id?, Currency::parse(&a.currency)?), a.id)))
         .collect();
-    let users_with_accounts = users.iter().filter_map(|a| a.user_id).collect();
-    Ok(Book {
-        orders,
-        postings: Postings::new(users.into_iter().chain(system)),
+    let users_with_accounts = users.filter_map(|a| a.user_id).collect();
+    let book = Book {
+        orders: terms,
+        postings: Postings::new(accounts),
         debits,
         refunded,
         user_accounts,
         users_with_accounts,
         settlement,
-    })
+    };
+    Ok((book, transfer_ids))
 }
 
-/// Debits and refunds already recorded for `order_ids`.
-async fn existing_transfers(
+/// What is recorded for a batch's orders.
+struct Recorded {
+    /// The terms of the orders that exist, of those the batch's `OrderCreated` name.
+    terms: HashMap<i64, OrderTerms>,
+    /// The debits already made for the batch's orders.
+    debits: HashMap<i64, Debit>,
+    /// The batch's orders already refunded.
+    refunded: HashSet<i64>,
+    /// Ids taken from the transfers' sequence, in order, one per order: each event posts at
+    /// most one transfer. Those not used are a gap in the ids, as a rollback leaves.
+    transfer_ids: Vec<i64>,
+}
+
+/// The debits and refunds recorded for `order_ids`, the terms of `created_ids`, and a
+/// transfer id for each of `order_ids`, in one statement. Orders' terms never change after they are created, so no lock is taken.
+async fn recorded(
     conn: &mut PgConnection,
     order_ids: &[i64],
-) -> Result<(HashMap<i64, Debit>, HashSet<i64>), sqlx::Error> {
-    let mut debits = HashMap::new();
-    let mut refunded = HashSet::new();
+    created_ids: &[i64],
+) -> Result<Recorded, sqlx::Error> {
+    let mut recorded = Recorded {
+        terms: HashMap::new(),
+        debits: HashMap::new(),
+        refunded: HashSet::new(),
+        transfer_ids: Vec::new(),
+    };
     if order_ids.is_empty() {
-        return Ok((debits, refunded));
+        return Ok(recorded);
     }
-    let rows: Vec<(i64, String, i64, i64, i64, String)> = sqlx::query_as(
+    // (what, order id, kind, from, to, amount, currency, user id): transfers ('T'), orders
+    // ('O') and the reserved transfer ids ('I', in the order id's place) side by side. The
+    // sequence is looked up once (as `ledger::Postings::write` does).
+    type Row = (
+        String,
+        i64,
+        Option<String>,
+        Option<i64>,
+        Option<i64>,
+        i64,
+        String,
+        Option<i64>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
         r#"
-        SELECT order_id, kind, from_account_id, to_account_id, amount_fen, currency
+        WITH s AS MATERIALIZED (SELECT pg_get_serial_sequence('transfers', 'id')::regclass AS seq)
+        SELECT 'T', order_id, kind, from_account_id, to_account_id, amount_fen, currency::text, NULL::bigint
         FROM transfers WHERE order_id = ANY($1) AND kind IN ('DEBIT', 'REFUND')
+        UNION ALL
+        SELECT 'O', id, NULL, NULL, NULL, amount_fen, currency::text, user_id
+        FROM orders WHERE id = ANY($2)
+        UNION ALL
+        SELECT 'I', nextval(seq), NULL, NULL, NULL, 0, '', NULL FROM s, generate_series(1, $3)
         "#,
     )
     .bind(order_ids)
+    .bind(created_ids)
+    .bind(order_ids.len() as i64)
     .fetch_all(conn)
     .await?;
-    for (order_id, kind, from, to, amount, currency) in rows {
-        if kind == "REFUND" {
-            refunded.insert(order_id);
-            continue;
-        }
-        // Rows written by us always satisfy these; anything else is not a debit we can refund.
-        if let (Some(amount), Some(currency)) = (Amount::new(amount), Currency::parse(&currency)) {
-            debits.insert(
-                order_id,
-                Debit {
-                    from,
-                    to,
-                    amount,
-                    currency,
-                },
-            );
+    for (what, order_id, kind, from, to, amount, currency, user_id) in rows {
+        // Rows the tables' checks let through always parse; one that does not is unknown
+        // terms (its debit is refused rather than guessed) or not a debit we can refund.
+        let (amount, currency) = (Amount::new(amount), Currency::parse(&currency));
+        match (what.as_str(), kind.as_deref(), from, to, user_id) {
+            ("I", ..) => recorded.transfer_ids.push(order_id),
+            ("O", _, _, _, Some(user_id)) => {
+                if let (Some(amount), Some(currency)) = (amount, currency) {
+                    let terms = OrderTerms {
+                        user_id,
+                        amount,
+                        currency,
+                    };
+                    recorded.terms.insert(order_id, terms);
+                }
+            }
+            ("T", Some("REFUND"), _, _, _) => {
+                recorded.refunded.insert(order_id);
+            }
+            ("T", Some(_), Some(from), Some(to), _) => {
+                if let (Some(amount), Some(currency)) = (amount, currency) {
+                    let debit = Debit {
+                        from,
+                        to,
+                        amount,
+                        currency,
+                    };
+                    recorded.debits.insert(order_id, debit);
+                }
+            }
+            _ => {}
         }
     }
-    Ok((debits, refunded))
+    recorded.transfer_ids.sort_unstable();
+    Ok(recorded)
 }

@@ -39,51 +39,44 @@ impl From<AccountRow> for Account {
 
 const ACCOUNT_COLUMNS: &str = "id, kind, user_id, currency, shard, status, balance_fen, chain_head";
 
-/// Locks and loads the USER accounts of `user_ids` (all currencies) and those with `ids`, in
-/// id order so that concurrent transactions cannot deadlock on them.
-pub async fn lock_user_accounts(
-    conn: &mut PgConnection,
-    user_ids: &[i64],
-    ids: &[i64],
-) -> Result<Vec<Account>, sqlx::Error> {
-    let sql = format!(
-        "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE kind = 'USER' AND (user_id = ANY($1) OR id = ANY($2)) \
-         ORDER BY id FOR UPDATE"
-    );
-    let rows: Vec<AccountRow> = sqlx::query_as(&sql)
-        .bind(user_ids)
-        .bind(ids)
-        .fetch_all(conn)
-        .await?;
-    Ok(rows.into_iter().map(Account::from).collect())
+/// The accounts one transaction locks: the USER accounts of some users (all currencies),
+/// accounts named by id, and the system accounts of one kind at one shard for some
+/// currencies (those missing are created).
+pub struct Locks<'a> {
+    pub users: &'a [i64],
+    pub ids: &'a [i64],
+    /// `Settlement` or `Funding`; a user account is never created here.
+    pub system: AccountKind,
+    pub currencies: &'a [String],
+    pub shard: i32,
 }
 
-/// Locks and loads the system accounts of `kind` for `currencies` at `shard` (creating the
-/// missing ones first) together with the system accounts `ids`, in id order. Call after
-/// locking user accounts: users first, system accounts second, everywhere.
-pub async fn lock_system_accounts(
+/// Locks and loads `locks`' accounts in one statement: USER accounts first, then system
+/// accounts, each in id order, so that concurrent transactions cannot deadlock on them
+/// (every transaction that locks accounts goes through here).
+pub async fn lock_accounts(
     conn: &mut PgConnection,
-    kind: AccountKind,
-    currencies: &[String],
-    shard: i32,
-    ids: &[i64],
+    locks: &Locks<'_>,
 ) -> Result<Vec<Account>, sqlx::Error> {
-    // System accounts only: a user account is never created here.
-    let kind = match kind {
+    let kind = match locks.system {
         AccountKind::Funding => AccountKind::Funding,
         AccountKind::User | AccountKind::Settlement => AccountKind::Settlement,
     };
+    // Each arm of the OR matches one index (the partial index of user accounts, the primary
+    // key, the partial index of system accounts), whatever the plan's parameters.
     let sql = format!(
         "SELECT {ACCOUNT_COLUMNS} FROM accounts \
-         WHERE (kind = $1 AND shard = $3 AND currency = ANY($2)) OR (kind <> 'USER' AND id = ANY($4)) \
-         ORDER BY id FOR UPDATE"
+         WHERE (kind = 'USER' AND user_id = ANY($1)) OR id = ANY($2) \
+            OR (kind <> 'USER' AND kind = $3 AND currency = ANY($4) AND shard = $5) \
+         ORDER BY kind <> 'USER', id FOR UPDATE"
     );
     let select = || {
         sqlx::query_as::<_, AccountRow>(&sql)
+            .bind(locks.users)
+            .bind(locks.ids)
             .bind(kind)
-            .bind(currencies)
-            .bind(shard)
-            .bind(ids)
+            .bind(locks.currencies)
+            .bind(locks.shard)
     };
     let mut rows: Vec<Account> = select()
         .fetch_all(&mut *conn)
@@ -93,17 +86,17 @@ pub async fn lock_system_accounts(
         .collect();
     let present = |rows: &[Account], currency: &String| {
         rows.iter()
-            .any(|a| a.kind == kind && a.shard == shard && &a.currency == currency)
+            .any(|a| a.kind == kind && a.shard == locks.shard && &a.currency == currency)
     };
-    // Only the first batch of a currency on a shard creates its account.
-    if currencies.iter().any(|c| !present(&rows, c)) {
+    // Only the first transaction of a currency on a shard creates its account.
+    if locks.currencies.iter().any(|c| !present(&rows, c)) {
         sqlx::query(
             "INSERT INTO accounts (kind, currency, shard) SELECT $1, c, $3 FROM unnest($2::text[]) AS c \
              ON CONFLICT DO NOTHING",
         )
         .bind(kind)
-        .bind(currencies)
-        .bind(shard)
+        .bind(locks.currencies)
+        .bind(locks.shard)
         .execute(&mut *conn)
         .await?;
         rows = select()
@@ -169,21 +162,29 @@ pub async fn deposit(
     reference: &str,
     account_events_topic: &str,
 ) -> Result<Result<Deposited, PostError>, sqlx::Error> {
-    let users = lock_user_accounts(conn, &[], &[account_id]).await?;
-    let Some(user) = users.first().cloned() else {
+    // The funding account is the one of the user account's currency, known once it is read.
+    let mut locks = Locks {
+        users: &[],
+        ids: &[account_id],
+        system: AccountKind::Funding,
+        currencies: &[],
+        shard: 0,
+    };
+    let users = lock_accounts(conn, &locks).await?;
+    // Only user accounts take deposits; a system account's id is no account here.
+    let Some(user) = users.iter().find(|a| a.kind == AccountKind::User).cloned() else {
         return Ok(Err(PostError::UnknownAccount));
     };
     let Some(currency) = Currency::parse(&user.currency) else {
         return Ok(Err(PostError::UnknownAccount));
     };
-    let funding = lock_system_accounts(
-        conn,
-        AccountKind::Funding,
-        std::slice::from_ref(&user.currency),
-        0,
-        &[],
-    )
-    .await?;
+    let currencies = [user.currency.clone()];
+    locks = Locks {
+        ids: &[],
+        currencies: &currencies,
+        ..locks
+    };
+    let funding = lock_accounts(conn, &locks).await?;
     let Some(funding_id) = funding.first().map(|a| a.id) else {
         return Err(sqlx::Error::RowNotFound);
     };

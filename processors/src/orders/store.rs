@@ -129,21 +129,6 @@ pub async fn list(
 
 /// How many orders are PENDING, and how old the oldest is (seconds). Uses the partial index
 /// on PENDING orders, so it stays cheap on a big table.
-/// The user, amount and currency recorded for each of `ids` that exists (they never change
-/// after the order is created, so no lock is taken).
-pub async fn terms(
-    conn: &mut PgConnection,
-    ids: &[i64],
-) -> Result<Vec<(i64, i64, i64, String)>, sqlx::Error> {
-    if ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    sqlx::query_as("SELECT id, user_id, amount_fen, currency FROM orders WHERE id = ANY($1)")
-        .bind(ids)
-        .fetch_all(conn)
-        .await
-}
-
 pub async fn pending(pool: &PgPool) -> Result<(i64, Option<f64>), sqlx::Error> {
     sqlx::query_as(
         "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8 FROM orders WHERE status = 'PENDING'",
