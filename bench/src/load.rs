@@ -175,20 +175,26 @@ pub(crate) async fn record_orders(
     .execute(pool)
     .await
     .context("Failed to record the bench orders")?;
-    analyze(pool, "orders").await
+    vacuum_analyze(pool, "orders").await
 }
 
-/// Gathers the planner's statistics of `tables` after the bench loaded them in bulk, as a
-/// system that grew to this size would have them (autovacuum analyzes a table about a minute
-/// after it changed by a tenth, and a phase starts at once). Without them the planner
-/// takes a freshly loaded table for a small one and looks a batch's rows up by scanning all
-/// of it: the 100,000 user accounts for every batch's account lock, or every order for the
-/// batch's order check (docs/performance.md §4).
-pub(crate) async fn analyze(pool: &PgPool, tables: &str) -> anyhow::Result<()> {
-    sqlx::query(&format!("ANALYZE {tables}"))
+/// Vacuums and analyzes `tables` after the bench loaded them in bulk, as pgbench does after
+/// its load, so that they are what a system that grew to this size has, and autovacuum does
+/// not pick the load up in the middle of a measured phase.
+///
+/// - Statistics: without them the planner takes a freshly loaded table for a small one and
+///   looks a batch's rows up by scanning all of it: the 100,000 user accounts for every
+///   batch's account lock, or every order for the batch's order check (docs/performance.md
+///   §4). Autovacuum analyzes a table about a minute after it changed by a tenth, and a
+///   phase starts at once.
+/// - Dead rows: funding opens and then updates every user's account in one transaction,
+///   100,000 dead row versions. Autovacuum took them up during the throughput phase, about
+///   1.4 s of one of the two cores, in some runs and not others (§4).
+pub(crate) async fn vacuum_analyze(pool: &PgPool, tables: &str) -> anyhow::Result<()> {
+    sqlx::query(&format!("VACUUM (ANALYZE) {tables}"))
         .execute(pool)
         .await
-        .with_context(|| format!("Failed to analyze {tables}"))?;
+        .with_context(|| format!("Failed to vacuum and analyze {tables}"))?;
     Ok(())
 }
 

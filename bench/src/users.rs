@@ -101,7 +101,7 @@ impl Users {
 impl Users {
     /// Opens the users' accounts and funds each with `fen` from the funding account, through
     /// the ledger (transfers, entries, hash chains), in a few set-based statements, and
-    /// analyzes what it loaded (see `load::analyze`).
+    /// vacuums and analyzes what it loaded (see `load::vacuum_analyze`).
     pub async fn fund(&self, pool: &PgPool, fen: i64) -> anyhow::Result<()> {
         let ids: Vec<i64> = (self.first..self.first + self.count).collect();
         let mut tx = pool.begin().await?;
@@ -146,7 +146,7 @@ impl Users {
         }
         postings.write(&mut tx).await?;
         tx.commit().await?;
-        crate::load::analyze(pool, "accounts, transfers, ledger_entries").await
+        crate::load::vacuum_analyze(pool, "accounts, transfers, ledger_entries").await
     }
 }
 
