@@ -188,8 +188,8 @@ pub(crate) async fn record_orders(
 ///   §4). Autovacuum analyzes a table about a minute after it changed by a tenth, and a
 ///   phase starts at once.
 /// - Dead rows: funding opens and then updates every user's account in one transaction,
-///   100,000 dead row versions. Autovacuum took them up during the throughput phase, about
-///   1.4 s of one of the two cores, in some runs and not others (§4).
+///   100,000 dead row versions. Autovacuum took them up during the throughput phase, a
+///   vacuum of about 1.4 s, in some runs and not others (§4).
 pub(crate) async fn vacuum_analyze(pool: &PgPool, tables: &str) -> anyhow::Result<()> {
     sqlx::query(&format!("VACUUM (ANALYZE) {tables}"))
         .execute(pool)
