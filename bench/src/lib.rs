@@ -27,6 +27,8 @@ mod phase;
 mod stats;
 mod users;
 
+use std::time::Duration;
+
 use anyhow::Context as _;
 use paystream_processors::db;
 use paystream_processors::settings::Settings;
@@ -154,13 +156,46 @@ pub async fn run(base: Settings, args: BenchArgs) -> anyhow::Result<Report> {
     let pool = db::connect(&settings.database)?;
     let result = phases(&settings, &pool, &id, &args).await;
     pool.close().await;
-    if let Err(e) = sqlx::query(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
-        .execute(&admin)
-        .await
-    {
-        tracing::warn!(error = %e, database = %db_name, "could not drop the bench database");
-    }
+    drop_database(&admin, &db_name).await;
     result
+}
+
+/// Drops the bench's database. `WITH (FORCE)` ends the bench's own sessions, but it may not
+/// end an autovacuum worker (the server's own process; this role is no superuser), which
+/// the run's dead rows often bring: the drop is refused (42501) while the worker is there,
+/// so it waits for the worker to leave and asks again.
+async fn drop_database(admin: &PgPool, name: &str) {
+    let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+    let mut tries = 0;
+    let error = loop {
+        tries += 1;
+        let error = match sqlx::query(&drop).execute(admin).await {
+            Ok(_) => return,
+            Err(error) => error,
+        };
+        let refused = error
+            .as_database_error()
+            .and_then(|e| e.code())
+            .is_some_and(|code| code == "42501");
+        if !refused || tries == 3 {
+            break error;
+        }
+        let others_left =
+            load::wait_for(Duration::from_secs(60), "autovacuum to leave", || async {
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = $1",
+                )
+                .bind(name)
+                .fetch_one(admin)
+                .await
+                .is_ok_and(|n| n == 0)
+            })
+            .await;
+        if let Err(wait) = others_left {
+            tracing::warn!(%wait, database = name, "the bench database is still in use");
+        }
+    };
+    tracing::warn!(%error, database = name, "could not drop the bench database; drop it by hand");
 }
 
 async fn phases(
