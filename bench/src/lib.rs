@@ -165,10 +165,9 @@ pub async fn run(base: Settings, args: BenchArgs) -> anyhow::Result<Report> {
 /// the run's dead rows often bring: the drop is refused (42501) while the worker is there,
 /// so it waits for the worker to leave and asks again.
 async fn drop_database(admin: &PgPool, name: &str) {
+    const TRIES: u32 = 3;
     let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
-    let mut tries = 0;
-    let error = loop {
-        tries += 1;
+    for attempt in 1..=TRIES {
         let error = match sqlx::query(&drop).execute(admin).await {
             Ok(_) => return,
             Err(error) => error,
@@ -177,8 +176,9 @@ async fn drop_database(admin: &PgPool, name: &str) {
             .as_database_error()
             .and_then(|e| e.code())
             .is_some_and(|code| code == "42501");
-        if !refused || tries == 3 {
-            break error;
+        if !refused || attempt == TRIES {
+            tracing::warn!(%error, database = name, "could not drop the bench database; drop it by hand");
+            return;
         }
         let others_left =
             load::wait_for(Duration::from_secs(60), "autovacuum to leave", || async {
@@ -194,8 +194,7 @@ async fn drop_database(admin: &PgPool, name: &str) {
         if let Err(wait) = others_left {
             tracing::warn!(%wait, database = name, "the bench database is still in use");
         }
-    };
-    tracing::warn!(%error, database = name, "could not drop the bench database; drop it by hand");
+    }
 }
 
 async fn phases(
