@@ -674,7 +674,7 @@ async fn readyz_fails_while_the_database_is_down_and_recovers_after() {
         .execute(&mut admin)
         .await
         .expect("close db");
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()")
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid() AND backend_type = 'client backend'")
         .bind(&db)
         .execute(&mut admin)
         .await

@@ -217,7 +217,8 @@ impl Cluster {
                 Fault::TerminateBackends => {
                     sqlx::query(
                         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                         WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                           AND backend_type = 'client backend'",
                     )
                     .execute(&self.env.pool)
                     .await
@@ -452,7 +453,7 @@ impl Fault {
             Fault::Freeze => "SIGSTOP past the session timeout, SIGCONT",
             Fault::FreezeMidBatch => "SIGSTOP mid-batch (rows locked) past the session timeout",
             Fault::BrokerRestart => "broker SIGKILL and restart",
-            Fault::TerminateBackends => "pg_terminate_backend of every session",
+            Fault::TerminateBackends => "pg_terminate_backend of every client session",
             Fault::PostgresRestart => "PostgreSQL crash (immediate stop) and restart",
         }
     }

@@ -2,7 +2,6 @@
 //! it claims, or the poison class that says why it is not an event (SPEC §3).
 
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -69,33 +68,52 @@ pub struct RawEvent {
     pub payload: Value,
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct WireEnvelope {
-    event_id: Uuid,
-    event_type: String,
-    schema_version: u32,
-    occurred_at: DateTime<Utc>,
-    payload: serde_json::Map<String, Value>,
-}
-
-/// What the schemas require of the envelope beyond what its typed decoding checks: a JSON
-/// object (serde would fill the envelope from an array by position), and an `eventId` in the
-/// schema's pattern, the hyphenated form (the UUID parser also takes the simple, braced and
-/// URN forms, which the schema refuses).
-fn check_envelope_shape(value: &Value) -> Result<(), Poison> {
+/// The envelope's fields, taken out of the parsed object one by one (no second pass over the
+/// payload), each mismatch a `SchemaViolation` naming the field. What the schemas require
+/// beyond the field types: a JSON object (not an array filled by position), and an `eventId`
+/// in the schema's pattern, the hyphenated form (the UUID parser also takes the simple, braced
+/// and URN forms, which the schema refuses). Fields the envelope does not know are ignored.
+fn take_envelope(value: Value) -> Result<RawEvent, Poison> {
     let violation =
         |what: &str| Poison::new(PoisonClass::SchemaViolation, format!("envelope: {what}"));
-    let Value::Object(envelope) = value else {
+    let Value::Object(mut envelope) = value else {
         return Err(violation("must be a JSON object"));
     };
-    match envelope.get("eventId").and_then(Value::as_str) {
-        Some(id) if is_hyphenated_uuid(id) => Ok(()),
-        Some(id) => Err(violation(&format!(
+    let event_id = match envelope.get("eventId").and_then(Value::as_str) {
+        Some(id) if is_hyphenated_uuid(id) => Uuid::parse_str(id)
+            .map_err(|e| violation(&format!("eventId {id:?} is not a UUID: {e}")))?,
+        Some(id) => {
+            return Err(violation(&format!(
             "eventId {id:?} is not a UUID in its hyphenated form (8-4-4-4-12 hexadecimal digits)"
-        ))),
-        None => Err(violation("eventId must be a string")),
-    }
+        )))
+        }
+        None => return Err(violation("eventId must be a string")),
+    };
+    let event_type = match envelope.remove("eventType") {
+        Some(Value::String(event_type)) => event_type,
+        _ => return Err(violation("eventType must be a string")),
+    };
+    let schema_version = envelope
+        .get("schemaVersion")
+        .and_then(Value::as_u64)
+        .and_then(|v| u32::try_from(v).ok())
+        .ok_or_else(|| violation("schemaVersion must be an integer in 0..=4294967295"))?;
+    let occurred_at = envelope
+        .get("occurredAt")
+        .and_then(Value::as_str)
+        .and_then(|at| at.parse::<DateTime<Utc>>().ok())
+        .ok_or_else(|| violation("occurredAt must be an RFC 3339 date-time string"))?;
+    let payload = match envelope.remove("payload") {
+        Some(payload @ Value::Object(_)) => payload,
+        _ => return Err(violation("payload must be a JSON object")),
+    };
+    Ok(RawEvent {
+        event_id,
+        event_type,
+        schema_version,
+        occurred_at,
+        payload,
+    })
 }
 
 /// `^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$`
@@ -123,21 +141,7 @@ pub fn decode_envelope(value: Option<&[u8]>, max_bytes: usize) -> Result<RawEven
         .map_err(|e| Poison::new(PoisonClass::InvalidUtf8, format!("value is not UTF-8: {e}")))?;
     let value: Value = serde_json::from_str(text)
         .map_err(|e| Poison::new(PoisonClass::NotJson, format!("envelope: {e}")))?;
-    check_envelope_shape(&value)?;
-    let wire: WireEnvelope = serde_json::from_value(value).map_err(|e| {
-        let class = match e.classify() {
-            serde_json::error::Category::Data => PoisonClass::SchemaViolation,
-            _ => PoisonClass::NotJson,
-        };
-        Poison::new(class, format!("envelope: {e}"))
-    })?;
-    Ok(RawEvent {
-        event_id: wire.event_id,
-        event_type: wire.event_type,
-        schema_version: wire.schema_version,
-        occurred_at: wire.occurred_at,
-        payload: Value::Object(wire.payload),
-    })
+    take_envelope(value)
 }
 
 /// The events the account processor reads from `order.events`.
@@ -528,7 +532,24 @@ mod tests {
             "schemaVersion": 1, "occurredAt": "2026-01-01T00:00:00Z", "payload": {}
         });
         let decode = |v: &Value| decode_envelope(Some(v.to_string().as_bytes()), 1 << 20);
-        assert!(decode(&valid).is_ok());
+        let raw = decode(&valid).expect("valid");
+        assert_eq!(
+            (
+                raw.event_type.as_str(),
+                raw.schema_version,
+                raw.payload.clone()
+            ),
+            ("OrderPaid", 1, json!({}))
+        );
+        // An offset is kept as the instant it names; fields the envelope does not know are
+        // ignored.
+        let mut offset = valid.clone();
+        offset["occurredAt"] = json!("2026-01-01T08:00:00+08:00");
+        offset["traceId"] = json!("abc");
+        assert_eq!(
+            decode(&offset).map(|raw| raw.occurred_at),
+            Ok(raw.occurred_at)
+        );
         let as_array = json!([
             "0b6e8f1e-5c1a-4e7b-9d3e-2f4a6b8c0d1e",
             "OrderPaid",
@@ -550,6 +571,31 @@ mod tests {
         let mut numeric = valid.clone();
         numeric["eventId"] = json!(7);
         cases.push(numeric);
+        // Each other envelope field missing or of the wrong type.
+        for (field, bad) in [
+            ("eventType", None),
+            ("eventType", Some(json!(1))),
+            ("schemaVersion", None),
+            ("schemaVersion", Some(json!(-1))),
+            ("schemaVersion", Some(json!(1.5))),
+            ("schemaVersion", Some(json!("1"))),
+            ("schemaVersion", Some(json!(4_294_967_296u64))),
+            ("occurredAt", None),
+            ("occurredAt", Some(json!("yesterday"))),
+            ("occurredAt", Some(json!(1_767_225_600))),
+            ("payload", None),
+            ("payload", Some(json!(null))),
+            ("payload", Some(json!([]))),
+        ] {
+            let mut v = valid.clone();
+            match bad {
+                Some(bad) => v[field] = bad,
+                None => {
+                    v.as_object_mut().map(|m| m.remove(field));
+                }
+            }
+            cases.push(v);
+        }
         for case in cases {
             let poison = decode(&case).expect_err("poison");
             assert_eq!(
