@@ -12,12 +12,13 @@ use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::load::wait_for;
-use crate::stats::nearest_rank;
+use crate::stats::{joined_ms, nearest_rank, p99_by_window};
 use crate::BenchArgs;
 
 /// The broker alone, with the producer and consumer settings the processors use: messages
 /// produced at the latency phase's rate, timed to their ack and to their arrival at a
-/// consumer. End-to-end latency crosses the broker twice, so this is its floor.
+/// consumer, for as long as the latency phase (the development broker's cost grows with the
+/// length of the log). End-to-end latency crosses the broker twice, so this is its floor.
 pub(crate) async fn broker_floor(
     settings: &Settings,
     id: &str,
@@ -38,7 +39,7 @@ pub(crate) async fn broker_floor(
     consumer.assign(&assignment)?;
     // The first second is a warm-up (producer id, connections, first fetches), not measured.
     let warmup = args.rate as usize;
-    let events = warmup + (args.rate * args.seconds.min(5)) as usize;
+    let events = warmup + (args.rate * args.seconds) as usize;
     let arrived: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; events]));
     let reader = {
         let arrived = arrived.clone();
@@ -119,6 +120,12 @@ pub(crate) async fn broker_floor(
     };
     let pct = |ms: &[f64], p: f64| nearest_rank(ms, p).unwrap_or(f64::NAN);
     let (ack, trip) = (millis(&acked), millis(&arrived));
+    let micros = |at: Instant| at.saturating_duration_since(sent[0]).as_micros() as i64;
+    let trips: Vec<(i64, i64)> = sent[warmup..]
+        .iter()
+        .zip(&arrived[warmup..])
+        .filter_map(|(start, end)| Some((micros(*start), micros((*end)?))))
+        .collect();
     println!(
         "broker alone at {}/s: produce -> ack p50 {:.1} ms, p99 {:.1} ms; produce -> consumed p50 {:.1} ms, p99 {:.1} ms ({} messages)",
         args.rate,
@@ -127,6 +134,10 @@ pub(crate) async fn broker_floor(
         pct(&trip, 0.5),
         pct(&trip, 0.99),
         events - warmup
+    );
+    println!(
+        "  produce -> consumed p99 in each 5 s: {} ms",
+        joined_ms(&p99_by_window(&trips, 5_000_000))
     );
     Ok(())
 }

@@ -123,6 +123,9 @@ pub struct Report {
     /// many of the orders those were. A diagnostic beside `p99_ms`, not instead of it.
     pub unstolen_p99_ms: Option<f64>,
     pub unstolen_events_pct: Option<f64>,
+    /// Latency-phase p99 (produced -> published) in each 5 s of the phase: on the development
+    /// broker it grows with the length of the log (docs/performance.md).
+    pub p99_ms_by_5s: Vec<f64>,
 }
 
 pub async fn run(base: Settings, args: BenchArgs) -> anyhow::Result<Report> {
@@ -282,6 +285,10 @@ async fn phases(
             "  orders no host steal touched (no 100 ms interval with steal between produced and published): {pct:.1} %, p50 {p50:.1} ms, p99 {p99:.1} ms"
         );
     }
+    println!(
+        "  p99 in each 5 s of the phase: {} ms",
+        stats::joined_ms(&latency.p99_by_5s)
+    );
     let (db_limit, seed) = if args.skip_ceilings {
         (None, None)
     } else {
@@ -340,6 +347,7 @@ async fn phases(
         seed_design_cpu_steal_pct: seed.and_then(|c| c.cpu).map(|c| round1(c.steal_pct)),
         unstolen_p99_ms: latency.unstolen_percentile_ms(0.99).map(round1),
         unstolen_events_pct: latency.unstolen_pct().map(round1),
+        p99_ms_by_5s: latency.p99_by_5s.iter().copied().map(round1).collect(),
     })
 }
 

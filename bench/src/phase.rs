@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cpu::{CpuShare, CpuTicks, PgCpu, StealWindows};
 use crate::load::{results_consumer, wait_for, Orders, Received, Sent, Timeline, Work};
-use crate::stats::{flight_times, ms, nearest_rank};
+use crate::stats::{flight_times, ms, nearest_rank, p99_by_window};
 use crate::users::Users;
 
 pub(crate) struct Phase {
@@ -32,6 +32,8 @@ pub(crate) struct Phase {
     /// Produced -> published for the orders that no host steal touched (see `StealWindows`),
     /// in ascending order; `None` where steal cannot be read.
     pub(crate) unstolen: Option<Vec<Duration>>,
+    /// Produced -> published p99 (ms) in each 5 s of the phase, in order.
+    pub(crate) p99_by_5s: Vec<f64>,
 }
 
 impl Phase {
@@ -164,6 +166,7 @@ pub(crate) async fn run_phase(
         .filter_map(|(order, sent)| Some((*sent, timeline.rows.get(order)?.1)))
         .collect();
     let latencies = flight_times(flights.iter());
+    let p99_by_5s = p99_by_window(&flights, 5_000_000);
     let unstolen = steal_windows
         .map(|windows| flight_times(flights.iter().filter(|(s, p)| !windows.touches(*s, *p))));
     let mut received_latencies: Vec<Duration> = sent
@@ -183,6 +186,7 @@ pub(crate) async fn run_phase(
         cpu,
         pg_cpu_us_per_debit,
         unstolen,
+        p99_by_5s,
     })
 }
 
