@@ -12,7 +12,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::load::wait_for;
-use crate::stats::{joined_ms, nearest_rank, p99_by_window};
+use crate::stats::{flight_times, joined_ms, ms, nearest_rank, p99_by_window, FIVE_SECONDS_US};
 use crate::BenchArgs;
 
 /// The broker alone, with the producer and consumer settings the processors use: messages
@@ -107,25 +107,22 @@ pub(crate) async fn broker_floor(
         .lock()
         .map_err(|_| anyhow::anyhow!("probe lock poisoned"))?
         .clone();
-    let millis = |ends: &[Option<Instant>]| -> Vec<f64> {
-        let mut ms: Vec<f64> = sent[warmup..]
+    // Each message's (produced, ended) in microseconds since the first produce: the shape
+    // the latency phase's flights have, so the same percentile and window functions apply.
+    let micros = |at: Instant| at.saturating_duration_since(sent[0]).as_micros() as i64;
+    let flights = |ends: &[Option<Instant>]| -> Vec<(i64, i64)> {
+        sent[warmup..]
             .iter()
             .zip(&ends[warmup..])
-            .filter_map(|(start, end)| {
-                end.map(|e| e.saturating_duration_since(*start).as_secs_f64() * 1000.0)
-            })
-            .collect();
-        ms.sort_unstable_by(f64::total_cmp);
-        ms
+            .filter_map(|(start, end)| Some((micros(*start), micros((*end)?))))
+            .collect()
     };
-    let pct = |ms: &[f64], p: f64| nearest_rank(ms, p).unwrap_or(f64::NAN);
-    let (ack, trip) = (millis(&acked), millis(&arrived));
-    let micros = |at: Instant| at.saturating_duration_since(sent[0]).as_micros() as i64;
-    let trips: Vec<(i64, i64)> = sent[warmup..]
-        .iter()
-        .zip(&arrived[warmup..])
-        .filter_map(|(start, end)| Some((micros(*start), micros((*end)?))))
-        .collect();
+    let trips = flights(&arrived);
+    let (ack, trip) = (
+        flight_times(flights(&acked).iter()),
+        flight_times(trips.iter()),
+    );
+    let pct = |times: &[Duration], p: f64| ms(nearest_rank(times, p));
     println!(
         "broker alone at {}/s: produce -> ack p50 {:.1} ms, p99 {:.1} ms; produce -> consumed p50 {:.1} ms, p99 {:.1} ms ({} messages)",
         args.rate,
@@ -137,7 +134,7 @@ pub(crate) async fn broker_floor(
     );
     println!(
         "  produce -> consumed p99 in each 5 s: {} ms",
-        joined_ms(&p99_by_window(&trips, 5_000_000))
+        joined_ms(&p99_by_window(&trips, FIVE_SECONDS_US))
     );
     Ok(())
 }

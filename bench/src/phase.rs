@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cpu::{CpuShare, CpuTicks, PgCpu, StealWindows};
 use crate::load::{results_consumer, wait_for, Orders, Received, Sent, Timeline, Work};
-use crate::stats::{flight_times, ms, nearest_rank, p99_by_window};
+use crate::stats::{flight_times, ms, nearest_rank, p99_by_window, FIVE_SECONDS_US};
 use crate::users::Users;
 
 pub(crate) struct Phase {
@@ -166,7 +166,7 @@ pub(crate) async fn run_phase(
         .filter_map(|(order, sent)| Some((*sent, timeline.rows.get(order)?.1)))
         .collect();
     let latencies = flight_times(flights.iter());
-    let p99_by_5s = p99_by_window(&flights, 5_000_000);
+    let p99_by_5s = p99_by_window(&flights, FIVE_SECONDS_US);
     let unstolen = steal_windows
         .map(|windows| flight_times(flights.iter().filter(|(s, p)| !windows.touches(*s, *p))));
     let mut received_latencies: Vec<Duration> = sent

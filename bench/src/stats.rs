@@ -22,6 +22,9 @@ pub(crate) fn nearest_rank<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
     sorted.get(rank.min(sorted.len()).checked_sub(1)?).copied()
 }
 
+/// The window the phases' tails are reported in (`p99_by_window`).
+pub(crate) const FIVE_SECONDS_US: i64 = 5_000_000;
+
 /// The p99 of produced -> published (milliseconds) in each `window_us` of produce time,
 /// counted from the first produce: whether the tail stays put over a phase or grows with it
 /// (the development broker's fetch cost grows with the length of the log).
