@@ -26,10 +26,22 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   log "installing cargo-nextest"
   cargo install cargo-nextest --locked
 fi
-# Each test creates its own database ps_test_*; drop those left by earlier runs.
+# Each test creates its own database ps_test_*. A passing run drops them (autovacuum would
+# otherwise keep visiting a hundred idle databases); a failing run keeps them to look at, and
+# the next run drops them first.
 export PGPASSWORD="$PG_PASSWORD"
 psql_args=(-qAtX -h "$PG_HOST" -p "$PG_PORT" -U "$PG_ROLE" -d "$PG_DATABASE")
-psql "${psql_args[@]}" -c "SELECT format('DROP DATABASE IF EXISTS %I WITH (FORCE);', datname)
-  FROM pg_database WHERE datname LIKE 'ps\_test\_%'" | psql "${psql_args[@]}" >/dev/null
+drop_test_databases() {
+  psql "${psql_args[@]}" -c "SELECT format('DROP DATABASE IF EXISTS %I WITH (FORCE);', datname)
+    FROM pg_database WHERE datname LIKE 'ps\_test\_%'" | psql "${psql_args[@]}" >/dev/null
+}
+drop_test_databases
 
-cargo nextest run --workspace --no-fail-fast "$@"
+status=0
+cargo nextest run --workspace --no-fail-fast "$@" || status=$?
+if [ "$status" -eq 0 ]; then
+  drop_test_databases
+else
+  log "tests failed; their databases (ps_test_*) are kept until the next run"
+fi
+exit "$status"
