@@ -269,6 +269,62 @@ async fn a_zombie_worker_cannot_commit_after_a_rebalance() {
     env.assert_invariants().await;
 }
 
+/// A partition of the group that no live worker says it holds is counted in
+/// `paystream_partitions_orphaned` (what the alert `PaystreamPartitionsOrphaned` watches):
+/// lasting, it means the broker's coordinator left it to nobody and its events wait. The
+/// worker's own partition is not counted, and the count falls back once a live worker holds
+/// the orphan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_no_live_worker_holds_is_counted_until_one_does() {
+    let env = TestEnv::new(1).await;
+    let (group, topic) = (
+        &env.settings.processor.account_group,
+        &env.settings.topics.order_events,
+    );
+    sqlx::query(
+        "INSERT INTO consumer_offsets (consumer_group, topic, partition, next_offset, epoch, owner) \
+         VALUES ($1, $2, 5, 0, 1, 'a worker long gone')",
+    )
+    .bind(group)
+    .bind(topic)
+    .execute(&env.pool)
+    .await
+    .expect("a stored offset nobody holds");
+    let worker = env.spawn_account_processor(env.settings.clone());
+    let orphaned = || {
+        METRICS
+            .partitions_orphaned
+            .with_label_values(&["account"])
+            .get()
+    };
+    wait_until(
+        "the worker to hold its partition and count one orphan",
+        || async {
+            let held = METRICS
+                .assigned_partitions
+                .with_label_values(&["account"])
+                .get();
+            (held == 1 && orphaned() == 1).then_some(())
+        },
+    )
+    .await;
+
+    sqlx::query(
+        "INSERT INTO consumer_members (consumer_group, topic, owner, partitions, seen_at) \
+         VALUES ($1, $2, 'another live worker', ARRAY[5], now())",
+    )
+    .bind(group)
+    .bind(topic)
+    .execute(&env.pool)
+    .await
+    .expect("a live worker holding it");
+    wait_until("the count to fall back to none", || async {
+        (orphaned() == 0).then_some(())
+    })
+    .await;
+    worker.stop().await;
+}
+
 /// Small batches of several partitions commit in one transaction (`processor.group_commit`),
 /// and every partition's stored offset still advances to its end by its own compare-and-set.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

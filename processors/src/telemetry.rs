@@ -52,6 +52,7 @@ pub struct Metrics {
     pub oldest_pending_order_age: Gauge,
     pub assigned_partitions: IntGaugeVec,
     pub partitions_held: IntGaugeVec,
+    pub partitions_orphaned: IntGaugeVec,
     pub consumer_lag: IntGaugeVec,
     pub audit_violations: IntGauge,
     pub orders_by_status: IntGaugeVec,
@@ -239,6 +240,13 @@ impl Metrics {
             partitions_held: int_gauges(
                 "paystream_partitions_held",
                 "Assigned partitions held because the log does not continue the stored offset (a topic recreated under the database), by processor.",
+                &["processor"],
+            ),
+            partitions_orphaned: int_gauges(
+                "paystream_partitions_orphaned",
+                "Partitions of the processor's topic that no live worker says it holds (the workers' \
+                 records in PostgreSQL), as this worker saw at its last heartbeat. Brief during a \
+                 rebalance; lasting, their events wait.",
                 &["processor"],
             ),
             consumer_lag: int_gauges(

@@ -215,6 +215,10 @@ impl<H: Handler> Fetch<H> {
                 return;
             }
         };
+        METRICS
+            .partitions_orphaned
+            .with_label_values(&[self.name])
+            .set(orphans.len() as i64);
         let since_rejoin = m.rejoined_at.map(|at| at.elapsed());
         if orphans.is_empty() {
             m.orphaned_since = None;
