@@ -3,8 +3,9 @@
 //! downstream consumer).
 //!
 //! Latency is measured to *published*: the broker acknowledged the `AccountDebited`
-//! (`acks=all`) and the relay marked its outbox row so. That is where the processor's work
-//! ends; a downstream consumer's own fetch wait comes on top and is printed beside it.
+//! (`acks=all`), at the time the relay saw the acknowledgement and logged with the row. That is
+//! where the processor's work ends; a downstream consumer's own fetch wait comes on top and is
+//! printed beside it.
 //!
 //! It works in a database of its own (`paystream_bench_<id>`, created and dropped) and on
 //! topics of its own, against the configured PostgreSQL and broker, with the processor and

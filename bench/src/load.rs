@@ -226,8 +226,8 @@ pub(crate) struct Received {
 }
 
 /// What PostgreSQL recorded of each order's `AccountDebited` (wall clock, microseconds):
-/// when its batch transaction started (the outbox row's `created_at`) and when the relay
-/// logged it published.
+/// when its batch transaction started (the outbox row's `created_at`) and when the broker
+/// acknowledged it (`published_at`, as the relay saw the acknowledgement).
 pub(crate) struct Timeline {
     pub(crate) rows: HashMap<i64, (i64, i64)>,
 }
@@ -272,7 +272,7 @@ impl Timeline {
 
     /// Splits end-to-end latency into its hops: produce -> batch transaction start (broker
     /// hop 1 and batching), transaction start -> relay send (commit, NOTIFY, relay), relay
-    /// send -> published (broker ack and the relay's mark), and relay send -> bench receive
+    /// send -> published (the broker's acknowledgement), and relay send -> bench receive
     /// (broker hop 2, a downstream consumer's view).
     pub(crate) fn print_hops(
         &self,

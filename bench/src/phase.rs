@@ -252,7 +252,7 @@ async fn wait_published(
     .await
 }
 
-/// Where the time goes: from the batch transaction's start to the relay's mark, for the
+/// Where the time goes: from the batch transaction's start to the broker's acknowledgement, for the
 /// measured orders (the warm-up's first batches wait for connections to open), and from
 /// creation to the processor's poll.
 fn print_breakdown(
@@ -262,18 +262,18 @@ fn print_breakdown(
     delay_before: &[(f64, u64)],
     delay_after: &[(f64, u64)],
 ) {
-    let mut marked: Vec<i64> = timeline
+    let mut to_published: Vec<i64> = timeline
         .rows
         .iter()
         .filter(|(order, _)| sent_wall_us.contains_key(order))
         .map(|(_, (started, published))| published - started)
         .collect();
-    marked.sort_unstable();
+    to_published.sort_unstable();
     let us_as_ms = |us: Option<i64>| us.map_or(f64::NAN, |us| us as f64 / 1000.0);
     println!(
-        "  phase {number}: transaction start -> relay marked published: p50 {:.1} ms, p99 {:.1} ms",
-        us_as_ms(nearest_rank(&marked, 0.5)),
-        us_as_ms(nearest_rank(&marked, 0.99))
+        "  phase {number}: transaction start -> published: p50 {:.1} ms, p99 {:.1} ms",
+        us_as_ms(nearest_rank(&to_published, 0.5)),
+        us_as_ms(nearest_rank(&to_published, 0.99))
     );
     let delay_ms = |q| {
         telemetry::bucket_quantile(delay_before, delay_after, q).map_or(f64::NAN, |s| s * 1000.0)

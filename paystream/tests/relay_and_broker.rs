@@ -238,6 +238,64 @@ async fn a_relay_publishes_every_commit_on_its_notification_without_the_fallback
     );
 }
 
+/// A row's `published_at` is when the broker acknowledged it, not when the relay got round to
+/// marking it: here the marks wait on a row lock after every message is on the topic, and the
+/// recorded times still come before the lock was let go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_at_is_the_brokers_acknowledgement_not_the_time_of_the_marks() {
+    let env = TestEnv::new(1).await;
+    let wire = env.collect(&env.settings.topics.account_events);
+    let rows: Vec<OutboxRow> = (0..5).map(|i| row(&env, &format!("m{i}"))).collect();
+    let mut tx = env.pool.begin().await.expect("begin");
+    outbox::insert(&mut tx, &rows).await.expect("rows");
+    tx.commit().await.expect("commit");
+    // Lock one row before the relay starts: it reads and sends all five (a plain read does
+    // not wait on a row lock), and its marks, which delete the rows, wait here.
+    let mut holder = env.pool.begin().await.expect("begin");
+    sqlx::query("SELECT id FROM outbox ORDER BY id LIMIT 1 FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .expect("lock a row");
+    let relay = env.spawn_relay();
+    wire.wait_for(5).await;
+    wait_until("the relay's marks to wait on the lock", || async {
+        let waiting = env
+            .scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO outbox_published%'",
+            )
+            .await;
+        (waiting > 0).then_some(())
+    })
+    .await;
+    let released: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(&env.pool)
+        .await
+        .expect("clock");
+    holder.commit().await.expect("let the lock go");
+    wait_until("every row marked published", || async {
+        (env.scalar("SELECT count(*) FROM outbox").await == 0).then_some(())
+    })
+    .await;
+    relay.stop().await;
+    let times: Vec<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)> =
+        sqlx::query_as("SELECT created_at, published_at FROM outbox_published ORDER BY id")
+            .fetch_all(&env.pool)
+            .await
+            .expect("published rows");
+    assert_eq!(times.len(), 5);
+    for (created, published) in times {
+        assert!(
+            created <= published,
+            "published {published} before created {created}"
+        );
+        assert!(
+            published < released,
+            "published_at {published} is the marks' time, not the acknowledgement (lock let go at {released})"
+        );
+    }
+}
+
 /// A relay's consecutive rounds, on whichever pooled connections, never find the right to
 /// publish held by that same relay. (With the advisory lock this replaced, a dropped
 /// transaction kept it until its connection was next used, and the relay stood by itself.)

@@ -32,6 +32,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use futures::future::join_all;
 use futures::FutureExt;
 use rdkafka::error::KafkaError;
@@ -461,8 +462,12 @@ async fn leased_round(
                 }
             };
             async move {
+                // The time of publishing is the broker's acknowledgement, as the relay sees it.
                 let outcome = match send {
-                    Ok(delivery) => delivery.await.map(drop).map_err(|(e, _)| Refusal::of(&e)),
+                    Ok(delivery) => delivery
+                        .await
+                        .map(|_| Utc::now())
+                        .map_err(|(e, _)| Refusal::of(&e)),
                     Err(refusal) => Err(refusal),
                 };
                 Sent {
@@ -512,11 +517,11 @@ async fn mark(
     } else {
         r#", parked AS (
             UPDATE outbox o SET parked_at = clock_timestamp(), park_reason = p.reason
-            FROM unnest($5::bigint[], $6::text[]) AS p(id, reason)
+            FROM unnest($6::bigint[], $7::text[]) AS p(id, reason)
             WHERE o.id = p.id AND EXISTS (SELECT 1 FROM lease)
         )"#
     };
-    // clock_timestamp(), not now(): the time the acknowledgements were in.
+    // Each row's `published_at` is when the broker acknowledged it, not this statement's time.
     let sql = format!(
         r#"
         WITH lease AS (
@@ -524,12 +529,13 @@ async fn mark(
             WHERE id = 1 AND owner = $1 AND epoch = $2
             RETURNING 1
         ), published AS (
-            DELETE FROM outbox
-            WHERE id = ANY($4) AND EXISTS (SELECT 1 FROM lease)
-            RETURNING id, topic, event_id, created_at
+            DELETE FROM outbox o
+            USING unnest($4::bigint[], $5::timestamptz[]) AS a(id, acked_at)
+            WHERE o.id = a.id AND EXISTS (SELECT 1 FROM lease)
+            RETURNING o.id, o.topic, o.event_id, o.created_at, a.acked_at
         ), logged AS (
             INSERT INTO outbox_published (id, topic, event_id, created_at, published_at)
-            SELECT id, topic, event_id, created_at, clock_timestamp() FROM published ORDER BY id
+            SELECT id, topic, event_id, created_at, acked_at FROM published ORDER BY id
         ){park}
         SELECT EXISTS (SELECT 1 FROM lease), set_config('synchronous_commit', 'off', true)
         "#
@@ -538,7 +544,8 @@ async fn mark(
         .bind(&lease.owner)
         .bind(epoch)
         .bind(lease.ttl.as_secs_f64())
-        .bind(&settled.published);
+        .bind(&settled.published)
+        .bind(&settled.published_at);
     let query = if parked.is_empty() {
         query
     } else {
@@ -589,13 +596,16 @@ struct Sent<'a> {
     id: i64,
     topic: &'a str,
     key: Option<&'a [u8]>,
-    outcome: Result<(), Refusal>,
+    /// When the broker acknowledged it, or why it was not delivered.
+    outcome: Result<DateTime<Utc>, Refusal>,
 }
 
 /// What a round's deliveries come to.
 #[derive(Debug, Default, PartialEq)]
 struct Settlement {
     published: Vec<i64>,
+    /// When each of `published` was acknowledged, in the same order.
+    published_at: Vec<DateTime<Utc>>,
     parked: Vec<(i64, String)>,
     per_topic: HashMap<String, u64>,
     first_error: Option<String>,
@@ -624,13 +634,14 @@ fn settle<'a>(results: impl Iterator<Item = Sent<'a>>) -> Settlement {
         let lane = sent.key.map(|k| (sent.topic, k));
         let behind = lane.is_some_and(|l| failed_lanes.contains(&l));
         match sent.outcome {
-            Ok(()) if !behind => {
+            Ok(acked_at) if !behind => {
                 settled.published.push(sent.id);
+                settled.published_at.push(acked_at);
                 *settled.per_topic.entry(sent.topic.to_owned()).or_default() += 1;
                 continue;
             }
             // Behind a failed row of its key: it waits for that row whatever happened to it.
-            Ok(()) | Err(Refusal::Held) => {}
+            Ok(_) | Err(Refusal::Held) => {}
             Err(Refusal::Permanent(_)) if behind => {}
             Err(Refusal::Permanent(reason)) => {
                 METRICS.relay_errors.with_label_values(&["parked"]).inc();
@@ -704,18 +715,20 @@ mod tests {
         use Refusal::*;
         let big = || Err(Permanent("too large".into()));
         let away = || Err(Transient("broker away".into()));
+        let at = DateTime::<Utc>::UNIX_EPOCH;
+        let ok = || Ok(at);
         // (rows in id order as (id, topic, key, outcome), published, parked, error row)
         type Row = (
             i64,
             &'static str,
             Option<&'static [u8]>,
-            Result<(), Refusal>,
+            Result<DateTime<Utc>, Refusal>,
         );
         type Case = (Vec<Row>, Vec<i64>, Vec<i64>, Option<i64>);
         let cases: Vec<Case> = vec![
             (vec![], vec![], vec![], None),
             (
-                vec![(1, "t", Some(b"a"), Ok(())), (2, "u", Some(b"b"), Ok(()))],
+                vec![(1, "t", Some(b"a"), ok()), (2, "u", Some(b"b"), ok())],
                 vec![1, 2],
                 vec![],
                 None,
@@ -724,10 +737,10 @@ mod tests {
             (
                 vec![
                     (1, "t", Some(b"a"), big()),
-                    (2, "t", Some(b"b"), Ok(())),
-                    (3, "t", Some(b"a"), Ok(())),
+                    (2, "t", Some(b"b"), ok()),
+                    (3, "t", Some(b"a"), ok()),
                     (4, "t", Some(b"a"), Err(Held)),
-                    (5, "t", Some(b"b"), Ok(())),
+                    (5, "t", Some(b"b"), ok()),
                 ],
                 vec![2, 5],
                 vec![1],
@@ -735,7 +748,7 @@ mod tests {
             ),
             // The same key on another topic is another line.
             (
-                vec![(1, "t", Some(b"a"), big()), (2, "u", Some(b"a"), Ok(()))],
+                vec![(1, "t", Some(b"a"), big()), (2, "u", Some(b"a"), ok())],
                 vec![2],
                 vec![1],
                 None,
@@ -745,7 +758,7 @@ mod tests {
                 vec![
                     (1, "t", Some(b"a"), away()),
                     (2, "t", Some(b"a"), big()),
-                    (3, "t", Some(b"b"), Ok(())),
+                    (3, "t", Some(b"b"), ok()),
                 ],
                 vec![3],
                 vec![],
@@ -753,7 +766,7 @@ mod tests {
             ),
             // Keyless rows keep no order: each stands alone.
             (
-                vec![(1, "t", None, big()), (2, "t", None, Ok(()))],
+                vec![(1, "t", None, big()), (2, "t", None, ok())],
                 vec![2],
                 vec![1],
                 None,
@@ -761,13 +774,19 @@ mod tests {
         ];
         for (rows, published, parked, error_row) in cases {
             let label = format!("{rows:?}");
+            // Each delivered row acknowledged at its own second, to see the times follow the ids.
             let settled = settle(rows.into_iter().map(|(id, topic, key, outcome)| Sent {
                 id,
                 topic,
                 key,
-                outcome,
+                outcome: outcome.map(|t| t + chrono::Duration::seconds(id)),
             }));
             assert_eq!(settled.published, published, "{label}");
+            let acked: Vec<DateTime<Utc>> = published
+                .iter()
+                .map(|id| at + chrono::Duration::seconds(*id))
+                .collect();
+            assert_eq!(settled.published_at, acked, "{label}");
             let parked_ids: Vec<i64> = settled.parked.iter().map(|p| p.0).collect();
             assert_eq!(parked_ids, parked, "{label}");
             match error_row {
