@@ -529,13 +529,15 @@ async fn mark(
             WHERE id = 1 AND owner = $1 AND epoch = $2
             RETURNING 1
         ), published AS (
-            DELETE FROM outbox o
-            USING unnest($4::bigint[], $5::timestamptz[]) AS a(id, acked_at)
-            WHERE o.id = a.id AND EXISTS (SELECT 1 FROM lease)
-            RETURNING o.id, o.topic, o.event_id, o.created_at, a.acked_at
+            DELETE FROM outbox
+            WHERE id = ANY($4) AND EXISTS (SELECT 1 FROM lease)
+            RETURNING id, topic, event_id, created_at
         ), logged AS (
             INSERT INTO outbox_published (id, topic, event_id, created_at, published_at)
-            SELECT id, topic, event_id, created_at, acked_at FROM published ORDER BY id
+            SELECT p.id, p.topic, p.event_id, p.created_at, a.acked_at
+            FROM published p JOIN unnest($4::bigint[], $5::timestamptz[]) AS a(id, acked_at)
+              ON a.id = p.id
+            ORDER BY p.id
         ){park}
         SELECT EXISTS (SELECT 1 FROM lease), set_config('synchronous_commit', 'off', true)
         "#
