@@ -23,7 +23,7 @@ pub(crate) async fn broker_floor(
     settings: &Settings,
     id: &str,
     args: &BenchArgs,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<BrokerFloor> {
     let mut settings = settings.clone();
     let name = format!("bench-{id}-0");
     settings.topics.order_events = format!("{name}.order.events");
@@ -136,5 +136,14 @@ pub(crate) async fn broker_floor(
         "  produce -> consumed p99 in each 5 s: {} ms",
         joined_ms(&p99_by_window(&trips, FIVE_SECONDS_US))
     );
-    Ok(())
+    Ok(BrokerFloor {
+        p50_ms: pct(&trip, 0.5),
+        p99_ms: pct(&trip, 0.99),
+    })
+}
+
+/// The broker alone: produce -> consumed, one hop.
+pub(crate) struct BrokerFloor {
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
 }

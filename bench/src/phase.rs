@@ -34,11 +34,18 @@ pub(crate) struct Phase {
     pub(crate) unstolen: Option<Vec<Duration>>,
     /// Produced -> published p99 (ms) in each 5 s of the phase, in order.
     pub(crate) p99_by_5s: Vec<f64>,
+    /// Batch transaction start -> published, per order, in ascending order: the part after
+    /// the first broker hop.
+    pub(crate) from_transaction: Vec<Duration>,
 }
 
 impl Phase {
     pub(crate) fn rate(&self) -> f64 {
         self.events as f64 / self.elapsed.as_secs_f64()
+    }
+
+    pub(crate) fn txn_to_published_ms(&self, p: f64) -> f64 {
+        ms(nearest_rank(&self.from_transaction, p))
     }
 
     pub(crate) fn percentile_ms(&self, p: f64) -> f64 {
@@ -146,7 +153,7 @@ pub(crate) async fn run_phase(
     pipeline.stop(Duration::from_secs(30)).await?;
 
     let timeline = Timeline::read(pool, &settings.topics.account_events).await?;
-    print_breakdown(
+    let from_transaction = print_breakdown(
         number,
         &timeline,
         &sent_wall_us,
@@ -187,6 +194,7 @@ pub(crate) async fn run_phase(
         pg_cpu_us_per_debit,
         unstolen,
         p99_by_5s,
+        from_transaction,
     })
 }
 
@@ -254,14 +262,14 @@ async fn wait_published(
 
 /// Where the time goes: from the batch transaction's start to the broker's acknowledgement, for the
 /// measured orders (the warm-up's first batches wait for connections to open), and from
-/// creation to the processor's poll.
+/// creation to the processor's poll. The first of them, sorted.
 fn print_breakdown(
     number: i64,
     timeline: &Timeline,
     sent_wall_us: &HashMap<i64, i64>,
     delay_before: &[(f64, u64)],
     delay_after: &[(f64, u64)],
-) {
+) -> Vec<Duration> {
     let mut to_published: Vec<i64> = timeline
         .rows
         .iter()
@@ -283,4 +291,8 @@ fn print_breakdown(
         delay_ms(0.5),
         delay_ms(0.99)
     );
+    to_published
+        .into_iter()
+        .map(|us| Duration::from_micros(us.max(0) as u64))
+        .collect()
 }
