@@ -36,7 +36,7 @@ pub(crate) struct Phase {
     pub(crate) p99_by_5s: Vec<f64>,
     /// Batch transaction start -> published, per order, in ascending order: the part after
     /// the first broker hop.
-    pub(crate) from_transaction: Vec<Duration>,
+    pub(crate) txn_to_published: Vec<Duration>,
 }
 
 impl Phase {
@@ -45,7 +45,7 @@ impl Phase {
     }
 
     pub(crate) fn txn_to_published_ms(&self, p: f64) -> f64 {
-        ms(nearest_rank(&self.from_transaction, p))
+        ms(nearest_rank(&self.txn_to_published, p))
     }
 
     pub(crate) fn percentile_ms(&self, p: f64) -> f64 {
@@ -153,7 +153,7 @@ pub(crate) async fn run_phase(
     pipeline.stop(Duration::from_secs(30)).await?;
 
     let timeline = Timeline::read(pool, &settings.topics.account_events).await?;
-    let from_transaction = print_breakdown(
+    let txn_to_published = print_breakdown(
         number,
         &timeline,
         &sent_wall_us,
@@ -194,7 +194,7 @@ pub(crate) async fn run_phase(
         pg_cpu_us_per_debit,
         unstolen,
         p99_by_5s,
-        from_transaction,
+        txn_to_published,
     })
 }
 
@@ -262,7 +262,7 @@ async fn wait_published(
 
 /// Where the time goes: from the batch transaction's start to the broker's acknowledgement, for the
 /// measured orders (the warm-up's first batches wait for connections to open), and from
-/// creation to the processor's poll. The first of them, sorted.
+/// creation to the processor's poll. Returns the first (transaction start -> published), sorted.
 fn print_breakdown(
     number: i64,
     timeline: &Timeline,
