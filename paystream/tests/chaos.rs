@@ -401,15 +401,34 @@ impl Cluster {
     async fn money_events_on_the_wire(&self) -> BTreeSet<(String, i64)> {
         let topic = &self.env.settings.topics.account_events;
         let ends = self.high_watermarks(topic).await;
-        let wire = self.env.collect(topic);
-        let received = wait_until("account.events read to its end", || async {
-            let got = wire.snapshot();
-            let reached = (0..PARTITIONS).all(|p| {
-                let end = ends[p as usize];
-                end == 0 || got.iter().any(|r| r.partition == p && r.offset + 1 >= end)
-            });
-            reached.then_some(got)
-        })
+        // The oracle reads the whole log from its start, which the soak's broker (sqlite
+        // storage) answers slowly: minutes are allowed, not `DEADLINE`.
+        let wire = self.env.collect_patiently(topic);
+        let received = wait_until_within(
+            "account.events read to its end",
+            PATIENT_SOCKET_TIMEOUT,
+            || async {
+                let got = wire.snapshot();
+                let reached = (0..PARTITIONS).all(|p| {
+                    let end = ends[p as usize];
+                    end == 0 || got.iter().any(|r| r.partition == p && r.offset + 1 >= end)
+                });
+                reached.then_some(got)
+            },
+            || async {
+                let got = wire.snapshot();
+                let last: Vec<i64> = (0..PARTITIONS)
+                    .map(|p| {
+                        got.iter()
+                            .filter(|r| r.partition == p)
+                            .map(|r| r.offset)
+                            .max()
+                            .unwrap_or(-1)
+                    })
+                    .collect();
+                format!("(log ends {ends:?}, last offsets read {last:?})")
+            },
+        )
         .await;
         received
             .iter()

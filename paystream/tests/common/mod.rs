@@ -50,14 +50,31 @@ where
 }
 
 /// Like `wait_until`; on timeout, `explain` says what the world looked like.
-pub async fn wait_until_or_explain<T, F, Fut, E, EFut>(what: &str, mut check: F, explain: E) -> T
+pub async fn wait_until_or_explain<T, F, Fut, E, EFut>(what: &str, check: F, explain: E) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
     E: FnOnce() -> EFut,
     EFut: Future<Output = String>,
 {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
+    wait_until_within(what, DEADLINE, check, explain).await
+}
+
+/// Like `wait_until_or_explain`, with a deadline of its own, for a wait known to be slower
+/// than `DEADLINE` (say why where it is used).
+pub async fn wait_until_within<T, F, Fut, E, EFut>(
+    what: &str,
+    within: Duration,
+    mut check: F,
+    explain: E,
+) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+    E: FnOnce() -> EFut,
+    EFut: Future<Output = String>,
+{
+    let deadline = tokio::time::Instant::now() + within;
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     loop {
         tick.tick().await;
@@ -441,7 +458,15 @@ impl TestEnv {
 
     /// Collects every message of `topic` from the beginning, in the background.
     pub fn collect(&self, topic: &str) -> Collector {
-        Collector::start(&self.settings.kafka.brokers, topic)
+        Collector::start(&self.settings.kafka.brokers, topic, DEFAULT_SOCKET_TIMEOUT)
+    }
+
+    /// Like `collect`, for a long log on a slow broker: a request may take minutes. (tansu's
+    /// sqlite storage reads a partition from the fetch position to its end for every fetch:
+    /// a first fetch of some 18,000 records took 54 s on an idle broker, more under load,
+    /// past librdkafka's default 60 s request timeout, after which it asks again.)
+    pub fn collect_patiently(&self, topic: &str) -> Collector {
+        Collector::start(&self.settings.kafka.brokers, topic, PATIENT_SOCKET_TIMEOUT)
     }
 }
 
@@ -538,10 +563,15 @@ pub struct Collector {
     task: JoinHandle<()>,
 }
 
+/// librdkafka's `socket.timeout.ms` default, and the patient collector's.
+const DEFAULT_SOCKET_TIMEOUT: Duration = Duration::from_secs(60);
+pub const PATIENT_SOCKET_TIMEOUT: Duration = Duration::from_secs(600);
+
 impl Collector {
-    fn start(brokers: &str, topic: &str) -> Self {
+    fn start(brokers: &str, topic: &str, socket_timeout: Duration) -> Self {
         let consumer: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
+            .set("socket.timeout.ms", socket_timeout.as_millis().to_string())
             .set("group.id", format!("collector-{}", Uuid::new_v4()))
             .set("auto.offset.reset", "earliest")
             .set("enable.auto.commit", "false")
