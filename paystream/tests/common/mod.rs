@@ -563,9 +563,9 @@ pub struct Collector {
     task: JoinHandle<()>,
 }
 
-/// librdkafka's `socket.timeout.ms` default, and the patient collector's.
+/// librdkafka's `socket.timeout.ms` default, and the patient collector's (the most it allows).
 const DEFAULT_SOCKET_TIMEOUT: Duration = Duration::from_secs(60);
-pub const PATIENT_SOCKET_TIMEOUT: Duration = Duration::from_secs(600);
+pub const PATIENT_SOCKET_TIMEOUT: Duration = Duration::from_secs(300);
 
 impl Collector {
     fn start(brokers: &str, topic: &str, socket_timeout: Duration) -> Self {
