@@ -270,18 +270,17 @@ fn print_breakdown(
     delay_before: &[(f64, u64)],
     delay_after: &[(f64, u64)],
 ) -> Vec<Duration> {
-    let mut to_published: Vec<i64> = timeline
-        .rows
-        .iter()
-        .filter(|(order, _)| sent_wall_us.contains_key(order))
-        .map(|(_, (started, published))| published - started)
-        .collect();
-    to_published.sort_unstable();
-    let us_as_ms = |us: Option<i64>| us.map_or(f64::NAN, |us| us as f64 / 1000.0);
+    let to_published = flight_times(
+        timeline
+            .rows
+            .iter()
+            .filter(|(order, _)| sent_wall_us.contains_key(order))
+            .map(|(_, started_published)| started_published),
+    );
     println!(
         "  phase {number}: transaction start -> published: p50 {:.1} ms, p99 {:.1} ms",
-        us_as_ms(nearest_rank(&to_published, 0.5)),
-        us_as_ms(nearest_rank(&to_published, 0.99))
+        ms(nearest_rank(&to_published, 0.5)),
+        ms(nearest_rank(&to_published, 0.99))
     );
     let delay_ms = |q| {
         telemetry::bucket_quantile(delay_before, delay_after, q).map_or(f64::NAN, |s| s * 1000.0)
@@ -292,7 +291,4 @@ fn print_breakdown(
         delay_ms(0.99)
     );
     to_published
-        .into_iter()
-        .map(|us| Duration::from_micros(us.max(0) as u64))
-        .collect()
 }
