@@ -12,7 +12,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::load::wait_for;
-use crate::stats::{flight_times, joined_ms, ms, nearest_rank, p99_by_window, FIVE_SECONDS_US};
+use crate::stats::{flight_times, joined_ms, p99_by_window, percentile_ms, FIVE_SECONDS_US};
 use crate::BenchArgs;
 
 /// The broker alone, with the producer and consumer settings the processors use: messages
@@ -122,24 +122,24 @@ pub(crate) async fn broker_floor(
         flight_times(flights(&acked).iter()),
         flight_times(trips.iter()),
     );
-    let pct = |times: &[Duration], p: f64| ms(nearest_rank(times, p));
+    let floor = BrokerFloor {
+        p50_ms: percentile_ms(&trip, 0.5),
+        p99_ms: percentile_ms(&trip, 0.99),
+    };
     println!(
         "broker alone at {}/s: produce -> ack p50 {:.1} ms, p99 {:.1} ms; produce -> consumed p50 {:.1} ms, p99 {:.1} ms ({} messages)",
         args.rate,
-        pct(&ack, 0.5),
-        pct(&ack, 0.99),
-        pct(&trip, 0.5),
-        pct(&trip, 0.99),
+        percentile_ms(&ack, 0.5),
+        percentile_ms(&ack, 0.99),
+        floor.p50_ms,
+        floor.p99_ms,
         events - warmup
     );
     println!(
         "  produce -> consumed p99 in each 5 s: {} ms",
         joined_ms(&p99_by_window(&trips, FIVE_SECONDS_US))
     );
-    Ok(BrokerFloor {
-        p50_ms: pct(&trip, 0.5),
-        p99_ms: pct(&trip, 0.99),
-    })
+    Ok(floor)
 }
 
 /// The broker alone: produce -> consumed, one hop.

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cpu::{CpuShare, CpuTicks, PgCpu, StealWindows};
 use crate::load::{results_consumer, wait_for, Orders, Received, Sent, Timeline, Work};
-use crate::stats::{flight_times, ms, nearest_rank, p99_by_window, FIVE_SECONDS_US};
+use crate::stats::{flight_times, p99_by_window, percentile_ms, FIVE_SECONDS_US};
 use crate::users::Users;
 
 pub(crate) struct Phase {
@@ -45,19 +45,19 @@ impl Phase {
     }
 
     pub(crate) fn txn_to_published_ms(&self, p: f64) -> f64 {
-        ms(nearest_rank(&self.txn_to_published, p))
+        percentile_ms(&self.txn_to_published, p)
     }
 
     pub(crate) fn percentile_ms(&self, p: f64) -> f64 {
-        ms(nearest_rank(&self.latencies, p))
+        percentile_ms(&self.latencies, p)
     }
 
     pub(crate) fn received_percentile_ms(&self, p: f64) -> f64 {
-        ms(nearest_rank(&self.received, p))
+        percentile_ms(&self.received, p)
     }
 
     pub(crate) fn unstolen_percentile_ms(&self, p: f64) -> Option<f64> {
-        Some(ms(nearest_rank(self.unstolen.as_ref()?, p)))
+        Some(percentile_ms(self.unstolen.as_ref()?, p))
     }
 
     /// The share of the measured orders that no host steal touched.
@@ -279,8 +279,8 @@ fn print_breakdown(
     );
     println!(
         "  phase {number}: transaction start -> published: p50 {:.1} ms, p99 {:.1} ms",
-        ms(nearest_rank(&to_published, 0.5)),
-        ms(nearest_rank(&to_published, 0.99))
+        percentile_ms(&to_published, 0.5),
+        percentile_ms(&to_published, 0.99)
     );
     let delay_ms = |q| {
         telemetry::bucket_quantile(delay_before, delay_after, q).map_or(f64::NAN, |s| s * 1000.0)

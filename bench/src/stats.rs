@@ -22,6 +22,11 @@ pub(crate) fn nearest_rank<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
     sorted.get(rank.min(sorted.len()).checked_sub(1)?).copied()
 }
 
+/// The nearest-rank percentile `p` of `sorted` (ascending) in milliseconds; NaN when empty.
+pub(crate) fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
+    ms(nearest_rank(sorted, p))
+}
+
 /// The window the phases' tails are reported in (`p99_by_window`).
 pub(crate) const FIVE_SECONDS_US: i64 = 5_000_000;
 
@@ -42,7 +47,7 @@ pub(crate) fn p99_by_window(flights: &[(i64, i64)], window_us: i64) -> Vec<f64> 
     }
     windows
         .iter()
-        .map(|window| ms(nearest_rank(&flight_times(window.iter()), 0.99)))
+        .map(|window| percentile_ms(&flight_times(window.iter()), 0.99))
         .collect()
 }
 
