@@ -163,6 +163,72 @@ impl Params {
     }
 }
 
+/// Data-modifying statements that run together as one statement, as its CTEs, their values
+/// bound into one `Params`. A batch handler's writes ride in the batch's closing statement
+/// this way (`consumer::Applied::writes`): one round trip for the business rows, the outbox
+/// rows and the offsets. The statements of one `Writes` share a snapshot, so none of them may
+/// read what another writes, nor write a row another writes.
+#[derive(Default)]
+pub struct Writes {
+    params: Params,
+    statements: Vec<String>,
+}
+
+impl std::fmt::Debug for Writes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writes")
+            .field("statements", &self.statements.len())
+            .field("params", &self.params.count)
+            .finish()
+    }
+}
+
+impl Writes {
+    /// Adds the INSERT, UPDATE or DELETE that `build` returns (no RETURNING), binding its
+    /// values as it writes their placeholders.
+    pub fn push(
+        &mut self,
+        build: impl FnOnce(&mut Params) -> Result<String, sqlx::Error>,
+    ) -> Result<(), sqlx::Error> {
+        let sql = build(&mut self.params)?;
+        self.statements.push(sql);
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.statements.is_empty()
+    }
+
+    /// The parameters bound so far, for the statement that carries these writes to go on
+    /// binding, and the writes as its CTEs (`w1 AS (…)`, `w2 AS (…)`, …).
+    pub fn into_ctes(self) -> (Params, Vec<String>) {
+        let ctes = self
+            .statements
+            .iter()
+            .enumerate()
+            .map(|(i, sql)| format!("w{} AS ({sql})", i + 1))
+            .collect();
+        (self.params, ctes)
+    }
+
+    /// Runs the writes on their own, as one statement.
+    pub async fn execute(mut self, conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+        let Some(last) = self.statements.pop() else {
+            return Ok(());
+        };
+        let (params, ctes) = self.into_ctes();
+        let sql = if ctes.is_empty() {
+            last
+        } else {
+            format!("WITH {} {last}", ctes.join(", "))
+        };
+        sqlx::query_with(&sql, params.into_arguments())
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+}
+
 /// Rows one prune statement deletes at most.
 const PRUNE_CHUNK: i64 = 10_000;
 

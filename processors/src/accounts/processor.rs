@@ -28,7 +28,7 @@ use crate::events::{
     derived_event_id, AccountDebitFailed, AccountDebited, AccountRefunded, Envelope, EventPayload,
     OrderCancelled, OrderCreated, OrderEvent, Poison, PoisonClass, RawEvent,
 };
-use crate::ledger::{AccountKind, Postings};
+use crate::ledger::{Account, AccountKind, Postings};
 use crate::outbox::OutboxRow;
 use crate::settings::Settings;
 
@@ -95,7 +95,10 @@ impl Handler for AccountProcessor {
             };
             applied.push(outcome, emits);
         }
-        book.postings.write_reserved(conn, reserved).await?;
+        // The postings ride in the batch's closing statement.
+        book.postings
+            .write_into(conn, reserved, &mut applied.writes)
+            .await?;
         Ok(applied)
     }
 }
@@ -216,10 +219,10 @@ impl AccountProcessor {
     }
 }
 
-/// Loads and locks what a batch's events can touch, in two statements: what is recorded for
-/// its orders (their terms, the debits and refunds already made, and ids reserved for the
-/// transfers the batch may post), then the accounts, users first and system accounts second,
-/// each in id order (so concurrent batches cannot deadlock).
+/// Loads and locks what a batch's events can touch, in one statement (`load`): what is
+/// recorded for its orders (their terms, the debits and refunds already made, and ids
+/// reserved for the transfers the batch may post) and the accounts, users first and system
+/// accounts second, each in id order (so concurrent batches cannot deadlock).
 async fn load_book(
     conn: &mut PgConnection,
     events: &[Fresh<OrderEvent>],
@@ -240,28 +243,36 @@ async fn load_book(
         })
         .collect();
     let created_ids: Vec<i64> = created().map(|c| c.order_id).collect();
-    let Recorded {
-        terms,
-        debits,
-        refunded,
-        transfer_ids,
-    } = recorded(conn, &order_ids, &created_ids).await?;
     let mut user_ids: Vec<i64> = created().map(|c| c.user_id).collect();
     user_ids.sort_unstable();
     user_ids.dedup();
-    // A refund moves money back between the accounts of the debit.
-    let refund_accounts: Vec<i64> = debits.values().flat_map(|d| [d.from, d.to]).collect();
     let mut currencies: Vec<String> = created().map(|c| c.currency.as_str().to_owned()).collect();
     currencies.sort_unstable();
     currencies.dedup();
     let locks = store::Locks {
         users: &user_ids,
-        ids: &refund_accounts,
+        ids: &[],
         system: AccountKind::Settlement,
         currencies: &currencies,
         shard,
     };
-    let accounts = store::lock_accounts(conn, &locks).await?;
+    let (recorded, mut accounts) = load(conn, &order_ids, &created_ids, &locks).await?;
+    let Recorded {
+        terms,
+        debits,
+        refunded,
+        transfer_ids,
+    } = recorded;
+    // The first batch of a currency on a shard creates its settlement account, and locks
+    // again (what it holds already, the accounts of the debits to refund among them).
+    if !locks.has_system_accounts(&accounts) {
+        let refund_accounts: Vec<i64> = debits.values().flat_map(|d| [d.from, d.to]).collect();
+        let locks = store::Locks {
+            ids: &refund_accounts,
+            ..locks
+        };
+        accounts = store::lock_accounts(conn, &locks).await?;
+    }
     let settlement = accounts
         .iter()
         .filter(|a| a.kind == AccountKind::Settlement && a.shard == shard)
@@ -286,6 +297,7 @@ async fn load_book(
 }
 
 /// What is recorded for a batch's orders.
+#[derive(Default)]
 struct Recorded {
     /// The terms of the orders that exist, of those the batch's `OrderCreated` name.
     terms: HashMap<i64, OrderTerms>,
@@ -298,85 +310,140 @@ struct Recorded {
     transfer_ids: Vec<i64>,
 }
 
-/// The debits and refunds recorded for `order_ids`, the terms of `created_ids`, and a
-/// transfer id for each of `order_ids`, in one statement. Orders' terms never change after they are created, so no lock is taken.
-async fn recorded(
+/// One row of `load`: a transfer ('T'), an order's terms ('O'), a reserved transfer id ('I')
+/// or a locked account ('A'), side by side.
+#[derive(sqlx::FromRow)]
+struct Loaded {
+    what: String,
+    /// The order's id ('T', 'O'), the reserved id ('I') or the account's ('A').
+    id: i64,
+    /// The transfer's kind ('T') or the account's ('A').
+    kind: Option<String>,
+    from_id: Option<i64>,
+    to_id: Option<i64>,
+    /// The amount ('T', 'O') or the balance ('A').
+    fen: i64,
+    currency: String,
+    user_id: Option<i64>,
+    shard: Option<i32>,
+    status: Option<String>,
+    chain_head: Option<Vec<u8>>,
+}
+
+/// The debits and refunds recorded for `order_ids`, the terms of `created_ids`, a transfer
+/// id for each of `order_ids`, and `locks`' accounts together with the accounts of those
+/// debits (a refund moves money back between them), locked: one statement. Orders' terms
+/// never change after they are created, so no lock is taken on them. The system accounts
+/// missing are not created here (see `load_book`).
+async fn load(
     conn: &mut PgConnection,
     order_ids: &[i64],
     created_ids: &[i64],
-) -> Result<Recorded, sqlx::Error> {
-    let mut recorded = Recorded {
-        terms: HashMap::new(),
-        debits: HashMap::new(),
-        refunded: HashSet::new(),
-        transfer_ids: Vec::new(),
-    };
+    locks: &store::Locks<'_>,
+) -> Result<(Recorded, Vec<Account>), sqlx::Error> {
+    let mut recorded = Recorded::default();
     if order_ids.is_empty() {
-        return Ok(recorded);
+        return Ok((recorded, Vec::new()));
     }
-    // (what, order id, kind, from, to, amount, currency, user id): transfers ('T'), orders
-    // ('O') and the reserved transfer ids ('I', in the order id's place) side by side. The
-    // sequence is looked up once (as `ledger::Postings::write` does).
-    type Row = (
-        String,
-        i64,
-        Option<String>,
-        Option<i64>,
-        Option<i64>,
-        i64,
-        String,
-        Option<i64>,
-    );
-    let rows: Vec<Row> = sqlx::query_as(
+    let debit_accounts =
+        "ARRAY(SELECT unnest(ARRAY[from_account_id, to_account_id]) FROM t WHERE kind = 'DEBIT')";
+    let lock = store::lock_sql("$4", debit_accounts, "$5", "$6", "$7");
+    // The sequence is looked up once (as `ledger::Postings::write` does).
+    let sql = format!(
         r#"
-        WITH s AS MATERIALIZED (SELECT pg_get_serial_sequence('transfers', 'id')::regclass AS seq)
-        SELECT 'T', order_id, kind, from_account_id, to_account_id, amount_fen, currency::text, NULL::bigint
-        FROM transfers WHERE order_id = ANY($1) AND kind IN ('DEBIT', 'REFUND')
+        WITH s AS MATERIALIZED (SELECT pg_get_serial_sequence('transfers', 'id')::regclass AS seq),
+        t AS MATERIALIZED (
+            SELECT order_id, kind, from_account_id, to_account_id, amount_fen, currency
+            FROM transfers WHERE order_id = ANY($1) AND kind IN ('DEBIT', 'REFUND')
+        ),
+        a AS MATERIALIZED ({lock})
+        SELECT 'T' AS what, order_id AS id, kind, from_account_id AS from_id, to_account_id AS to_id,
+               amount_fen AS fen, currency::text AS currency, NULL::bigint AS user_id,
+               NULL::int AS shard, NULL::text AS status, NULL::bytea AS chain_head
+        FROM t
         UNION ALL
-        SELECT 'O', id, NULL, NULL, NULL, amount_fen, currency::text, user_id
+        SELECT 'O', id, NULL, NULL, NULL, amount_fen, currency::text, user_id, NULL, NULL, NULL
         FROM orders WHERE id = ANY($2)
         UNION ALL
-        SELECT 'I', nextval(seq), NULL, NULL, NULL, 0, '', NULL FROM s, generate_series(1, $3)
-        "#,
-    )
-    .bind(order_ids)
-    .bind(created_ids)
-    .bind(order_ids.len() as i64)
-    .fetch_all(conn)
-    .await?;
-    for (what, order_id, kind, from, to, amount, currency, user_id) in rows {
+        SELECT 'I', nextval(seq), NULL, NULL, NULL, 0, '', NULL, NULL, NULL, NULL
+        FROM s, generate_series(1, $3)
+        UNION ALL
+        SELECT 'A', id, kind, NULL, NULL, balance_fen, currency::text, user_id, shard, status, chain_head
+        FROM a
+        "#
+    );
+    let rows: Vec<Loaded> = sqlx::query_as(&sql)
+        .bind(order_ids)
+        .bind(created_ids)
+        .bind(order_ids.len() as i64)
+        .bind(locks.users)
+        .bind(locks.system_kind())
+        .bind(locks.currencies)
+        .bind(locks.shard)
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut accounts = Vec::new();
+    for row in rows {
         // Rows the tables' checks let through always parse; one that does not is unknown
         // terms (its debit is refused rather than guessed) or not a debit we can refund.
-        let (amount, currency) = (Amount::new(amount), Currency::parse(&currency));
-        match (what.as_str(), kind.as_deref(), from, to, user_id) {
-            ("I", ..) => recorded.transfer_ids.push(order_id),
-            ("O", _, _, _, Some(user_id)) => {
-                if let (Some(amount), Some(currency)) = (amount, currency) {
+        let (amount, currency) = (Amount::new(row.fen), Currency::parse(&row.currency));
+        match (row.what.as_str(), row.kind.as_deref()) {
+            ("I", _) => recorded.transfer_ids.push(row.id),
+            ("O", _) => {
+                if let (Some(user_id), Some(amount), Some(currency)) =
+                    (row.user_id, amount, currency)
+                {
                     let terms = OrderTerms {
                         user_id,
                         amount,
                         currency,
                     };
-                    recorded.terms.insert(order_id, terms);
+                    recorded.terms.insert(row.id, terms);
                 }
             }
-            ("T", Some("REFUND"), _, _, _) => {
-                recorded.refunded.insert(order_id);
+            ("T", Some("REFUND")) => {
+                recorded.refunded.insert(row.id);
             }
-            ("T", Some(_), Some(from), Some(to), _) => {
-                if let (Some(amount), Some(currency)) = (amount, currency) {
+            ("T", Some(_)) => {
+                if let (Some(from), Some(to), Some(amount), Some(currency)) =
+                    (row.from_id, row.to_id, amount, currency)
+                {
                     let debit = Debit {
                         from,
                         to,
                         amount,
                         currency,
                     };
-                    recorded.debits.insert(order_id, debit);
+                    recorded.debits.insert(row.id, debit);
                 }
             }
+            ("A", _) => accounts.push(account(row)?),
             _ => {}
         }
     }
     recorded.transfer_ids.sort_unstable();
-    Ok(recorded)
+    Ok((recorded, accounts))
+}
+
+/// A locked account of `load`. Its columns are NOT NULL and checked, so one that does not
+/// read is an error (the batch is retried and says why), not an account left out.
+fn account(row: Loaded) -> Result<Account, sqlx::Error> {
+    let id = row.id;
+    let unreadable = || sqlx::Error::Decode(format!("account {id} does not read").into());
+    let kind = row.kind.as_deref().and_then(AccountKind::parse);
+    let kind = kind.ok_or_else(unreadable)?;
+    let (Some(shard), Some(status), Some(chain_head)) = (row.shard, row.status, row.chain_head)
+    else {
+        return Err(unreadable());
+    };
+    Ok(Account::from((
+        id,
+        kind,
+        row.user_id,
+        row.currency,
+        shard,
+        status,
+        row.fen,
+        chain_head,
+    )))
 }

@@ -7,7 +7,7 @@ use uuid::Uuid;
 use crate::domain::{Amount, Currency};
 use crate::ledger::{Account, AccountKind, NewTransfer, PostError, Postings, TransferKind};
 
-type AccountRow = (
+pub(crate) type AccountRow = (
     i64,
     AccountKind,
     Option<i64>,
@@ -37,7 +37,8 @@ impl From<AccountRow> for Account {
     }
 }
 
-const ACCOUNT_COLUMNS: &str = "id, kind, user_id, currency, shard, status, balance_fen, chain_head";
+pub(crate) const ACCOUNT_COLUMNS: &str =
+    "id, kind, user_id, currency, shard, status, balance_fen, chain_head";
 
 /// The accounts one transaction locks: the USER accounts of some users (all currencies),
 /// accounts named by id, and the system accounts of one kind at one shard for some
@@ -51,25 +52,55 @@ pub struct Locks<'a> {
     pub shard: i32,
 }
 
-/// Locks and loads `locks`' accounts in one statement: USER accounts first, then system
-/// accounts, each in id order, so that concurrent transactions cannot deadlock on them
-/// (every transaction that locks accounts goes through here).
+impl Locks<'_> {
+    /// Whether `rows` hold the system account of every currency asked for.
+    pub fn has_system_accounts(&self, rows: &[Account]) -> bool {
+        let kind = self.system_kind();
+        self.currencies.iter().all(|currency| {
+            rows.iter()
+                .any(|a| a.kind == kind && a.shard == self.shard && &a.currency == currency)
+        })
+    }
+
+    /// The kind of the system accounts locked (and created when missing).
+    pub fn system_kind(&self) -> AccountKind {
+        match self.system {
+            AccountKind::Funding => AccountKind::Funding,
+            AccountKind::User | AccountKind::Settlement => AccountKind::Settlement,
+        }
+    }
+}
+
+/// The select that locks and loads accounts: USER accounts of the users in `users`, accounts
+/// whose id is in `ids`, and system accounts of kind `kind` at shard `shard` in `currencies`
+/// (each argument an SQL expression: a placeholder, or a subquery for `ids`). USER accounts
+/// first, then system accounts, each in id order, so that concurrent transactions cannot
+/// deadlock on them (every transaction that locks accounts locks them this way).
+pub(crate) fn lock_sql(
+    users: &str,
+    ids: &str,
+    kind: &str,
+    currencies: &str,
+    shard: &str,
+) -> String {
+    // Each arm of the OR matches one index (the partial index of user accounts, the primary
+    // key, the partial index of system accounts), whatever the plan's parameters.
+    format!(
+        "SELECT {ACCOUNT_COLUMNS} FROM accounts \
+         WHERE (kind = 'USER' AND user_id = ANY({users})) OR id = ANY({ids}) \
+            OR (kind <> 'USER' AND kind = {kind} AND currency = ANY({currencies}) AND shard = {shard}) \
+         ORDER BY kind <> 'USER', id FOR UPDATE"
+    )
+}
+
+/// Locks and loads `locks`' accounts in one statement (`lock_sql`); the system accounts
+/// missing are created first.
 pub async fn lock_accounts(
     conn: &mut PgConnection,
     locks: &Locks<'_>,
 ) -> Result<Vec<Account>, sqlx::Error> {
-    let kind = match locks.system {
-        AccountKind::Funding => AccountKind::Funding,
-        AccountKind::User | AccountKind::Settlement => AccountKind::Settlement,
-    };
-    // Each arm of the OR matches one index (the partial index of user accounts, the primary
-    // key, the partial index of system accounts), whatever the plan's parameters.
-    let sql = format!(
-        "SELECT {ACCOUNT_COLUMNS} FROM accounts \
-         WHERE (kind = 'USER' AND user_id = ANY($1)) OR id = ANY($2) \
-            OR (kind <> 'USER' AND kind = $3 AND currency = ANY($4) AND shard = $5) \
-         ORDER BY kind <> 'USER', id FOR UPDATE"
-    );
+    let kind = locks.system_kind();
+    let sql = lock_sql("$1", "$2", "$3", "$4", "$5");
     let select = || {
         sqlx::query_as::<_, AccountRow>(&sql)
             .bind(locks.users)
@@ -84,12 +115,8 @@ pub async fn lock_accounts(
         .into_iter()
         .map(Account::from)
         .collect();
-    let present = |rows: &[Account], currency: &String| {
-        rows.iter()
-            .any(|a| a.kind == kind && a.shard == locks.shard && &a.currency == currency)
-    };
     // Only the first transaction of a currency on a shard creates its account.
-    if locks.currencies.iter().any(|c| !present(&rows, c)) {
+    if !locks.has_system_accounts(&rows) {
         sqlx::query(
             "INSERT INTO accounts (kind, currency, shard) SELECT $1, c, $3 FROM unnest($2::text[]) AS c \
              ON CONFLICT DO NOTHING",

@@ -1,6 +1,6 @@
 //! One batch transaction and its retries: decode, claim the event ids (dedupe), let the
-//! handler apply the fresh events, dead-letter the poison, then the closing statement (outbox
-//! rows and the compare-and-set of every partition's stored offset). All of it commits or
+//! handler apply the fresh events, dead-letter the poison, then the closing statement (the
+//! handler's writes, outbox rows and the compare-and-set of every partition's stored offset). All of it commits or
 //! none of it does. Transient failures retry the whole batch with bounded exponential backoff;
 //! nothing is skipped.
 
@@ -14,7 +14,7 @@ use super::dedupe::ProcessedRows;
 use super::offsets::{self, Advance, Close, Position};
 use super::{ApplyError, Fresh, Handler, Outcome, WorkerConfig};
 use crate::backoff::Backoff;
-use crate::db::ErrorClass;
+use crate::db::{ErrorClass, Writes};
 use crate::dlq;
 use crate::events::{decode_envelope, Poison, PoisonClass};
 use crate::kafka::InboundMessage;
@@ -320,8 +320,9 @@ impl<H: Handler> BatchRunner<H> {
             tokio::time::sleep(Duration::from_millis(stall)).await;
         }
         let emitted = applied.emitted.iter().chain(&dead_letters);
+        let outbox = outbox::Columns::new(emitted);
         match self
-            .close(tx, parts, outbox::Columns::new(emitted), &unclaim)
+            .close(tx, parts, applied.writes, outbox, &unclaim)
             .await?
         {
             Some(refused) => Ok(refused),
@@ -351,12 +352,13 @@ impl<H: Handler> BatchRunner<H> {
         dead_letters
     }
 
-    /// The closing statement: every part's offset compare-and-set, the outbox rows and the
-    /// unclaims. Returns how the commit was refused, if it was.
+    /// The closing statement: the handler's writes, every part's offset compare-and-set, the
+    /// outbox rows and the unclaims. Returns how the commit was refused, if it was.
     async fn close(
         &self,
         tx: &mut PgConnection,
         parts: &[PartBatch<'_>],
+        writes: Writes,
         outbox: outbox::Columns<'_>,
         unclaim: &[uuid::Uuid],
     ) -> Result<Option<Attempt>, sqlx::Error> {
@@ -374,6 +376,7 @@ impl<H: Handler> BatchRunner<H> {
             group,
             topic,
             advances: &advances,
+            writes,
             outbox,
             unclaim,
         };

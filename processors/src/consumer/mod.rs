@@ -52,7 +52,7 @@ use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::db::{classify, ErrorClass};
+use crate::db::{classify, ErrorClass, Writes};
 use crate::events::{Poison, RawEvent};
 use crate::outbox::OutboxRow;
 use crate::settings::Settings;
@@ -101,9 +101,10 @@ pub trait Handler: Send + Sync + 'static {
     /// Types the envelope's payload, or says why it is poison.
     fn decode(&self, raw: &RawEvent) -> Result<Self::Event, Poison>;
 
-    /// Applies `events` in order inside the batch transaction: writes the business rows and
-    /// says what to publish, one `Applied::push` per event, in order. For an event it reports
-    /// as `DeadLettered` it must have written nothing (what it emits is dropped).
+    /// Applies `events` in order inside the batch transaction: reads and locks what it needs,
+    /// leaves its business rows in `Applied::writes` (or writes them itself), and says what to
+    /// publish, one `Applied::push` per event, in order. For an event it reports as
+    /// `DeadLettered` it must have written nothing (what it emits is dropped).
     fn apply(
         &self,
         conn: &mut PgConnection,
@@ -135,13 +136,16 @@ impl ApplyError {
 }
 
 /// What a handler made of a batch: one outcome per event, in order, each with the events it
-/// emits. The framework writes the emitted events to the outbox in the batch's closing
-/// statement, together with the offset compare-and-set.
+/// emits, and the writes it leaves to the framework. The framework runs those writes and
+/// inserts the emitted events into the outbox in the batch's closing statement, together
+/// with the offset compare-and-set: one round trip.
 #[derive(Debug, Default)]
 pub struct Applied {
     outcomes: Vec<Outcome>,
     /// Everything emitted, in order.
     emitted: Vec<OutboxRow>,
+    /// The handler's business rows, written by the closing statement.
+    pub writes: Writes,
 }
 
 impl Applied {

@@ -6,7 +6,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::dedupe;
-use crate::db::Params;
+use crate::db::Writes;
 use crate::outbox;
 
 #[derive(Debug, Clone, Copy)]
@@ -157,13 +157,14 @@ pub(super) struct Advance {
     pub last_fp: Option<i64>,
 }
 
-/// The closing statement of a batch transaction: the outbox rows, the removal of the dedupe
-/// rows of events that were dead-lettered by the handler, and the compare-and-set of the
-/// stored offset of every partition in the batch, in one round trip.
+/// The closing statement of a batch transaction: the handler's writes, the outbox rows, the
+/// removal of the dedupe rows of events that were dead-lettered by the handler, and the
+/// compare-and-set of the stored offset of every partition in the batch, in one round trip.
 pub(super) struct Close<'a> {
     pub group: &'a str,
     pub topic: &'a str,
     pub advances: &'a [Advance],
+    pub writes: Writes,
     pub outbox: outbox::Columns<'a>,
     pub unclaim: &'a [Uuid],
 }
@@ -171,14 +172,15 @@ pub(super) struct Close<'a> {
 impl Close<'_> {
     /// The first partition (in the order given) whose compare-and-set was refused: it was
     /// claimed by someone else (or advanced) since its `at` was read, so the caller rolls
-    /// back, outbox rows included. `None` when every partition advanced.
-    pub async fn execute(&self, conn: &mut PgConnection) -> Result<Option<Advance>, sqlx::Error> {
-        let mut params = Params::default();
+    /// back, the handler's writes and the outbox rows included. `None` when every partition
+    /// advanced.
+    pub async fn execute(self, conn: &mut PgConnection) -> Result<Option<Advance>, sqlx::Error> {
+        // The handler's writes come first: their parameters are bound already.
+        let (mut params, mut ctes) = self.writes.into_ctes();
         let group = params.push(self.group)?;
         // Each part is left out when it has nothing to do: an empty outbox insert would still
         // fire its statement trigger and wake the relay, and the planner's generic plan for
         // an empty `= ANY($n)` delete may scan the whole dedupe table.
-        let mut ctes = Vec::new();
         if !self.unclaim.is_empty() {
             let delete = dedupe::unclaim_sql(&mut params, &group, self.unclaim)?;
             ctes.push(format!("d AS ({delete})"));

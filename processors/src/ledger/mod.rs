@@ -1,10 +1,12 @@
 //! The double-entry ledger. Money only moves as a transfer between two accounts, recorded as
 //! one `transfers` row and two `ledger_entries` rows (each with the balance after it), and
 //! the accounts' balances change in the same transaction. Postings are computed in memory
-//! over rows the caller has locked, then written in a few set-based statements.
+//! over rows the caller has locked, then written by three set-based writes that run as one
+//! statement, on their own or inside a caller's (a batch's closing statement).
 //!
-//! `write` (in `write.rs`) is the only code that writes `transfers` and `ledger_entries`, and
-//! the balances and chain heads of `accounts`; which rows exist is `accounts::store`'s.
+//! `write` and `write_into` (in `write.rs`) are the only code that writes `transfers` and
+//! `ledger_entries`, and the balances and chain heads of `accounts`; which rows exist is
+//! `accounts::store`'s.
 
 mod write;
 

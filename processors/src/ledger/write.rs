@@ -1,5 +1,6 @@
 //! Writing posted transfers: the transfers, their entries (hash-chained per account) and the
-//! accounts' new balances and chain heads, in two statements whatever the count.
+//! accounts' new balances and chain heads, as three data-modifying statements that run as one
+//! (`db::Writes`), on their own or in the statement of a caller's.
 
 use std::collections::HashSet;
 
@@ -7,6 +8,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::{chain_hash, Postings};
+use crate::db::Writes;
 
 /// The `transfers` rows of a write, as column arrays for `unnest`.
 #[derive(Default)]
@@ -54,18 +56,22 @@ async fn next_transfer_ids(conn: &mut PgConnection, count: usize) -> Result<Vec<
 
 impl Postings {
     /// Writes transfers, entries (hash-chained per account) and new balances and chain heads:
-    /// two statements, whatever the count.
+    /// one statement, whatever the count (two when ids must be taken first).
     pub async fn write(self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-        self.write_reserved(conn, Vec::new()).await
+        let mut writes = Writes::default();
+        self.write_into(&mut *conn, Vec::new(), &mut writes).await?;
+        writes.execute(conn).await
     }
 
-    /// `write`, taking the transfers' ids from `reserved` (taken from the transfers' id
-    /// sequence, in order, by an earlier statement of the caller's) while they last: one
-    /// statement when they are enough.
-    pub async fn write_reserved(
+    /// Adds the writes of `write` to `writes`, which the caller runs later in the same
+    /// transaction, taking the transfers' ids from `reserved` (taken from the transfers' id
+    /// sequence, in order, by an earlier statement of the caller's) while they last; only when
+    /// they are not enough does it ask the sequence for more.
+    pub async fn write_into(
         mut self,
         conn: &mut PgConnection,
         reserved: Vec<i64>,
+        writes: &mut Writes,
     ) -> Result<(), sqlx::Error> {
         if self.transfers.is_empty() {
             return Ok(());
@@ -73,55 +79,58 @@ impl Postings {
         let mut ids = reserved;
         let missing = self.transfers.len().saturating_sub(ids.len());
         if missing > 0 {
-            ids.extend(next_transfer_ids(&mut *conn, missing).await?);
+            ids.extend(next_transfer_ids(conn, missing).await?);
         }
         ids.truncate(self.transfers.len());
         let (transfers, entries) = self.rows(ids);
         let balances = self.balances();
-        // One statement: the foreign keys of the entries are checked at its end, when the
-        // transfers are there.
-        sqlx::query(
-            r#"
-            WITH t AS (
-                INSERT INTO transfers
-                    (id, kind, order_id, from_account_id, to_account_id, amount_fen, currency,
-                     cause_event_id, reference)
-                SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[],
-                                     $6::bigint[], $7::text[], $8::uuid[], $9::text[])
-            ), e AS (
-                INSERT INTO ledger_entries (transfer_id, account_id, delta_fen, balance_after_fen, entry_hash)
-                SELECT transfer_id, account_id, delta_fen, balance_after_fen, entry_hash
-                FROM unnest($10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[], $14::bytea[])
-                    WITH ORDINALITY AS e(transfer_id, account_id, delta_fen, balance_after_fen, entry_hash, n)
-                -- Entry ids must follow the chain order within each account.
-                ORDER BY n
-            )
-            UPDATE accounts
-            SET balance_fen = v.balance, chain_head = v.head, version = version + 1, updated_at = now()
-            FROM unnest($15::bigint[], $16::bigint[], $17::bytea[]) AS v(id, balance, head)
-            WHERE accounts.id = v.id
-            "#,
-        )
-        .bind(&transfers.ids)
-        .bind(&transfers.kinds)
-        .bind(&transfers.order_ids)
-        .bind(&transfers.froms)
-        .bind(&transfers.tos)
-        .bind(&transfers.amounts)
-        .bind(&transfers.currencies)
-        .bind(&transfers.causes)
-        .bind(&transfers.references)
-        .bind(&entries.transfer_ids)
-        .bind(&entries.account_ids)
-        .bind(&entries.deltas)
-        .bind(&entries.balances_after)
-        .bind(&entries.hashes)
-        .bind(&balances.ids)
-        .bind(&balances.balances)
-        .bind(&balances.heads)
-        .execute(conn)
-        .await?;
-        Ok(())
+        // The foreign keys of the entries are checked at the end of the statement that
+        // carries them, when the transfers are there.
+        writes.push(|p| {
+            Ok(format!(
+                "INSERT INTO transfers \
+                     (id, kind, order_id, from_account_id, to_account_id, amount_fen, currency, \
+                      cause_event_id, reference) \
+                 SELECT * FROM unnest({}::bigint[], {}::text[], {}::bigint[], {}::bigint[], \
+                                      {}::bigint[], {}::bigint[], {}::text[], {}::uuid[], {}::text[])",
+                p.push(&transfers.ids)?,
+                p.push(&transfers.kinds)?,
+                p.push(&transfers.order_ids)?,
+                p.push(&transfers.froms)?,
+                p.push(&transfers.tos)?,
+                p.push(&transfers.amounts)?,
+                p.push(&transfers.currencies)?,
+                p.push(&transfers.causes)?,
+                p.push(&transfers.references)?,
+            ))
+        })?;
+        // Entry ids must follow the chain order within each account.
+        writes.push(|p| {
+            Ok(format!(
+                "INSERT INTO ledger_entries \
+                     (transfer_id, account_id, delta_fen, balance_after_fen, entry_hash) \
+                 SELECT transfer_id, account_id, delta_fen, balance_after_fen, entry_hash \
+                 FROM unnest({}::bigint[], {}::bigint[], {}::bigint[], {}::bigint[], {}::bytea[]) \
+                     WITH ORDINALITY AS e(transfer_id, account_id, delta_fen, balance_after_fen, entry_hash, n) \
+                 ORDER BY n",
+                p.push(&entries.transfer_ids)?,
+                p.push(&entries.account_ids)?,
+                p.push(&entries.deltas)?,
+                p.push(&entries.balances_after)?,
+                p.push(&entries.hashes)?,
+            ))
+        })?;
+        writes.push(|p| {
+            Ok(format!(
+                "UPDATE accounts \
+                 SET balance_fen = v.balance, chain_head = v.head, version = version + 1, updated_at = now() \
+                 FROM unnest({}::bigint[], {}::bigint[], {}::bytea[]) AS v(id, balance, head) \
+                 WHERE accounts.id = v.id",
+                p.push(&balances.ids)?,
+                p.push(&balances.balances)?,
+                p.push(&balances.heads)?,
+            ))
+        })
     }
 
     /// The rows of the posted transfers with these ids, advancing each account's chain head

@@ -31,6 +31,7 @@ use super::saga::{self, Transition, Trigger};
 use super::store::cancellation;
 use super::OrderStatus;
 use crate::consumer::{self, Applied, ApplyError, Fresh, Handler, Outcome, WorkerConfig};
+use crate::db::Writes;
 use crate::domain::{Amount, Currency};
 use crate::events::{derived_event_id, AccountEvent, Envelope, OrderPaid, Poison, RawEvent};
 use crate::outbox::OutboxRow;
@@ -163,7 +164,11 @@ impl Handler for OrderProcessor {
             };
             applied.push(outcome, emits);
         }
-        write(conn, orders.into_values().filter(|o| o.dirty)).await?;
+        // The orders' new states ride in the batch's closing statement.
+        write(
+            &mut applied.writes,
+            orders.into_values().filter(|o| o.dirty),
+        )?;
         Ok(applied)
     }
 }
@@ -254,10 +259,8 @@ impl OrderProcessor {
     }
 }
 
-async fn write(
-    conn: &mut PgConnection,
-    rows: impl Iterator<Item = SagaRow>,
-) -> Result<(), sqlx::Error> {
+/// The update of the orders the batch moved, for the batch's closing statement.
+fn write(writes: &mut Writes, rows: impl Iterator<Item = SagaRow>) -> Result<(), sqlx::Error> {
     let rows: Vec<SagaRow> = rows.collect();
     if rows.is_empty() {
         return Ok(());
@@ -268,23 +271,21 @@ async fn write(
     let paid: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.paid_at).collect();
     let cancelled: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.cancelled_at).collect();
     let refunded: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.refunded_at).collect();
-    sqlx::query(
-        r#"
-        UPDATE orders o
-        SET status = u.status, cancel_reason = u.cancel_reason, paid_at = u.paid_at,
-            cancelled_at = u.cancelled_at, refunded_at = u.refunded_at, updated_at = now()
-        FROM unnest($1::bigint[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::timestamptz[])
-            AS u(id, status, cancel_reason, paid_at, cancelled_at, refunded_at)
-        WHERE o.id = u.id
-        "#,
-    )
-    .bind(&ids)
-    .bind(&statuses)
-    .bind(&reasons)
-    .bind(&paid)
-    .bind(&cancelled)
-    .bind(&refunded)
-    .execute(conn)
-    .await?;
-    Ok(())
+    writes.push(|p| {
+        Ok(format!(
+            "UPDATE orders o \
+             SET status = u.status, cancel_reason = u.cancel_reason, paid_at = u.paid_at, \
+                 cancelled_at = u.cancelled_at, refunded_at = u.refunded_at, updated_at = now() \
+             FROM unnest({}::bigint[], {}::text[], {}::text[], {}::timestamptz[], \
+                         {}::timestamptz[], {}::timestamptz[]) \
+                 AS u(id, status, cancel_reason, paid_at, cancelled_at, refunded_at) \
+             WHERE o.id = u.id",
+            p.push(&ids)?,
+            p.push(&statuses)?,
+            p.push(&reasons)?,
+            p.push(&paid)?,
+            p.push(&cancelled)?,
+            p.push(&refunded)?,
+        ))
+    })
 }
