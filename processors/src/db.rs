@@ -195,10 +195,6 @@ impl Writes {
         Ok(())
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.statements.is_empty()
-    }
-
     /// The parameters bound so far, for the statement that carries these writes to go on
     /// binding, and the writes as its CTEs (`w1 AS (…)`, `w2 AS (…)`, …).
     pub fn into_ctes(self) -> (Params, Vec<String>) {

@@ -1,8 +1,8 @@
 //! One batch transaction and its retries: decode, claim the event ids (dedupe), let the
 //! handler apply the fresh events, dead-letter the poison, then the closing statement (the
-//! handler's writes, outbox rows and the compare-and-set of every partition's stored offset). All of it commits or
-//! none of it does. Transient failures retry the whole batch with bounded exponential backoff;
-//! nothing is skipped.
+//! handler's writes, outbox rows and the compare-and-set of every partition's stored
+//! offset). All of it commits or none of it does. Transient failures retry the whole batch
+//! with bounded exponential backoff; nothing is skipped.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
