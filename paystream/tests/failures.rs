@@ -271,25 +271,59 @@ async fn a_zombie_worker_cannot_commit_after_a_rebalance() {
 
 /// A partition of the group that no live worker says it holds is counted in
 /// `paystream_partitions_orphaned` (what the alert `PaystreamPartitionsOrphaned` watches):
-/// lasting, it means the broker's coordinator left it to nobody and its events wait. The
-/// worker's own partition is not counted, and the count falls back once a live worker holds
-/// the orphan.
+/// lasting, it means the broker's coordinator left it to a member that does not process it
+/// (here a plain consumer in the group) and its events wait. Not counted: the worker's own
+/// partition, and a stored offset of a partition the topic no longer has (it was deleted and
+/// created again with fewer), which no worker will ever be assigned. The count falls back
+/// once a live worker holds the orphan.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_no_live_worker_holds_is_counted_until_one_does() {
-    let env = TestEnv::new(1).await;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let env = TestEnv::new(2).await;
     let (group, topic) = (
         &env.settings.processor.account_group,
         &env.settings.topics.order_events,
     );
-    sqlx::query(
-        "INSERT INTO consumer_offsets (consumer_group, topic, partition, next_offset, epoch, owner) \
-         VALUES ($1, $2, 5, 0, 1, 'a worker long gone')",
-    )
-    .bind(group)
-    .bind(topic)
-    .execute(&env.pool)
-    .await
-    .expect("a stored offset nobody holds");
+    for partition in [0, 1, 5] {
+        sqlx::query(
+            "INSERT INTO consumer_offsets (consumer_group, topic, partition, next_offset, epoch, owner) \
+             VALUES ($1, $2, $3, 0, 1, 'a worker long gone')",
+        )
+        .bind(group)
+        .bind(topic)
+        .bind(partition)
+        .execute(&env.pool)
+        .await
+        .expect("a stored offset nobody holds");
+    }
+    // A member of the group that takes partitions and never processes or says so.
+    let silent: BaseConsumer =
+        paystream_processors::kafka::consumer_config(&env.settings.kafka, group)
+            .create()
+            .expect("a plain consumer");
+    silent.subscribe(&[topic.as_str()]).expect("subscribed");
+    let (stop, assigned) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let polling = {
+        let (stop, assigned) = (stop.clone(), assigned.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                silent.poll(Duration::from_millis(100));
+                let holds = silent.assignment().is_ok_and(|a| a.count() > 0);
+                assigned.store(holds, Ordering::Relaxed);
+            }
+        })
+    };
+    wait_until("the plain consumer to be assigned the topic", || async {
+        assigned.load(Ordering::Relaxed).then_some(())
+    })
+    .await;
+
     let worker = env.spawn_account_processor(env.settings.clone());
     let orphaned = || {
         METRICS
@@ -298,7 +332,7 @@ async fn a_partition_no_live_worker_holds_is_counted_until_one_does() {
             .get()
     };
     wait_until(
-        "the worker to hold its partition and count one orphan",
+        "the worker to hold one partition and count the other one, not partition 5",
         || async {
             let held = METRICS
                 .assigned_partitions
@@ -311,7 +345,7 @@ async fn a_partition_no_live_worker_holds_is_counted_until_one_does() {
 
     sqlx::query(
         "INSERT INTO consumer_members (consumer_group, topic, owner, partitions, seen_at) \
-         VALUES ($1, $2, 'another live worker', ARRAY[5], now())",
+         VALUES ($1, $2, 'another live worker', ARRAY[0, 1], now())",
     )
     .bind(group)
     .bind(topic)
@@ -322,6 +356,8 @@ async fn a_partition_no_live_worker_holds_is_counted_until_one_does() {
         (orphaned() == 0).then_some(())
     })
     .await;
+    stop.store(true, Ordering::Relaxed);
+    polling.join().expect("the plain consumer's thread");
     worker.stop().await;
 }
 

@@ -8,6 +8,7 @@
 //! worker, as it would for a stuck poll loop; the stuck batch's commit is then fenced.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,7 +29,8 @@ use crate::kafka::InboundMessage;
 use crate::settings::Settings;
 use crate::telemetry::METRICS;
 
-/// How often each worker reports its consumer lag.
+/// How often each worker reports its consumer lag (and reads how many partitions the topic
+/// has).
 const LAG_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Runs the worker's Kafka side on the calling thread until `cancel` fires, then waits for
@@ -85,6 +87,7 @@ pub(super) fn consume<H: Handler>(
         tasks: Vec::new(),
         name,
         membership,
+        topic_partitions: Arc::default(),
     };
     fetch.run(&cancel);
     Ok(())
@@ -137,6 +140,8 @@ pub(super) struct Fetch<H> {
     lag_client: Arc<BaseConsumer>,
     pub(super) name: &'static str,
     membership: Membership,
+    /// How many partitions the topic has, as the broker last said (0: not known yet).
+    topic_partitions: Arc<AtomicI32>,
 }
 
 impl<H: Handler> Fetch<H> {
@@ -146,12 +151,12 @@ impl<H: Handler> Fetch<H> {
         let queue_limit =
             settings.processor.batch_max * 4 * (settings.kafka.partitions.max(1) as usize);
         let stall_limit = Duration::from_millis(settings.kafka.max_poll_interval_ms / 2);
-        let mut lag_measured = Instant::now();
+        let mut lag_measured: Option<Instant> = None;
         while !cancel.is_cancelled() {
             self.mirror_commits();
             self.tasks.retain(|task| !task.is_finished());
-            if lag_measured.elapsed() >= LAG_INTERVAL {
-                lag_measured = Instant::now();
+            if lag_measured.is_none_or(|at| at.elapsed() >= LAG_INTERVAL) {
+                lag_measured = Some(Instant::now());
                 self.measure_lag();
             }
             self.check_membership();
@@ -209,7 +214,7 @@ impl<H: Handler> Fetch<H> {
         let orphans = match self.handle.block_on(offsets::heartbeat(
             &m.pool, group, topic, &m.owner, &held, m.live,
         )) {
-            Ok(orphans) => orphans,
+            Ok(orphans) => in_topic(orphans, self.topic_partitions.load(Ordering::Relaxed)),
             Err(error) => {
                 tracing::debug!(%error, "could not say which partitions this worker holds");
                 return;
@@ -270,13 +275,18 @@ impl<H: Handler> Fetch<H> {
             .iter()
             .map(|(p, s)| (*p, s.next_offset))
             .collect();
-        let (client, topic, name) = (
+        let (client, topic, name, partitions) = (
             self.lag_client.clone(),
             self.config.topic.clone(),
             self.name,
+            self.topic_partitions.clone(),
         );
-        self.handle
-            .spawn_blocking(move || measure_lag(&client, &topic, name, &stored));
+        self.handle.spawn_blocking(move || {
+            if let Some(count) = partition_count(&client, &topic) {
+                partitions.store(count, Ordering::Relaxed);
+            }
+            measure_lag(&client, &topic, name, &stored);
+        });
     }
 
     /// Queues the messages of each live partition (proving the position of unproven ones
@@ -328,6 +338,30 @@ impl<H: Handler> Fetch<H> {
                 .push(self.handle.spawn(self.lanes.clone().run_one(member)));
         }
     }
+}
+
+/// How many partitions the broker says `topic` has; `None` when it could not say.
+fn partition_count(client: &BaseConsumer, topic: &str) -> Option<i32> {
+    let metadata = client
+        .fetch_metadata(Some(topic), Duration::from_secs(1))
+        .ok()?;
+    let topic = metadata.topics().iter().find(|t| t.name() == topic)?;
+    if topic.error().is_some() || topic.partitions().is_empty() {
+        return None;
+    }
+    i32::try_from(topic.partitions().len()).ok()
+}
+
+/// The orphans the topic still has, given how many partitions it has (`0`: not known, all of
+/// them). A stored offset of a partition the topic no longer has (it was deleted and created
+/// again with fewer) is nobody's to hold: no worker will ever be assigned it, so counting it
+/// would keep the alert firing and the workers rejoining for good. `paystream audit` reports
+/// such an offset once something was applied there, for an operator to remove.
+fn in_topic(mut orphans: Vec<i32>, partitions: i32) -> Vec<i32> {
+    if partitions > 0 {
+        orphans.retain(|&p| p < partitions);
+    }
+    orphans
 }
 
 /// Sets the lag gauge of each assigned partition: high watermark minus stored offset. The
@@ -461,6 +495,25 @@ mod tests {
             );
         }
         assert_eq!(settled_after(live), s(40));
+    }
+
+    #[test]
+    fn a_partition_the_topic_no_longer_has_is_no_orphan() {
+        // (orphans found in the stored offsets, partitions the topic has, orphans counted)
+        let cases: [(&[i32], i32, &[i32]); 5] = [
+            (&[1, 5], 2, &[1]),
+            (&[5], 1, &[]),
+            (&[0, 1, 2], 3, &[0, 1, 2]),
+            (&[1, 5], 0, &[1, 5]),
+            (&[], 4, &[]),
+        ];
+        for (found, partitions, counted) in cases {
+            assert_eq!(
+                in_topic(found.to_vec(), partitions),
+                counted,
+                "found {found:?}, the topic has {partitions}"
+            );
+        }
     }
 
     #[test]
