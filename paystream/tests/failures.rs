@@ -274,8 +274,9 @@ async fn a_zombie_worker_cannot_commit_after_a_rebalance() {
 /// lasting, it means the broker's coordinator left it to a member that does not process it
 /// (here a plain consumer in the group) and its events wait. Not counted: the worker's own
 /// partition, and a stored offset of a partition the topic no longer has (it was deleted and
-/// created again with fewer), which no worker will ever be assigned. The count falls back
-/// once a live worker holds the orphan.
+/// created again with fewer), which no worker will ever be assigned. Orphaned for a session
+/// timeout, the worker rejoins the group; the count falls back once a live worker holds the
+/// orphan.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_no_live_worker_holds_is_counted_until_one_does() {
     use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -341,6 +342,16 @@ async fn a_partition_no_live_worker_holds_is_counted_until_one_does() {
             (held == 1 && orphaned() == 1).then_some(())
         },
     )
+    .await;
+    // Orphaned for a session timeout: the worker leaves and joins again, so that the
+    // coordinator assigns anew (here the plain consumer keeps its partition).
+    wait_until("the worker to rejoin the group", || async {
+        let rejoins = METRICS
+            .consumer_rejoins
+            .with_label_values(&["account"])
+            .get();
+        (rejoins >= 1).then_some(())
+    })
     .await;
 
     sqlx::query(

@@ -107,6 +107,9 @@ struct Membership {
     rejoined_at: Option<Instant>,
     /// Rejoins since the group last settled (see `rejoin_due`).
     rejoins: u32,
+    /// The heartbeat in flight: it runs on the runtime, so the poll loop never waits for
+    /// PostgreSQL; its answer is taken up once it is there.
+    pending: Option<JoinHandle<Result<Vec<i32>, sqlx::Error>>>,
 }
 
 impl Membership {
@@ -121,6 +124,7 @@ impl Membership {
             orphaned_since: None,
             rejoined_at: None,
             rejoins: 0,
+            pending: None,
         }
     }
 }
@@ -187,6 +191,10 @@ impl<H: Handler> Fetch<H> {
         }
         tracing::info!(processor = self.name, "worker stopping");
         let (group, topic) = (&self.config.group, &self.config.topic);
+        // A heartbeat still in flight would write the membership back after it is removed.
+        if let Some(heartbeat) = self.membership.pending.take() {
+            let _ = self.handle.block_on(heartbeat);
+        }
         self.handle.block_on(offsets::leave(
             &self.membership.pool,
             group,
@@ -203,23 +211,46 @@ impl<H: Handler> Fetch<H> {
     /// leave one assigned to nobody after a worker dies and comes back, with no rebalance to
     /// follow. Leaving and joining again makes it assign every partition anew; on Apache
     /// Kafka this never fires, as nothing stays orphaned for a session timeout.
+    ///
+    /// The heartbeat is a PostgreSQL transaction; it runs on the runtime and its answer is
+    /// taken up at a later turn of the loop, so fetching never waits for the database here
+    /// (a slow or frozen server would otherwise hold every partition's messages back).
     fn check_membership(&mut self) {
         let m = &mut self.membership;
-        if m.said_at.is_some_and(|at| at.elapsed() < m.every) {
+        if let Some(heartbeat) = m.pending.take_if(|h| h.is_finished()) {
+            match self.handle.block_on(heartbeat) {
+                Ok(Ok(orphans)) => {
+                    let partitions = self.topic_partitions.load(Ordering::Relaxed);
+                    self.act_on_orphans(in_topic(orphans, partitions));
+                }
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, "could not say which partitions this worker holds");
+                }
+                Err(error) => tracing::warn!(%error, "the membership heartbeat task failed"),
+            }
+            return;
+        }
+        if m.pending.is_some() || m.said_at.is_some_and(|at| at.elapsed() < m.every) {
             return;
         }
         m.said_at = Some(Instant::now());
         let held: Vec<i32> = lock(&self.partitions).keys().copied().collect();
-        let (group, topic) = (&self.config.group, &self.config.topic);
-        let orphans = match self.handle.block_on(offsets::heartbeat(
-            &m.pool, group, topic, &m.owner, &held, m.live,
-        )) {
-            Ok(orphans) => in_topic(orphans, self.topic_partitions.load(Ordering::Relaxed)),
-            Err(error) => {
-                tracing::debug!(%error, "could not say which partitions this worker holds");
-                return;
-            }
-        };
+        let (pool, group, topic, owner, live) = (
+            m.pool.clone(),
+            self.config.group.clone(),
+            self.config.topic.clone(),
+            m.owner.clone(),
+            m.live,
+        );
+        m.pending = Some(self.handle.spawn(async move {
+            offsets::heartbeat(&pool, &group, &topic, &owner, &held, live).await
+        }));
+    }
+
+    /// Counts the orphans a heartbeat found, and rejoins the group when they have been
+    /// orphans for a session timeout (see `check_membership`).
+    fn act_on_orphans(&mut self, orphans: Vec<i32>) {
+        let m = &mut self.membership;
         METRICS
             .partitions_orphaned
             .with_label_values(&[self.name])
@@ -251,7 +282,7 @@ impl<H: Handler> Fetch<H> {
         m.rejoined_at = Some(Instant::now());
         m.orphaned_since = None;
         self.consumer.unsubscribe();
-        if let Err(error) = self.consumer.subscribe(&[topic.as_str()]) {
+        if let Err(error) = self.consumer.subscribe(&[self.config.topic.as_str()]) {
             tracing::error!(%error, "could not subscribe again; retrying at the next check");
         }
     }
