@@ -7,7 +7,7 @@ use uuid::Uuid;
 use crate::domain::{Amount, Currency};
 use crate::ledger::{Account, AccountKind, NewTransfer, PostError, Postings, TransferKind};
 
-pub(crate) type AccountRow = (
+type AccountRow = (
     i64,
     AccountKind,
     Option<i64>,
@@ -37,8 +37,7 @@ impl From<AccountRow> for Account {
     }
 }
 
-pub(crate) const ACCOUNT_COLUMNS: &str =
-    "id, kind, user_id, currency, shard, status, balance_fen, chain_head";
+const ACCOUNT_COLUMNS: &str = "id, kind, user_id, currency, shard, status, balance_fen, chain_head";
 
 /// The accounts one transaction locks: the USER accounts of some users (all currencies),
 /// accounts named by id, and the system accounts of one kind at one shard for some

@@ -84,8 +84,8 @@ impl Postings {
         ids.truncate(self.transfers.len());
         let (transfers, entries) = self.rows(ids);
         let balances = self.balances();
-        // The foreign keys of the entries are checked at the end of the statement that
-        // carries them, when the transfers are there.
+        // The entries' references (migration 0011's statement-level checks) are checked at the
+        // end of the statement that carries them, when the transfers are there.
         writes.push(|p| {
             Ok(format!(
                 "INSERT INTO transfers \
